@@ -1,0 +1,157 @@
+//! Command line: kube-proxy's flag names where the meaning is the same.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::proxy::ports::PortRange;
+use crate::proxy::splice::CopyMode;
+
+/// Default `--shutdown-grace`: long enough for typical requests to finish,
+/// short enough for a rolling update of a DaemonSet.
+pub const DEFAULT_SHUTDOWN_GRACE: &str = "10s";
+
+/// Kubernetes' userspace service proxy, rebuilt: per-Service listeners,
+/// round-robin with retry, splice(2).
+#[derive(Debug, Parser)]
+#[command(
+    name = "kube-userspace-proxy",
+    version,
+    args_conflicts_with_subcommands = true
+)]
+pub struct Cli {
+    /// What to do; the proxy itself when absent.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// Flags of the proxy when no subcommand is given.
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the proxy (the default).
+    Run(RunArgs),
+    /// Start three local backends (one dead) behind NodePort 30080 and show
+    /// round-robin and retry.
+    Demo(DemoArgs),
+}
+
+/// Log output format.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Logging flags, shared by every subcommand.
+#[derive(Clone, Debug, Args)]
+pub struct LogArgs {
+    /// Log line format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+    /// Log filter, `RUST_LOG` syntax (e.g. `info,kube_userspace_proxy=debug`);
+    /// `RUST_LOG` wins when set. Default: `info` (`warn` for `demo`).
+    #[arg(long, global = true)]
+    pub log_level: Option<String>,
+}
+
+/// Flags of the proxy.
+#[derive(Clone, Debug, Args)]
+pub struct RunArgs {
+    /// Directory of Service and EndpointSlice YAML to serve (re-read on
+    /// change). Without it and without a cluster, the embedded examples.
+    #[arg(long, value_name = "DIR")]
+    pub manifests: Option<PathBuf>,
+    /// Kubeconfig of the cluster to watch (Kubernetes discovery).
+    #[arg(long, value_name = "PATH")]
+    pub kubeconfig: Option<PathBuf>,
+    /// API server URL, overriding the kubeconfig's.
+    #[arg(long, value_name = "URL")]
+    pub master: Option<String>,
+    /// Node name, for traffic policy Local (defaults to the hostname).
+    #[arg(long)]
+    pub hostname_override: Option<String>,
+    /// Address every listener binds to.
+    #[arg(long, default_value = "0.0.0.0")]
+    pub bind_address: IpAddr,
+    /// Listener ports for service ports without a nodePort: `a-b`, `a+n`,
+    /// or empty for kernel-chosen ephemeral ports (the default, as upstream).
+    #[arg(long, default_value = "", value_parser = parse_port_range)]
+    pub proxy_port_range: PortRange,
+    /// Dial attempts and their timeouts, comma-separated (upstream's).
+    #[arg(long, default_value = "250ms,500ms,1s,2s", value_parser = parse_durations)]
+    pub dial_timeouts: Durations,
+    /// How bytes are moved: zero-copy `splice` or plain `copy`.
+    #[arg(long, value_enum, default_value_t = CopyMode::Splice)]
+    pub copy_mode: CopyMode,
+    /// How long open connections may finish after SIGTERM.
+    #[arg(long, default_value = DEFAULT_SHUTDOWN_GRACE, value_parser = humantime::parse_duration)]
+    pub shutdown_grace: Duration,
+    /// Logging.
+    #[command(flatten)]
+    pub log: LogArgs,
+}
+
+/// Flags of `demo`.
+#[derive(Clone, Debug, Args)]
+pub struct DemoArgs {
+    /// Keep serving on 30080 after the requests, until Ctrl-C.
+    #[arg(long)]
+    pub serve: bool,
+    /// Address the demo listener binds to.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub bind_address: IpAddr,
+    /// How bytes are moved.
+    #[arg(long, value_enum, default_value_t = CopyMode::Splice)]
+    pub copy_mode: CopyMode,
+    /// Logging.
+    #[command(flatten)]
+    pub log: LogArgs,
+}
+
+/// A list of durations (`--dial-timeouts`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Durations(pub Vec<Duration>);
+
+fn parse_durations(s: &str) -> Result<Durations, String> {
+    let v = s
+        .split(',')
+        .map(|d| humantime::parse_duration(d.trim()).map_err(|e| format!("{:?}: {e}", d.trim())))
+        .collect::<Result<Vec<_>, _>>()?;
+    if v.is_empty() || v.iter().any(Duration::is_zero) {
+        return Err("need at least one non-zero timeout".into());
+    }
+    Ok(Durations(v))
+}
+
+fn parse_port_range(s: &str) -> Result<PortRange, String> {
+    s.parse()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_parse() {
+        let cli = Cli::try_parse_from(["kube-userspace-proxy"]).unwrap();
+        assert!(cli.command.is_none());
+        assert_eq!(cli.run.dial_timeouts.0.len(), 4);
+        assert_eq!(cli.run.proxy_port_range, PortRange::Ephemeral);
+    }
+
+    #[test]
+    fn bad_flags_name_themselves() {
+        let err = Cli::try_parse_from(["x", "--dial-timeouts", "1s,zz"]).unwrap_err();
+        assert!(err.to_string().contains("--dial-timeouts"), "{err}");
+        let err = Cli::try_parse_from(["x", "--proxy-port-range", "9-1"]).unwrap_err();
+        assert!(err.to_string().contains("--proxy-port-range"), "{err}");
+    }
+}

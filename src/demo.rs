@@ -1,0 +1,199 @@
+//! `kube-userspace-proxy demo`: round-robin and retry in one command.
+//!
+//! Starts two HTTP backends on 127.0.0.1:18081 and :18082 that answer with
+//! their name, leaves :18083 closed (a dead pod), serves the embedded
+//! manifests (Service `demo/hello`, NodePort 30080 over all three), sends a
+//! dozen requests through the proxy and prints who answered each and which
+//! dials were retried.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::cli::DemoArgs;
+use crate::discovery::manifests;
+use crate::proxy::{Proxier, ProxyConfig};
+
+/// The live demo backends: (port, name).
+pub const LIVE_BACKENDS: [(u16, &str); 2] = [(18081, "backend-a"), (18082, "backend-b")];
+/// The endpoint that refuses connections.
+pub const DEAD_BACKEND: u16 = 18083;
+/// The demo Service's nodePort.
+pub const NODE_PORT: u16 = 30080;
+const REQUESTS: usize = 12;
+
+/// A minimal HTTP/1.1 server answering every request with `name`.
+pub async fn http_backend(listener: TcpListener, name: &'static str) {
+    loop {
+        let Ok((mut s, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        tokio::spawn(async move {
+            let mut buf = [0u8; 4096];
+            let mut seen = Vec::new();
+            // Read the request head (up to the blank line), then answer.
+            while !seen.windows(4).any(|w| w == b"\r\n\r\n") && seen.len() < 65536 {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => seen.extend_from_slice(&buf[..n]),
+                }
+            }
+            let body = format!("{name}\n");
+            let resp = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = s.write_all(resp.as_bytes()).await;
+            let _ = s.shutdown().await;
+        });
+    }
+}
+
+/// Sends `GET /` and returns the response body.
+pub async fn http_get(addr: SocketAddr) -> std::io::Result<String> {
+    let mut s = TcpStream::connect(addr).await?;
+    s.write_all(b"GET / HTTP/1.1\r\nHost: demo\r\nConnection: close\r\n\r\n")
+        .await?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).await?;
+    match out.split_once("\r\n\r\n") {
+        Some((_, body)) => Ok(body.trim().to_string()),
+        None => Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "connection closed without an HTTP answer",
+        )),
+    }
+}
+
+/// Runs the demo.
+pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
+    for (port, name) in LIVE_BACKENDS {
+        let l = TcpListener::bind(("127.0.0.1", port))
+            .await
+            .with_context(|| {
+                format!("starting {name} on 127.0.0.1:{port} (is another demo running?)")
+            })?;
+        tokio::spawn(http_backend(l, name));
+    }
+    if TcpStream::connect(("127.0.0.1", DEAD_BACKEND))
+        .await
+        .is_ok()
+    {
+        println!(
+            "note: something listens on 127.0.0.1:{DEAD_BACKEND}; the 'dead' endpoint is alive"
+        );
+    }
+
+    let (snapshot, problems) = manifests::load(&manifests::Source::Embedded)?;
+    if let Some(p) = problems.first() {
+        bail!("embedded manifests: {p}");
+    }
+    let (name, entry) = snapshot
+        .services
+        .iter()
+        .find(|(_, e)| e.port.node_port == Some(NODE_PORT))
+        .context("embedded manifests have no Service on nodePort 30080")?;
+    let mut proxier = Proxier::new(ProxyConfig {
+        bind_address: args.bind_address,
+        copy_mode: args.copy_mode,
+        ..ProxyConfig::default()
+    });
+    proxier.sync(&snapshot);
+    let port = proxier.listener_port(name).with_context(|| {
+        format!(
+            "cannot listen on {}:{NODE_PORT} (in use?)",
+            args.bind_address
+        )
+    })?;
+    let target = SocketAddr::new(
+        if args.bind_address.is_unspecified() {
+            [127, 0, 0, 1].into()
+        } else {
+            args.bind_address
+        },
+        port,
+    );
+
+    println!(
+        "Service {name} (nodePort {port}, {} mode) over:",
+        args.copy_mode
+    );
+    for ep in &entry.endpoints {
+        let who = LIVE_BACKENDS
+            .iter()
+            .find(|(p, _)| *p == ep.addr.port())
+            .map_or("dead: nothing listens", |(_, n)| n);
+        println!("  {}  ({who})", ep.addr);
+    }
+    println!();
+
+    let service = proxier
+        .services()
+        .find(|(s, _, _)| &s.name == name)
+        .map(|(s, _, _)| Arc::clone(s))
+        .context("service not served")?;
+    let failures = || -> BTreeMap<SocketAddr, u64> {
+        service
+            .balancer
+            .endpoints()
+            .iter()
+            .map(|(e, b)| (e.addr, b.dial_failures.load(Relaxed)))
+            .collect()
+    };
+    let mut answered: BTreeMap<String, usize> = BTreeMap::new();
+    for i in 1..=REQUESTS {
+        let before = failures();
+        let answer = http_get(target).await;
+        let after = failures();
+        let retried: Vec<String> = after
+            .iter()
+            .filter(|(a, n)| before.get(a).is_some_and(|b| *n > b))
+            .map(|(a, _)| format!("{a} refused → retried"))
+            .collect();
+        let who = match answer {
+            Ok(body) => body,
+            Err(e) => format!("error: {e}"),
+        };
+        let note = if retried.is_empty() {
+            String::new()
+        } else {
+            format!("   ({})", retried.join(", "))
+        };
+        println!("request {i:>2} → {who}{note}");
+        *answered.entry(who).or_default() += 1;
+    }
+    let stats = &service.stats;
+    println!();
+    println!(
+        "answered: {}",
+        answered
+            .iter()
+            .map(|(k, v)| format!("{k} ×{v}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    println!(
+        "connections: {} accepted, {} failed; dials: {} failed, {} retries",
+        stats.accepted.load(Relaxed),
+        stats.failed.load(Relaxed),
+        stats.failed_dials(),
+        stats.retries.load(Relaxed)
+    );
+    println!("The dead endpoint was ejected after its first refused dial (1s back-off, doubling),");
+    println!("so one dead pod cost one retry, not one per connection.");
+
+    if args.serve {
+        println!();
+        println!("serving: curl http://{target}/   (Ctrl-C to stop)");
+        crate::shutdown_signal().await;
+    }
+    proxier.shutdown(Duration::from_secs(1)).await;
+    Ok(())
+}

@@ -1,0 +1,446 @@
+//! Discovery turns Kubernetes objects into a [`Snapshot`].
+//!
+//! Every source (today: [`manifests`]) collects `v1 Service` and
+//! `discovery.k8s.io/v1 EndpointSlice` objects as k8s-openapi types and hands
+//! them to [`build_snapshot`], which validates them, joins slices to their
+//! service by the `kubernetes.io/service-name` label and by port name and
+//! protocol, and reports every object it had to skip as a [`Problem`] naming
+//! where it came from, the object and the field. One bad object never
+//! hides the others.
+
+pub mod manifests;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+
+use crate::model::{
+    Affinity, Endpoint, Protocol, ServiceEntry, ServicePort, ServicePortName, Snapshot,
+    DEFAULT_AFFINITY_TIMEOUT,
+};
+
+/// Label joining an EndpointSlice to its Service.
+pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
+
+/// An object that was skipped, and why: what an operator needs to fix it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    /// Where the object came from: a file (with document number) or `api`.
+    pub origin: String,
+    /// The object, e.g. `Service default/web`.
+    pub object: String,
+    /// The offending field, as a path (`spec.ports[0].port`).
+    pub field: String,
+    /// What is wrong with it.
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}: {}: field {}: {}",
+            self.origin, self.object, self.field, self.message
+        )
+    }
+}
+
+/// A Kubernetes object together with where it was read from.
+#[derive(Clone, Debug)]
+pub struct Sourced<T> {
+    /// File and document, or `api`.
+    pub origin: String,
+    /// The object.
+    pub object: T,
+}
+
+/// Validates services and slices and joins them into a snapshot; skipped
+/// objects come back as problems, in input order. A service whose Service or
+/// one of whose EndpointSlices is invalid keeps its entries from `previous`
+/// (the last good state keeps serving); with no previous entry it is left out.
+pub fn build_snapshot(
+    services: &[Sourced<Service>],
+    slices: &[Sourced<EndpointSlice>],
+    previous: &Snapshot,
+) -> (Snapshot, Vec<Problem>) {
+    let mut problems = Vec::new();
+    // Services with an invalid object: served from `previous` if possible.
+    let mut broken: BTreeSet<(String, String)> = BTreeSet::new();
+
+    // (namespace, service) -> slices, validated.
+    let mut by_service: BTreeMap<(String, String), Vec<SliceData>> = BTreeMap::new();
+    for s in slices {
+        match slice_data(&s.object) {
+            Ok(Some(d)) => by_service
+                .entry((d.namespace.clone(), d.service.clone()))
+                .or_default()
+                .push(d),
+            Ok(None) => {}
+            Err((field, message)) => {
+                let meta = &s.object.metadata;
+                if let Some(svc) = meta.labels.as_ref().and_then(|l| l.get(LABEL_SERVICE_NAME)) {
+                    broken.insert((namespace_of(meta), svc.clone()));
+                }
+                problems.push(Problem {
+                    origin: s.origin.clone(),
+                    object: describe("EndpointSlice", meta),
+                    field,
+                    message,
+                })
+            }
+        }
+    }
+
+    let mut snapshot = Snapshot::default();
+    let mut seen = BTreeSet::new();
+    let present: BTreeSet<_> = services
+        .iter()
+        .map(|s| key_of(&s.object.metadata))
+        .collect();
+    broken.retain(|k| present.contains(k));
+    for s in services {
+        let object = describe("Service", &s.object.metadata);
+        let ports = match service_ports(&s.object) {
+            Ok(p) => p,
+            Err((field, message)) => {
+                problems.push(Problem {
+                    origin: s.origin.clone(),
+                    object,
+                    field,
+                    message,
+                });
+                broken.insert(key_of(&s.object.metadata));
+                continue;
+            }
+        };
+        let Some(ports) = ports else { continue };
+        let key = key_of(&s.object.metadata);
+        if broken.contains(&key) {
+            continue; // one of its slices is invalid: served from `previous` below
+        }
+        if !seen.insert(key.clone()) {
+            problems.push(Problem {
+                origin: s.origin.clone(),
+                object,
+                field: "metadata.name".into(),
+                message: "a Service of this name was already defined; the first one wins".into(),
+            });
+            continue;
+        }
+        let slices = by_service.get(&key).map(Vec::as_slice).unwrap_or(&[]);
+        for (name, port) in ports {
+            let endpoints = join_endpoints(slices, &name.port_name, name.protocol);
+            snapshot
+                .services
+                .insert(name, ServiceEntry { port, endpoints });
+        }
+    }
+    for (ns, name) in &broken {
+        let carried = previous
+            .services
+            .range(ServicePortName::first_of(ns, name)..)
+            .take_while(|(k, _)| k.namespace == *ns && k.name == *name);
+        let mut any = false;
+        for (k, v) in carried {
+            snapshot
+                .services
+                .entry(k.clone())
+                .or_insert_with(|| v.clone());
+            any = true;
+        }
+        if any {
+            tracing::warn!(service = %format!("{ns}/{name}"), "invalid object: keeping the last good state of this service");
+        }
+    }
+    (snapshot, problems)
+}
+
+fn key_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> (String, String) {
+    (namespace_of(meta), name_of(meta))
+}
+
+type FieldError = (String, String);
+
+fn describe(
+    kind: &str,
+    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+) -> String {
+    format!(
+        "{kind} {}/{}",
+        namespace_of(meta),
+        meta.name.as_deref().unwrap_or("<unnamed>")
+    )
+}
+
+fn namespace_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> String {
+    meta.namespace
+        .clone()
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| "default".into())
+}
+
+fn name_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> String {
+    meta.name.clone().unwrap_or_default()
+}
+
+fn port_u16(v: i32, field: String) -> Result<u16, FieldError> {
+    match u16::try_from(v) {
+        Ok(p) if p != 0 => Ok(p),
+        _ => Err((field, format!("port {v} is out of range 1-65535"))),
+    }
+}
+
+fn parse_ip(s: &str, field: String) -> Result<IpAddr, FieldError> {
+    s.parse()
+        .map_err(|_| (field, format!("{s:?} is not an IP address")))
+}
+
+fn parse_protocol(p: Option<&str>, field: String) -> Result<Protocol, FieldError> {
+    Protocol::parse(p).ok_or_else(|| {
+        (
+            field,
+            format!(
+                "unknown protocol {:?} (want TCP, UDP or SCTP)",
+                p.unwrap_or("")
+            ),
+        )
+    })
+}
+
+/// The service's ports, `Ok(None)` when it is not ours to serve (headless,
+/// ExternalName), or the first invalid field.
+#[allow(clippy::type_complexity)]
+fn service_ports(svc: &Service) -> Result<Option<Vec<(ServicePortName, ServicePort)>>, FieldError> {
+    let meta = &svc.metadata;
+    let name = match meta.name.as_deref() {
+        Some(n) if !n.is_empty() => n.to_string(),
+        _ => return Err(("metadata.name".into(), "missing".into())),
+    };
+    let namespace = namespace_of(meta);
+    let Some(spec) = &svc.spec else {
+        return Err(("spec".into(), "missing".into()));
+    };
+    if spec.type_.as_deref() == Some("ExternalName") {
+        return Ok(None);
+    }
+    if spec.cluster_ip.as_deref() == Some("None") {
+        return Ok(None); // headless: DNS only, nothing to proxy
+    }
+    let mut cluster_ips = Vec::new();
+    match &spec.cluster_ips {
+        Some(ips) if !ips.is_empty() => {
+            for (i, ip) in ips.iter().enumerate() {
+                cluster_ips.push(parse_ip(ip, format!("spec.clusterIPs[{i}]"))?);
+            }
+        }
+        _ => {
+            if let Some(ip) = spec.cluster_ip.as_deref().filter(|s| !s.is_empty()) {
+                cluster_ips.push(parse_ip(ip, "spec.clusterIP".into())?);
+            }
+        }
+    }
+    let mut external_ips = Vec::new();
+    for (i, ip) in spec.external_ips.iter().flatten().enumerate() {
+        external_ips.push(parse_ip(ip, format!("spec.externalIPs[{i}]"))?);
+    }
+    let mut load_balancer_ips = Vec::new();
+    let ingress = svc
+        .status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|lb| lb.ingress.as_ref());
+    for (i, ing) in ingress.into_iter().flatten().enumerate() {
+        if let Some(ip) = &ing.ip {
+            load_balancer_ips.push(parse_ip(
+                ip,
+                format!("status.loadBalancer.ingress[{i}].ip"),
+            )?);
+        }
+    }
+    let affinity = match spec.session_affinity.as_deref() {
+        None | Some("None") | Some("") => None,
+        Some("ClientIP") => {
+            let secs = spec
+                .session_affinity_config
+                .as_ref()
+                .and_then(|c| c.client_ip.as_ref())
+                .and_then(|c| c.timeout_seconds);
+            let timeout = match secs {
+                None => DEFAULT_AFFINITY_TIMEOUT,
+                Some(s) if (1..=86400).contains(&s) => Duration::from_secs(s as u64),
+                Some(s) => {
+                    return Err((
+                        "spec.sessionAffinityConfig.clientIP.timeoutSeconds".into(),
+                        format!("{s} is out of range 1-86400"),
+                    ))
+                }
+            };
+            Some(Affinity { timeout })
+        }
+        Some(other) => {
+            return Err((
+                "spec.sessionAffinity".into(),
+                format!("unknown value {other:?} (want None or ClientIP)"),
+            ))
+        }
+    };
+    let ports = spec.ports.as_deref().unwrap_or(&[]);
+    if ports.is_empty() {
+        return Err((
+            "spec.ports".into(),
+            "a Service needs at least one port".into(),
+        ));
+    }
+    let mut out = Vec::with_capacity(ports.len());
+    for (i, p) in ports.iter().enumerate() {
+        let port = port_u16(p.port, format!("spec.ports[{i}].port"))?;
+        let protocol = parse_protocol(p.protocol.as_deref(), format!("spec.ports[{i}].protocol"))?;
+        let node_port = match p.node_port {
+            None | Some(0) => None,
+            Some(n) => Some(port_u16(n, format!("spec.ports[{i}].nodePort"))?),
+        };
+        let key = ServicePortName {
+            namespace: namespace.clone(),
+            name: name.clone(),
+            port_name: p.name.clone().unwrap_or_default(),
+            protocol,
+        };
+        if out
+            .iter()
+            .any(|(k, _): &(ServicePortName, ServicePort)| *k == key)
+        {
+            return Err((
+                format!("spec.ports[{i}].name"),
+                format!("duplicate port name {:?} for {protocol}", key.port_name),
+            ));
+        }
+        out.push((
+            key,
+            ServicePort {
+                cluster_ips: cluster_ips.clone(),
+                port,
+                node_port,
+                external_ips: external_ips.clone(),
+                load_balancer_ips: load_balancer_ips.clone(),
+                affinity,
+                internal_local: spec.internal_traffic_policy.as_deref() == Some("Local"),
+                external_local: spec.external_traffic_policy.as_deref() == Some("Local"),
+            },
+        ));
+    }
+    Ok(Some(out))
+}
+
+/// A validated EndpointSlice.
+struct SliceData {
+    namespace: String,
+    service: String,
+    /// (port name, protocol, port number)
+    ports: Vec<(String, Protocol, u16)>,
+    /// Endpoints with port 0: the port comes from `ports` when joined.
+    endpoints: Vec<Endpoint>,
+}
+
+/// The slice's data, `Ok(None)` for slices we do not serve (FQDN), or the
+/// first invalid field.
+fn slice_data(slice: &EndpointSlice) -> Result<Option<SliceData>, FieldError> {
+    let meta = &slice.metadata;
+    if meta.name.as_deref().unwrap_or("").is_empty() {
+        return Err(("metadata.name".into(), "missing".into()));
+    }
+    let service = meta
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(LABEL_SERVICE_NAME))
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| {
+            (
+                format!("metadata.labels[{LABEL_SERVICE_NAME}]"),
+                "missing: the slice cannot be joined to a Service".into(),
+            )
+        })?
+        .clone();
+    let want_v6 = match slice.address_type.as_str() {
+        "IPv4" => false,
+        "IPv6" => true,
+        "FQDN" => return Ok(None), // kube-proxy ignores FQDN slices too
+        other => {
+            return Err((
+                "addressType".into(),
+                format!("unknown addressType {other:?} (want IPv4 or IPv6)"),
+            ))
+        }
+    };
+    let mut ports = Vec::new();
+    for (i, p) in slice.ports.iter().flatten().enumerate() {
+        let Some(n) = p.port else { continue };
+        let port = port_u16(n, format!("ports[{i}].port"))?;
+        let protocol = parse_protocol(p.protocol.as_deref(), format!("ports[{i}].protocol"))?;
+        ports.push((p.name.clone().unwrap_or_default(), protocol, port));
+    }
+    let mut endpoints = Vec::new();
+    for (i, ep) in slice.endpoints.iter().enumerate() {
+        let cond = ep.conditions.as_ref();
+        let ready = cond.and_then(|c| c.ready).unwrap_or(true);
+        let serving = cond.and_then(|c| c.serving).unwrap_or(ready);
+        let terminating = cond.and_then(|c| c.terminating).unwrap_or(false);
+        for (j, a) in ep.addresses.iter().enumerate() {
+            let field = format!("endpoints[{i}].addresses[{j}]");
+            let ip = parse_ip(a, field.clone())?;
+            if ip.is_ipv6() != want_v6 {
+                return Err((
+                    field,
+                    format!("{a} does not match addressType {}", slice.address_type),
+                ));
+            }
+            endpoints.push(Endpoint {
+                addr: SocketAddr::new(ip, 0),
+                ready,
+                serving,
+                terminating,
+                node_name: ep.node_name.clone(),
+                zone: ep.zone.clone(),
+            });
+        }
+    }
+    Ok(Some(SliceData {
+        namespace: namespace_of(meta),
+        service,
+        ports,
+        endpoints,
+    }))
+}
+
+/// Endpoints of one service port across all its slices, deduplicated by
+/// address (a copy that is ready wins) and sorted.
+fn join_endpoints(slices: &[SliceData], port_name: &str, protocol: Protocol) -> Vec<Endpoint> {
+    let mut by_addr: BTreeMap<SocketAddr, Endpoint> = BTreeMap::new();
+    for s in slices {
+        for (_, _, port) in s
+            .ports
+            .iter()
+            .filter(|(n, p, _)| n == port_name && *p == protocol)
+        {
+            for template in &s.endpoints {
+                let addr = SocketAddr::new(template.addr.ip(), *port);
+                let ep = Endpoint {
+                    addr,
+                    ..template.clone()
+                };
+                by_addr
+                    .entry(addr)
+                    .and_modify(|old| {
+                        if ep.ready && !old.ready {
+                            *old = ep.clone();
+                        }
+                    })
+                    .or_insert(ep);
+            }
+        }
+    }
+    by_addr.into_values().collect()
+}

@@ -1,0 +1,149 @@
+//! The desired state, as discovery sees it: every service port with its
+//! endpoints. Pure data, no sockets; both discovery sources produce a
+//! [`Snapshot`] and the proxier consumes it.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+/// Transport protocol of a service port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+pub enum Protocol {
+    /// TCP: served by `proxy::tcp`.
+    #[serde(rename = "TCP")]
+    Tcp,
+    /// UDP: parsed, not yet served.
+    #[serde(rename = "UDP")]
+    Udp,
+    /// SCTP: parsed, never served by a userspace proxy.
+    #[serde(rename = "SCTP")]
+    Sctp,
+}
+
+impl Protocol {
+    /// Parses the Kubernetes spelling (`TCP`, `UDP`, `SCTP`); absent means TCP.
+    pub fn parse(s: Option<&str>) -> Option<Self> {
+        match s {
+            None | Some("TCP") => Some(Self::Tcp),
+            Some("UDP") => Some(Self::Udp),
+            Some("SCTP") => Some(Self::Sctp),
+            Some(_) => None,
+        }
+    }
+
+    /// The Kubernetes spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Tcp => "TCP",
+            Self::Udp => "UDP",
+            Self::Sctp => "SCTP",
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Identity of one port of one Service: the unit the proxy serves
+/// (one listener, one balancer).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+pub struct ServicePortName {
+    /// Namespace of the Service.
+    pub namespace: String,
+    /// Name of the Service.
+    pub name: String,
+    /// Name of the port within the Service; empty for a single unnamed port.
+    pub port_name: String,
+    /// Protocol of the port (TCP and UDP of one number are distinct ports).
+    pub protocol: Protocol,
+}
+
+impl ServicePortName {
+    /// The smallest key of a service, to range over all its ports.
+    pub fn first_of(namespace: &str, name: &str) -> Self {
+        Self {
+            namespace: namespace.into(),
+            name: name.into(),
+            port_name: String::new(),
+            protocol: Protocol::Tcp,
+        }
+    }
+}
+
+impl fmt::Display for ServicePortName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)?;
+        if !self.port_name.is_empty() {
+            write!(f, ":{}", self.port_name)?;
+        }
+        Ok(())
+    }
+}
+
+/// ClientIP session affinity of a service.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Affinity {
+    /// How long a client IP sticks to its endpoint after its last connection.
+    pub timeout: Duration,
+}
+
+/// Default `sessionAffinityConfig.clientIP.timeoutSeconds` (3 hours), as Kubernetes.
+pub const DEFAULT_AFFINITY_TIMEOUT: Duration = Duration::from_secs(10800);
+
+/// Everything the proxy needs to know about one service port, besides its endpoints.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct ServicePort {
+    /// ClusterIPs (one per family); empty for a Service from a manifest with none.
+    pub cluster_ips: Vec<IpAddr>,
+    /// The Service port clients dial on the cluster IPs.
+    pub port: u16,
+    /// The node port, if the Service is NodePort or LoadBalancer.
+    pub node_port: Option<u16>,
+    /// `spec.externalIPs`.
+    pub external_ips: Vec<IpAddr>,
+    /// `status.loadBalancer.ingress[].ip`.
+    pub load_balancer_ips: Vec<IpAddr>,
+    /// ClientIP affinity, when `sessionAffinity: ClientIP`.
+    pub affinity: Option<Affinity>,
+    /// `internalTrafficPolicy: Local`.
+    pub internal_local: bool,
+    /// `externalTrafficPolicy: Local`.
+    pub external_local: bool,
+}
+
+/// One backend of a service port, with its EndpointSlice conditions.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+pub struct Endpoint {
+    /// Address and port the proxy dials.
+    pub addr: SocketAddr,
+    /// `conditions.ready` (absent counts as ready, as the API says).
+    pub ready: bool,
+    /// `conditions.serving` (absent: same as ready).
+    pub serving: bool,
+    /// `conditions.terminating` (absent: false).
+    pub terminating: bool,
+    /// `nodeName`, for traffic policy Local.
+    pub node_name: Option<String>,
+    /// `zone`, informational.
+    pub zone: Option<String>,
+}
+
+/// A service port and the endpoints behind it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct ServiceEntry {
+    /// The port's specification.
+    pub port: ServicePort,
+    /// Endpoints, sorted by address and deduplicated.
+    pub endpoints: Vec<Endpoint>,
+}
+
+/// The full desired state at one moment: what discovery publishes.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Snapshot {
+    /// Every service port we serve, ordered for deterministic iteration.
+    pub services: BTreeMap<ServicePortName, ServiceEntry>,
+}

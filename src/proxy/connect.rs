@@ -1,0 +1,151 @@
+//! Dialing a backend with retry, as upstream: each attempt picks the next
+//! endpoint with a longer timeout (`--dial-timeouts`, default 250ms, 500ms,
+//! 1s, 2s). Only connect-phase failures are retried: nothing has been
+//! forwarded yet, so a dead pod costs the client a delay, never an error,
+//! while another endpoint works.
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+
+use super::balancer::{Backend, Balancer};
+use super::ServiceStats;
+
+/// Upstream's `EndpointDialTimeouts`.
+pub const DEFAULT_DIAL_TIMEOUTS: [Duration; 4] = [
+    Duration::from_millis(250),
+    Duration::from_millis(500),
+    Duration::from_secs(1),
+    Duration::from_secs(2),
+];
+
+/// Why one dial failed; the variant names are the metric label values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DialResult {
+    /// Connected.
+    Ok,
+    /// RST: nothing listens there.
+    Refused,
+    /// No answer within the attempt's timeout.
+    Timeout,
+    /// No route (EHOSTUNREACH, ENETUNREACH).
+    Unreachable,
+    /// Anything else.
+    Other,
+}
+
+impl DialResult {
+    /// Every value, for metrics and status output.
+    pub const ALL: [DialResult; 5] = [
+        Self::Ok,
+        Self::Refused,
+        Self::Timeout,
+        Self::Unreachable,
+        Self::Other,
+    ];
+
+    /// Label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Ok => "ok",
+            Self::Refused => "refused",
+            Self::Timeout => "timeout",
+            Self::Unreachable => "unreachable",
+            Self::Other => "other",
+        }
+    }
+
+    fn of(e: &io::Error) -> Self {
+        match e.raw_os_error() {
+            Some(libc::ECONNREFUSED) => Self::Refused,
+            Some(libc::ETIMEDOUT) => Self::Timeout,
+            Some(libc::EHOSTUNREACH | libc::ENETUNREACH) => Self::Unreachable,
+            _ => Self::Other,
+        }
+    }
+}
+
+/// Why a client connection could not be served.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The service has no usable endpoint.
+    #[error("no endpoints")]
+    NoEndpoints,
+    /// Every attempt failed.
+    #[error("{attempts} dial attempts failed, last to {last_addr}: {last}")]
+    AllFailed {
+        /// Attempts made.
+        attempts: usize,
+        /// The endpoint of the last attempt.
+        last_addr: SocketAddr,
+        /// Its error.
+        last: io::Error,
+    },
+}
+
+/// A connected backend.
+pub struct Dialed {
+    /// The connection, TCP_NODELAY set.
+    pub stream: TcpStream,
+    /// The backend it goes to.
+    pub backend: Arc<Backend>,
+}
+
+async fn connect_once(addr: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
+    match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+        Ok(r) => r,
+        Err(_) => Err(io::Error::from_raw_os_error(libc::ETIMEDOUT)),
+    }
+}
+
+/// Dials the service's next endpoint for `client`, moving on to another one
+/// (with the next, longer timeout) on every failure.
+pub async fn dial(
+    balancer: &Balancer,
+    stats: &ServiceStats,
+    client: IpAddr,
+    timeouts: &[Duration],
+) -> Result<Dialed, Error> {
+    let mut tried: Vec<SocketAddr> = Vec::with_capacity(timeouts.len());
+    let mut last = None;
+    let mut attempts = 0;
+    for (attempt, &timeout) in timeouts.iter().enumerate() {
+        let Some(backend) = balancer.pick(client, &tried) else {
+            break;
+        };
+        attempts += 1;
+        if attempt > 0 {
+            stats.retries.fetch_add(1, Relaxed);
+        }
+        match connect_once(backend.addr, timeout).await {
+            Ok(stream) => {
+                stats.count_dial(DialResult::Ok);
+                balancer.report_success(&backend);
+                let _ = stream.set_nodelay(true);
+                return Ok(Dialed { stream, backend });
+            }
+            Err(e) => {
+                let result = DialResult::of(&e);
+                stats.count_dial(result);
+                balancer.report_failure(&backend);
+                tracing::debug!(backend = %backend.addr, attempt, result = result.as_str(), error = %e, "dial failed");
+                if !tried.contains(&backend.addr) {
+                    tried.push(backend.addr);
+                }
+                last = Some((backend.addr, e));
+            }
+        }
+    }
+    match last {
+        None => Err(Error::NoEndpoints),
+        Some((last_addr, last)) => Err(Error::AllFailed {
+            attempts,
+            last_addr,
+            last,
+        }),
+    }
+}

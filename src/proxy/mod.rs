@@ -1,0 +1,370 @@
+//! The proxier: reconciles the desired [`Snapshot`] with running listeners.
+//!
+//! Each TCP service port gets a [`Service`] (balancer + counters) and a
+//! listener on its nodePort, or on a port from `--proxy-port-range`.
+//! A new snapshot opens listeners for new ports, swaps endpoint lists into
+//! existing balancers in place (open connections untouched), re-homes a
+//! listener whose nodePort changed, and closes listeners of deleted ports
+//! while their open connections finish. A port that cannot be bound is
+//! reported and retried on the next sync; it never affects other services.
+
+pub mod balancer;
+pub mod connect;
+pub mod ports;
+pub mod splice;
+pub mod tcp;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::model::{Protocol, ServicePort, ServicePortName, Snapshot};
+use balancer::Balancer;
+use connect::DialResult;
+use ports::{PortAllocator, PortRange};
+use splice::{CopyMode, PipePool};
+
+/// Data-path settings, fixed for the life of the process.
+#[derive(Clone, Debug)]
+pub struct ProxyConfig {
+    /// Address listeners bind to (`--bind-address`).
+    pub bind_address: IpAddr,
+    /// Where ports of services without a nodePort come from.
+    pub port_range: PortRange,
+    /// One dial attempt per entry, each with its timeout.
+    pub dial_timeouts: Vec<Duration>,
+    /// splice or copy.
+    pub copy_mode: CopyMode,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        Self {
+            bind_address: IpAddr::from([0, 0, 0, 0]),
+            port_range: PortRange::Ephemeral,
+            dial_timeouts: connect::DEFAULT_DIAL_TIMEOUTS.to_vec(),
+            copy_mode: CopyMode::Splice,
+        }
+    }
+}
+
+/// What every listener and connection task shares.
+#[derive(Debug)]
+pub struct Context {
+    /// Data-path settings.
+    pub config: ProxyConfig,
+    /// Pipes for splice mode.
+    pub pipes: PipePool,
+    /// Every connection task, to drain them at shutdown.
+    pub tracker: TaskTracker,
+    /// Cancelled at shutdown: every listener stops accepting.
+    pub shutdown: CancellationToken,
+}
+
+/// Idle pipes kept for reuse: enough for a burst, little memory.
+const MAX_IDLE_PIPES: usize = 256;
+
+/// Counters of one service port; read by status and metrics.
+#[derive(Debug, Default)]
+pub struct ServiceStats {
+    /// Client connections accepted.
+    pub accepted: AtomicU64,
+    /// Client connections open now.
+    pub active: AtomicU64,
+    /// Connections that reached a backend and ended.
+    pub completed: AtomicU64,
+    /// Connections closed because no backend could be reached.
+    pub failed: AtomicU64,
+    /// Dial attempts by [`DialResult`], in [`DialResult::ALL`] order.
+    pub dials: [AtomicU64; 5],
+    /// Attempts after the first one of a connection.
+    pub retries: AtomicU64,
+    /// Bytes client → backend.
+    pub bytes_in: AtomicU64,
+    /// Bytes backend → client.
+    pub bytes_out: AtomicU64,
+    /// Failed attempts to bind the listener.
+    pub bind_failures: AtomicU64,
+    /// Accept errors from resource exhaustion (EMFILE, ENFILE, ...).
+    pub accept_errors: AtomicU64,
+    /// When "no backend" was last logged ([`balancer::now_ms`]).
+    pub last_fail_log_ms: AtomicU64,
+}
+
+impl ServiceStats {
+    /// Counts one dial attempt.
+    pub fn count_dial(&self, r: DialResult) {
+        let i = DialResult::ALL.iter().position(|x| *x == r).unwrap_or(4);
+        self.dials[i].fetch_add(1, Relaxed);
+    }
+
+    /// Dial attempts with result `r`.
+    pub fn dials(&self, r: DialResult) -> u64 {
+        let i = DialResult::ALL.iter().position(|x| *x == r).unwrap_or(4);
+        self.dials[i].load(Relaxed)
+    }
+
+    /// Failed dial attempts, all reasons.
+    pub fn failed_dials(&self) -> u64 {
+        self.dials.iter().skip(1).map(|d| d.load(Relaxed)).sum()
+    }
+}
+
+/// The data-path state of one service port, shared by its listener and
+/// its connections (which outlive the listener when the port is removed).
+#[derive(Debug)]
+pub struct Service {
+    /// Which service port.
+    pub name: ServicePortName,
+    /// Its endpoints and how to choose among them.
+    pub balancer: Balancer,
+    /// Its counters.
+    pub stats: ServiceStats,
+}
+
+/// A served service port in the proxier's table.
+struct Served {
+    spec: ServicePort,
+    service: Arc<Service>,
+    listener: Option<tcp::ListenerHandle>,
+    /// The port taken from the allocator (not a nodePort), to give back.
+    allocated: Option<u16>,
+}
+
+/// Outcome of one [`Proxier::sync`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SyncReport {
+    /// Service ports served with a listener.
+    pub listening: usize,
+    /// Service ports whose listener could not be bound (retried next sync).
+    pub pending: usize,
+    /// Listeners opened in this sync.
+    pub opened: usize,
+    /// Listeners closed in this sync.
+    pub closed: usize,
+    /// Balancers whose endpoint set changed.
+    pub endpoints_changed: usize,
+}
+
+/// Reconciles snapshots into listeners; owned by the run loop.
+pub struct Proxier {
+    ctx: Arc<Context>,
+    served: BTreeMap<ServicePortName, Served>,
+    ports: PortAllocator,
+    /// Non-TCP ports already reported as not served, to log them once.
+    unserved: BTreeSet<ServicePortName>,
+}
+
+impl Proxier {
+    /// A proxier serving nothing yet.
+    pub fn new(config: ProxyConfig) -> Self {
+        let ports = PortAllocator::new(config.port_range);
+        Self {
+            ctx: Arc::new(Context {
+                config,
+                pipes: PipePool::new(MAX_IDLE_PIPES),
+                tracker: TaskTracker::new(),
+                shutdown: CancellationToken::new(),
+            }),
+            served: BTreeMap::new(),
+            ports,
+            unserved: BTreeSet::new(),
+        }
+    }
+
+    /// The shared data-path context (pipes, tracker).
+    pub fn context(&self) -> &Arc<Context> {
+        &self.ctx
+    }
+
+    /// The listener port of a service port, once bound.
+    pub fn listener_port(&self, name: &ServicePortName) -> Option<u16> {
+        self.served.get(name)?.listener.as_ref().map(|l| l.port)
+    }
+
+    /// Every served service port with its state and listener port.
+    pub fn services(&self) -> impl Iterator<Item = (&Arc<Service>, &ServicePort, Option<u16>)> {
+        self.served
+            .values()
+            .map(|s| (&s.service, &s.spec, s.listener.as_ref().map(|l| l.port)))
+    }
+
+    /// Whether some listener failed to bind and wants a retry.
+    pub fn has_pending(&self) -> bool {
+        self.served.values().any(|s| s.listener.is_none())
+    }
+
+    /// Makes the running state match `snapshot`.
+    pub fn sync(&mut self, snapshot: &Snapshot) -> SyncReport {
+        let mut report = SyncReport::default();
+        let wanted = |name: &ServicePortName| {
+            name.protocol == Protocol::Tcp && snapshot.services.contains_key(name)
+        };
+
+        // Deleted first, so their ports are free for newcomers.
+        let gone: Vec<ServicePortName> =
+            self.served.keys().filter(|n| !wanted(n)).cloned().collect();
+        for name in gone {
+            if let Some(s) = self.served.remove(&name) {
+                report.closed += usize::from(s.listener.is_some());
+                self.close(s);
+                tracing::info!(service = %name, "service port removed; open connections drain");
+            }
+        }
+        self.unserved.retain(|n| snapshot.services.contains_key(n));
+
+        // Node ports of every service port: never handed out from the range.
+        let node_ports: BTreeSet<u16> = snapshot
+            .services
+            .values()
+            .filter_map(|e| e.port.node_port)
+            .collect();
+
+        for (name, entry) in &snapshot.services {
+            if name.protocol != Protocol::Tcp {
+                if self.unserved.insert(name.clone()) {
+                    tracing::info!(service = %name, protocol = %name.protocol, "not yet served: only TCP service ports are proxied");
+                }
+                continue;
+            }
+            let served = self.served.entry(name.clone()).or_insert_with(|| Served {
+                spec: entry.port.clone(),
+                service: Arc::new(Service {
+                    name: name.clone(),
+                    balancer: Balancer::default(),
+                    stats: ServiceStats::default(),
+                }),
+                listener: None,
+                allocated: None,
+            });
+            if served.spec.node_port != entry.port.node_port && served.listener.is_some() {
+                tracing::info!(service = %name, from = ?served.spec.node_port, to = ?entry.port.node_port, "nodePort changed: re-homing the listener");
+                served.listener = None;
+                report.closed += 1;
+                if let Some(p) = served.allocated.take() {
+                    self.ports.release(p);
+                }
+            }
+            served.spec = entry.port.clone();
+            if served
+                .service
+                .balancer
+                .update(&entry.endpoints, entry.port.affinity)
+            {
+                report.endpoints_changed += 1;
+            }
+        }
+
+        // Bind what is not listening yet (new, re-homed, or failed before).
+        let names: Vec<ServicePortName> = self
+            .served
+            .iter()
+            .filter(|(_, s)| s.listener.is_none())
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in names {
+            if self.open(&name, &node_ports) {
+                report.opened += 1;
+            }
+        }
+        report.listening = self
+            .served
+            .values()
+            .filter(|s| s.listener.is_some())
+            .count();
+        report.pending = self.served.len() - report.listening;
+        report
+    }
+
+    /// Binds the listener of `name`; false (reported) when it cannot.
+    fn open(&mut self, name: &ServicePortName, node_ports: &BTreeSet<u16>) -> bool {
+        let bind_ip = self.ctx.config.bind_address;
+        let Some(served) = self.served.get(name) else {
+            return false;
+        };
+        let result = if let Some(np) = served.spec.node_port {
+            if let Some((other, _)) = self
+                .served
+                .iter()
+                .find(|(n, s)| *n != name && s.listener.as_ref().is_some_and(|l| l.port == np))
+            {
+                Err(format!("nodePort {np} is already served for {other}"))
+            } else {
+                tcp::bind(SocketAddr::new(bind_ip, np))
+                    .map(|l| (l, None))
+                    .map_err(|e| format!("cannot listen on nodePort {bind_ip}:{np}: {e}"))
+            }
+        } else {
+            let mut last = String::from("no free port left in --proxy-port-range");
+            let mut bound = None;
+            for port in self.ports.candidates(node_ports) {
+                match tcp::bind(SocketAddr::new(bind_ip, port)) {
+                    Ok(l) => {
+                        bound = Some(l);
+                        break;
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+                        last = format!("port {port} in use");
+                    }
+                    Err(e) => {
+                        last = format!("cannot listen on {bind_ip}:{port}: {e}");
+                        break;
+                    }
+                }
+            }
+            bound.ok_or(last).and_then(|l| {
+                let port = l.local_addr().map_err(|e| e.to_string())?.port();
+                Ok((l, Some(port)))
+            })
+        };
+        let served = self.served.get_mut(name).expect("looked up above");
+        let spawned = result.and_then(|(l, allocated)| {
+            tcp::spawn(l, Arc::clone(&served.service), Arc::clone(&self.ctx))
+                .map(|h| (h, allocated))
+                .map_err(|e| e.to_string())
+        });
+        match spawned {
+            Ok((handle, allocated)) => {
+                if let Some(p) = allocated {
+                    self.ports.hold(p);
+                }
+                tracing::info!(service = %name, port = handle.port, endpoints = served.service.balancer.usable_len(), "listening");
+                served.allocated = allocated;
+                served.listener = Some(handle);
+                true
+            }
+            Err(e) => {
+                served.service.stats.bind_failures.fetch_add(1, Relaxed);
+                tracing::warn!(service = %name, error = %e, "listener not bound; retrying on the next sync");
+                false
+            }
+        }
+    }
+
+    fn close(&mut self, s: Served) {
+        if let Some(p) = s.allocated {
+            self.ports.release(p);
+        }
+        drop(s.listener);
+    }
+
+    /// Stops every listener, then waits up to `grace` for open connections
+    /// to finish. Returns the number still open when the grace ran out.
+    pub async fn shutdown(mut self, grace: Duration) -> usize {
+        self.ctx.shutdown.cancel();
+        let served = std::mem::take(&mut self.served);
+        for (_, s) in served {
+            self.close(s);
+        }
+        self.ctx.tracker.close();
+        match tokio::time::timeout(grace, self.ctx.tracker.wait()).await {
+            Ok(()) => 0,
+            Err(_) => self.ctx.tracker.len(),
+        }
+    }
+}

@@ -1,0 +1,169 @@
+//! The TCP listener of one service port and the life of each connection:
+//! accept → pick → dial with retry (in the connection's own task, so a slow
+//! backend never delays accepting) → move bytes until both sides are done.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+use super::balancer::now_ms;
+use super::splice::{self, Counters};
+use super::{connect, Context, Service};
+
+/// Listen backlog: large, as connections are accepted and dialed
+/// concurrently; the kernel caps it at `net.core.somaxconn`.
+pub const BACKLOG: i32 = 4096;
+
+/// Minimum interval between two "no backend" log lines of one service.
+const FAIL_LOG_INTERVAL_MS: u64 = 10_000;
+
+/// Binds a listening socket (SO_REUSEADDR, non-blocking) for a service port.
+pub fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    let domain = socket2::Domain::for_address(addr);
+    let socket = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(false)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(BACKLOG)?;
+    Ok(socket.into())
+}
+
+/// A running listener; dropping it stops accepting (open connections go on).
+#[derive(Debug)]
+pub struct ListenerHandle {
+    /// The port it listens on.
+    pub port: u16,
+    stop: CancellationToken,
+}
+
+impl Drop for ListenerHandle {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// Starts the accept loop of `listener` for `service`.
+pub fn spawn(
+    listener: std::net::TcpListener,
+    service: Arc<Service>,
+    ctx: Arc<Context>,
+) -> io::Result<ListenerHandle> {
+    let port = listener.local_addr()?.port();
+    let listener = TcpListener::from_std(listener)?;
+    let stop = ctx.shutdown.child_token();
+    let handle = ListenerHandle {
+        port,
+        stop: stop.clone(),
+    };
+    tokio::spawn(accept_loop(listener, service, ctx, stop));
+    Ok(handle)
+}
+
+/// Whether an accept error means we are out of file descriptors or memory:
+/// back off instead of spinning (upstream panicked here).
+fn is_resource_exhaustion(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    )
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    service: Arc<Service>,
+    ctx: Arc<Context>,
+    stop: CancellationToken,
+) {
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            _ = stop.cancelled() => break,
+            r = listener.accept() => r,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                backoff = Duration::from_millis(5);
+                let (service, ctx2) = (Arc::clone(&service), Arc::clone(&ctx));
+                ctx.tracker.spawn(serve(stream, peer, service, ctx2));
+            }
+            Err(e) if is_resource_exhaustion(&e) => {
+                service.stats.accept_errors.fetch_add(1, Relaxed);
+                tracing::warn!(service = %service.name, error = %e, backoff = ?backoff, "accept failed: out of resources, backing off");
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
+            // ECONNABORTED and friends: the client gave up; nothing to do.
+            Err(e) => tracing::debug!(service = %service.name, error = %e, "accept failed"),
+        }
+    }
+    tracing::debug!(service = %service.name, "listener closed");
+}
+
+/// Serves one accepted client connection to its end.
+async fn serve(mut client: TcpStream, peer: SocketAddr, service: Arc<Service>, ctx: Arc<Context>) {
+    let stats = &service.stats;
+    stats.accepted.fetch_add(1, Relaxed);
+    stats.active.fetch_add(1, Relaxed);
+    let _ = client.set_nodelay(true);
+    let dialed = connect::dial(
+        &service.balancer,
+        stats,
+        peer.ip(),
+        &ctx.config.dial_timeouts,
+    )
+    .await;
+    match dialed {
+        Ok(connect::Dialed {
+            stream: mut backend_stream,
+            backend,
+        }) => {
+            backend.active.fetch_add(1, Relaxed);
+            backend.total.fetch_add(1, Relaxed);
+            let counters = Counters {
+                to_backend: [&stats.bytes_in, &backend.bytes_in],
+                to_client: [&stats.bytes_out, &backend.bytes_out],
+            };
+            let r = splice::proxy(
+                ctx.config.copy_mode,
+                &mut client,
+                &mut backend_stream,
+                &ctx.pipes,
+                counters,
+            )
+            .await;
+            if let Err(e) = r {
+                tracing::debug!(service = %service.name, backend = %backend.addr, error = %e, "connection ended with an error");
+            }
+            backend.active.fetch_sub(1, Relaxed);
+            stats.completed.fetch_add(1, Relaxed);
+        }
+        Err(e) => {
+            stats.failed.fetch_add(1, Relaxed);
+            let now = now_ms();
+            let last = stats.last_fail_log_ms.load(Relaxed);
+            if (last == 0 || now.saturating_sub(last) >= FAIL_LOG_INTERVAL_MS)
+                && stats
+                    .last_fail_log_ms
+                    .compare_exchange(last, now, Relaxed, Relaxed)
+                    .is_ok()
+            {
+                tracing::warn!(service = %service.name, error = %e, failed_total = stats.failed.load(Relaxed), "no backend reachable; closing client connections (logged at most every 10s)");
+            }
+            // Reset rather than FIN: the client must not mistake this for an empty answer.
+            let _ = socket2::SockRef::from(&client).set_linger(Some(Duration::ZERO));
+        }
+    }
+    stats.active.fetch_sub(1, Relaxed);
+}
