@@ -61,7 +61,8 @@ pub struct Sourced<T> {
 /// Validates services and slices and joins them into a snapshot; skipped
 /// objects come back as problems, in input order. A service whose Service or
 /// one of whose EndpointSlices is invalid keeps its entries from `previous`
-/// (the last good state keeps serving); with no previous entry it is left out.
+/// (the last good state keeps serving); with no previous entry, only the
+/// invalid object is left out.
 pub fn build_snapshot(
     services: &[Sourced<Service>],
     slices: &[Sourced<EndpointSlice>],
@@ -101,7 +102,16 @@ pub fn build_snapshot(
         .iter()
         .map(|s| key_of(&s.object.metadata))
         .collect();
-    broken.retain(|k| present.contains(k));
+    let in_previous = |(ns, name): &(String, String)| {
+        previous
+            .services
+            .range(ServicePortName::first_of(ns, name)..)
+            .next()
+            .is_some_and(|(k, _)| k.namespace == *ns && k.name == *name)
+    };
+    // Broken services that served before keep their last good entries;
+    // others are built from whatever is valid.
+    broken.retain(|k| present.contains(k) && in_previous(k));
     for s in services {
         let object = describe("Service", &s.object.metadata);
         let ports = match service_ports(&s.object) {
@@ -113,14 +123,17 @@ pub fn build_snapshot(
                     field,
                     message,
                 });
-                broken.insert(key_of(&s.object.metadata));
+                let key = key_of(&s.object.metadata);
+                if in_previous(&key) {
+                    broken.insert(key);
+                }
                 continue;
             }
         };
         let Some(ports) = ports else { continue };
         let key = key_of(&s.object.metadata);
         if broken.contains(&key) {
-            continue; // one of its slices is invalid: served from `previous` below
+            continue; // one of its slices is invalid: carried from `previous` below
         }
         if !seen.insert(key.clone()) {
             problems.push(Problem {

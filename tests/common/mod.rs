@@ -1,0 +1,306 @@
+//! Fake peers and helpers for the integration tests: every address is on
+//! 127.0.0.1, every port is chosen by the kernel.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::hash::Hasher;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use kube_userspace_proxy::model::{
+    Affinity, Endpoint, Protocol, ServiceEntry, ServicePort, ServicePortName, Snapshot,
+};
+use kube_userspace_proxy::proxy::splice::CopyMode;
+use kube_userspace_proxy::proxy::{Proxier, ProxyConfig, Service};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// Short dial timeouts so retry tests stay quick.
+pub const FAST_TIMEOUTS: [Duration; 4] = [
+    Duration::from_millis(100),
+    Duration::from_millis(200),
+    Duration::from_millis(400),
+    Duration::from_millis(800),
+];
+
+pub fn localhost(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// A listener on 127.0.0.1 with a kernel-chosen port.
+pub async fn listener() -> (TcpListener, SocketAddr) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let a = l.local_addr().unwrap();
+    (l, a)
+}
+
+/// Backend that writes `name` and closes, per connection.
+pub async fn named_backend(name: &'static str) -> SocketAddr {
+    let (l, a) = listener().await;
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let _ = s.write_all(name.as_bytes()).await;
+                let _ = s.shutdown().await;
+                // Wait for the client's close so the byte is never reset away.
+                let mut buf = [0u8; 16];
+                let _ = s.read(&mut buf).await;
+            });
+        }
+    });
+    a
+}
+
+/// Backend that echoes every byte back, and half-closes when the client does.
+pub async fn echo_backend() -> SocketAddr {
+    let (l, a) = listener().await;
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    a
+}
+
+/// Backend for bulk checks. The client sends one command line:
+/// `sink\n` then data until EOF: the backend answers with the 8-byte hash of
+/// what it read, then closes; `source N\n`: the backend sends N bytes of
+/// [`pattern`] and closes.
+pub async fn bulk_backend() -> SocketAddr {
+    let (l, a) = listener().await;
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut line = Vec::new();
+                let mut b = [0u8; 1];
+                while s.read_exact(&mut b).await.is_ok() && b[0] != b'\n' {
+                    line.push(b[0]);
+                }
+                let line = String::from_utf8(line).unwrap_or_default();
+                if line == "sink" {
+                    let mut h = StreamHash::default();
+                    let mut buf = vec![0u8; 256 * 1024];
+                    loop {
+                        match s.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => h.write(&buf[..n]),
+                        }
+                    }
+                    let _ = s.write_all(&h.finish().to_le_bytes()).await;
+                    let _ = s.shutdown().await;
+                } else if let Some(n) = line.strip_prefix("source ") {
+                    let n: usize = n.parse().unwrap_or(0);
+                    let _ = send_pattern(&mut s, n).await;
+                    let _ = s.shutdown().await;
+                    let mut buf = [0u8; 16];
+                    let _ = s.read(&mut buf).await;
+                }
+            });
+        }
+    });
+    a
+}
+
+/// Deterministic bytes: chunk `i` of 64 KiB is filled from a seed of `i`.
+pub fn pattern_chunk(i: usize, out: &mut [u8]) {
+    let mut x = (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    for c in out.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let b = x.to_le_bytes();
+        c.copy_from_slice(&b[..c.len()]);
+    }
+}
+
+pub const CHUNK: usize = 64 * 1024;
+
+/// Writes `n` bytes of the pattern; returns its hash.
+pub async fn send_pattern(s: &mut (impl AsyncWriteExt + Unpin), n: usize) -> std::io::Result<u64> {
+    let mut h = StreamHash::default();
+    let mut buf = vec![0u8; CHUNK];
+    let mut sent = 0;
+    let mut i = 0;
+    while sent < n {
+        let len = CHUNK.min(n - sent);
+        pattern_chunk(i, &mut buf[..len]);
+        h.write(&buf[..len]);
+        s.write_all(&buf[..len]).await?;
+        sent += len;
+        i += 1;
+    }
+    Ok(h.finish())
+}
+
+/// The hash of `n` bytes of the pattern.
+pub fn pattern_hash(n: usize) -> u64 {
+    let mut h = StreamHash::default();
+    let mut buf = vec![0u8; CHUNK];
+    let mut done = 0;
+    let mut i = 0;
+    while done < n {
+        let len = CHUNK.min(n - done);
+        pattern_chunk(i, &mut buf[..len]);
+        h.write(&buf[..len]);
+        done += len;
+        i += 1;
+    }
+    h.finish()
+}
+
+/// FNV-1a-64 over a stream; independent of how the stream is chunked.
+#[derive(Clone, Copy)]
+pub struct StreamHash(u64);
+
+impl Default for StreamHash {
+    fn default() -> Self {
+        Self(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl Hasher for StreamHash {
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 ^= *b as u64;
+            self.0 = self.0.wrapping_mul(0x100_0000_01b3);
+        }
+    }
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+/// A listener that completes no handshake: backlog 0, filled by held
+/// connections, so further SYNs are dropped and dials time out.
+pub struct Blackhole {
+    pub addr: SocketAddr,
+    _listener: socket2::Socket,
+    _fillers: Vec<socket2::Socket>,
+}
+
+pub fn blackhole() -> Blackhole {
+    use socket2::{Domain, Socket, Type};
+    let l = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    l.bind(&localhost(0).into()).unwrap();
+    l.listen(0).unwrap();
+    let addr = l.local_addr().unwrap().as_socket().unwrap();
+    let mut fillers = Vec::new();
+    for _ in 0..8 {
+        let s = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        match s.connect_timeout(&addr.into(), Duration::from_millis(300)) {
+            Ok(()) => fillers.push(s),
+            Err(_) => {
+                return Blackhole {
+                    addr,
+                    _listener: l,
+                    _fillers: fillers,
+                }
+            }
+        }
+    }
+    panic!("could not fill the blackhole's backlog");
+}
+
+/// A port on which nothing listens (bound, then closed).
+pub fn refusing_addr() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let a = l.local_addr().unwrap();
+    drop(l);
+    a
+}
+
+pub fn endpoint(addr: SocketAddr) -> Endpoint {
+    Endpoint {
+        addr,
+        ready: true,
+        serving: true,
+        terminating: false,
+        node_name: None,
+        zone: None,
+    }
+}
+
+pub fn svc_name(name: &str) -> ServicePortName {
+    ServicePortName {
+        namespace: "test".into(),
+        name: name.into(),
+        port_name: "p".into(),
+        protocol: Protocol::Tcp,
+    }
+}
+
+/// A snapshot with one TCP service port `name` over `endpoints`.
+pub fn snapshot(name: &str, endpoints: &[SocketAddr], affinity: Option<Affinity>) -> Snapshot {
+    let mut services = BTreeMap::new();
+    services.insert(
+        svc_name(name),
+        ServiceEntry {
+            port: ServicePort {
+                cluster_ips: vec![IpAddr::from([10, 96, 0, 1])],
+                port: 80,
+                node_port: None,
+                external_ips: vec![],
+                load_balancer_ips: vec![],
+                affinity,
+                internal_local: false,
+                external_local: false,
+            },
+            endpoints: endpoints.iter().copied().map(endpoint).collect(),
+        },
+    );
+    Snapshot { services }
+}
+
+/// A proxier on 127.0.0.1 with fast dial timeouts.
+pub fn proxier(mode: CopyMode) -> Proxier {
+    Proxier::new(ProxyConfig {
+        bind_address: IpAddr::from([127, 0, 0, 1]),
+        dial_timeouts: FAST_TIMEOUTS.to_vec(),
+        copy_mode: mode,
+        ..ProxyConfig::default()
+    })
+}
+
+/// Syncs `snap` and returns the listener address of service `name`.
+pub fn serve(p: &mut Proxier, snap: &Snapshot, name: &str) -> SocketAddr {
+    p.sync(snap);
+    localhost(p.listener_port(&svc_name(name)).expect("listener bound"))
+}
+
+/// The data-path state of service `name`.
+pub fn service(p: &Proxier, name: &str) -> Arc<Service> {
+    p.services()
+        .find(|(s, _, _)| s.name == svc_name(name))
+        .map(|(s, _, _)| Arc::clone(s))
+        .expect("service served")
+}
+
+/// Connects and reads everything until EOF.
+pub async fn read_all(addr: SocketAddr) -> std::io::Result<String> {
+    let mut s = TcpStream::connect(addr).await?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).await?;
+    Ok(out)
+}
+
+/// Open file descriptors of this process.
+pub fn fd_count() -> usize {
+    std::fs::read_dir("/proc/self/fd").unwrap().count()
+}
+
+/// Polls `f` until it is true or `timeout` passes.
+pub async fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let end = tokio::time::Instant::now() + timeout;
+    while tokio::time::Instant::now() < end {
+        if f() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    f()
+}
