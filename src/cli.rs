@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::iptables::exec::BackendChoice;
+use crate::iptables::Mode as IptablesMode;
 use crate::proxy::ports::PortRange;
 use crate::proxy::splice::CopyMode;
 
@@ -38,6 +40,11 @@ pub enum Command {
     /// Start three local backends (one dead) behind NodePort 30080 and show
     /// round-robin and retry.
     Demo(DemoArgs),
+    /// Print the iptables-restore payload the proxy would apply for its
+    /// discovery source, and change nothing. Listeners are bound for the
+    /// moment to learn their ports: ephemeral ones differ from a running
+    /// proxy's unless `--proxy-port-range` is set.
+    Rules(RunArgs),
 }
 
 /// Log output format.
@@ -91,6 +98,21 @@ pub struct RunArgs {
     /// How bytes are moved: zero-copy `splice` or plain `copy`.
     #[arg(long, value_enum, default_value_t = CopyMode::Splice)]
     pub copy_mode: CopyMode,
+    /// Manage the iptables redirect of ClusterIP, externalIP and LB-IP traffic.
+    #[arg(long, value_enum, default_value_t = IptablesMode::Auto)]
+    pub iptables: IptablesMode,
+    /// iptables implementation: the one holding rules (auto), legacy or nft.
+    #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
+    pub iptables_backend: BackendChoice,
+    /// Rules are re-applied at least this often, repairing manual deletions.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub iptables_sync_period: Duration,
+    /// Rules are applied at most this often, however fast services change.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    pub iptables_min_sync_period: Duration,
+    /// Remove our iptables chains and jumps (also a crashed run's) and exit.
+    #[arg(long)]
+    pub cleanup: bool,
     /// How long open connections may finish after SIGTERM.
     #[arg(long, default_value = DEFAULT_SHUTDOWN_GRACE, value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,

@@ -4,13 +4,13 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use kube_userspace_proxy::cli::{Cli, Command};
-use kube_userspace_proxy::{demo, init_logging, run, ConfigError};
+use kube_userspace_proxy::{demo, init_logging, rules, run, ConfigError};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let (log, level) = match &cli.command {
         None => (&cli.run.log, "info"),
-        Some(Command::Run(a)) => (&a.log, "info"),
+        Some(Command::Run(a)) | Some(Command::Rules(a)) => (&a.log, "info"),
         Some(Command::Demo(a)) => (&a.log, "warn"),
     };
     if let Err(e) = init_logging(log, level) {
@@ -29,6 +29,7 @@ fn main() -> ExitCode {
             None => run(cli.run).await,
             Some(Command::Run(a)) => run(a).await,
             Some(Command::Demo(a)) => demo::run(a).await,
+            Some(Command::Rules(a)) => rules(a).await,
         }
     });
     match result {

@@ -231,7 +231,14 @@ async fn the_binary_serves_a_directory_and_follows_edits() {
         Command::new(BIN)
             .args(["--manifests"])
             .arg(dir.path())
-            .args(["--bind-address", "127.0.0.1", "--log-level", "warn"])
+            .args([
+                "--bind-address",
+                "127.0.0.1",
+                "--log-level",
+                "warn",
+                "--iptables",
+                "off",
+            ])
             .stdout(Stdio::null())
             .spawn()
             .unwrap(),

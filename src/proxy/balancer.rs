@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -98,6 +98,8 @@ struct AffinityTable {
 pub struct Balancer {
     set: ArcSwap<EndpointSet>,
     cursor: AtomicUsize,
+    /// Whether `affinity` is set: lets plain round-robin skip the lock.
+    has_affinity: AtomicBool,
     affinity: Mutex<Option<AffinityTable>>,
 }
 
@@ -150,6 +152,7 @@ impl Balancer {
     }
 
     fn set_affinity(&self, affinity: Option<Affinity>) {
+        self.has_affinity.store(affinity.is_some(), Relaxed);
         let mut table = self.affinity.lock().unwrap_or_else(|e| e.into_inner());
         match (affinity, table.as_mut()) {
             (None, _) => *table = None,
@@ -185,6 +188,9 @@ impl Balancer {
             return None;
         }
         let now = now_ms();
+        if !self.has_affinity.load(Relaxed) {
+            return self.round_robin(&set.usable, tried, now);
+        }
         let mut affinity = self.affinity.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(table) = affinity.as_mut() {
             if tried.is_empty() {

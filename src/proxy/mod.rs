@@ -149,6 +149,8 @@ pub struct SyncReport {
     pub closed: usize,
     /// Balancers whose endpoint set changed.
     pub endpoints_changed: usize,
+    /// Service ports whose addresses or ports changed (rules must follow).
+    pub spec_changed: usize,
 }
 
 /// Reconciles snapshots into listeners; owned by the run loop.
@@ -250,7 +252,10 @@ impl Proxier {
                     self.ports.release(p);
                 }
             }
-            served.spec = entry.port.clone();
+            if served.spec != entry.port {
+                report.spec_changed += 1;
+                served.spec = entry.port.clone();
+            }
             if served
                 .service
                 .balancer
@@ -353,14 +358,19 @@ impl Proxier {
         drop(s.listener);
     }
 
-    /// Stops every listener, then waits up to `grace` for open connections
-    /// to finish. Returns the number still open when the grace ran out.
-    pub async fn shutdown(mut self, grace: Duration) -> usize {
+    /// Stops every listener at once; open connections go on.
+    pub fn close_listeners(&mut self) {
         self.ctx.shutdown.cancel();
         let served = std::mem::take(&mut self.served);
         for (_, s) in served {
             self.close(s);
         }
+    }
+
+    /// Stops every listener, then waits up to `grace` for open connections
+    /// to finish. Returns the number still open when the grace ran out.
+    pub async fn shutdown(mut self, grace: Duration) -> usize {
+        self.close_listeners();
         self.ctx.tracker.close();
         match tokio::time::timeout(grace, self.ctx.tracker.wait()).await {
             Ok(()) => 0,

@@ -2,6 +2,8 @@
 //! 127.0.0.1, every port is chosen by the kernel.
 #![allow(dead_code)]
 
+pub mod netns;
+
 use std::collections::BTreeMap;
 use std::hash::Hasher;
 use std::net::{IpAddr, SocketAddr};

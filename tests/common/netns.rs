@@ -1,0 +1,123 @@
+//! Network namespaces made by a test and deleted on drop. Nothing here
+//! touches the host namespace: veth pairs are created directly inside the
+//! test's namespaces.
+
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+static NEXT: AtomicUsize = AtomicUsize::new(0);
+
+/// True when the test may use namespaces. Without root: fails in CI (the
+/// test must run there), skips with a printed reason locally.
+pub fn require_root(test: &str) -> bool {
+    if nix::unistd::Uid::effective().is_root() {
+        for tool in ["ip", "iptables-save", "iptables-restore"] {
+            let found = Command::new("sh")
+                .args(["-c", &format!("command -v {tool}")])
+                .output()
+                .map(|o| o.status.success())
+                .unwrap_or(false);
+            assert!(
+                found,
+                "{test}: `{tool}` is missing (install iproute2 and iptables)"
+            );
+        }
+        return true;
+    }
+    if std::env::var_os("CI").is_some() {
+        panic!("{test}: needs root (network namespaces, iptables) and CI must run it");
+    }
+    eprintln!("SKIPPED {test}: needs root for network namespaces");
+    false
+}
+
+/// Runs a command and panics with its output when it fails.
+pub fn sh(args: &[&str]) -> Output {
+    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// A network namespace owned by the test.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    /// A fresh namespace with loopback up.
+    pub fn new(tag: &str) -> Self {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let name = format!("kusp-{tag}-{}-{n}", std::process::id());
+        sh(&["ip", "netns", "add", &name]);
+        let ns = Self { name };
+        sh(&["ip", "-n", &ns.name, "link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// `ip netns exec NAME args...`, not yet run.
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name]).args(args);
+        c
+    }
+
+    /// Runs `args` inside, panicking on failure; returns stdout.
+    pub fn run(&self, args: &[&str]) -> String {
+        let out = self.command(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?} in {} failed: {}",
+            self.name,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// `iptables-save -t nat` inside.
+    pub fn nat(&self) -> String {
+        self.run(&["iptables-save", "-t", "nat"])
+    }
+
+    /// Runs `f` on a thread that has entered this namespace: sockets it
+    /// creates live here.
+    pub fn spawn<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> std::thread::JoinHandle<T> {
+        let path = format!("/var/run/netns/{}", self.name);
+        std::thread::spawn(move || {
+            let fd = std::fs::File::open(&path).unwrap();
+            nix::sched::setns(fd, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            f()
+        })
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+    }
+}
+
+/// Links two namespaces with a veth pair: `a_cidr` on `a`'s end,
+/// `b_cidr` on `b`'s (e.g. "10.234.7.1/24", "10.234.7.2/24"); returns the
+/// interface names (in `a`, in `b`).
+pub fn veth(a: &Netns, a_cidr: &str, b: &Netns, b_cidr: &str) -> (String, String) {
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let (ea, eb) = (format!("kv{n}a"), format!("kv{n}b"));
+    sh(&[
+        "ip", "-n", &a.name, "link", "add", &ea, "type", "veth", "peer", "name", &eb, "netns",
+        &b.name,
+    ]);
+    sh(&["ip", "-n", &a.name, "addr", "add", a_cidr, "dev", &ea]);
+    sh(&["ip", "-n", &b.name, "addr", "add", b_cidr, "dev", &eb]);
+    sh(&["ip", "-n", &a.name, "link", "set", &ea, "up"]);
+    sh(&["ip", "-n", &b.name, "link", "set", &eb, "up"]);
+    (ea, eb)
+}

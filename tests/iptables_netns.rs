@@ -1,0 +1,385 @@
+//! The iptables redirect, for real, inside network namespaces the tests
+//! create: a "node" namespace runs the proxy binary, a "pod" namespace
+//! holds the client and the backend. The host's own rules are never touched.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use common::netns::{require_root, sh, veth, Netns};
+
+const BIN: &str = env!("CARGO_BIN_EXE_kube-userspace-proxy");
+
+fn manifest(cluster_ip: &str, backend: SocketAddr) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: ns}}\n\
+         spec:\n  clusterIP: {cluster_ip}\n  externalIPs: [198.18.0.7]\n  ports: [{{name: http, port: 80}}]\n\
+         ---\n\
+         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+         metadata: {{name: web-1, namespace: ns, labels: {{kubernetes.io/service-name: web}}}}\n\
+         addressType: IPv4\nports: [{{name: http, port: {}}}]\nendpoints: [{{addresses: [\"{}\"]}}]\n",
+        backend.port(),
+        backend.ip()
+    )
+}
+
+/// The proxy binary running inside `ns`; SIGKILLed on drop if still alive.
+struct Proxy(Child);
+
+impl Proxy {
+    fn start(ns: &Netns, dir: &Path) -> Self {
+        Self::start_with(ns, dir, &[])
+    }
+
+    fn start_with(ns: &Netns, dir: &Path, extra: &[&str]) -> Self {
+        let child = ns
+            .command(&[BIN, "--manifests"])
+            .arg(dir)
+            .args([
+                "--iptables",
+                "on",
+                "--iptables-min-sync-period",
+                "100ms",
+                "--log-level",
+                "warn",
+            ])
+            .args(extra)
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        Proxy(child)
+    }
+
+    fn signal(&self, sig: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.0.id() as i32), sig).unwrap();
+    }
+
+    fn wait(&mut self, timeout: Duration) -> Option<i32> {
+        let end = Instant::now() + timeout;
+        while Instant::now() < end {
+            if let Some(status) = self.0.try_wait().unwrap() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let end = Instant::now() + timeout;
+    while Instant::now() < end {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    assert!(f(), "timed out waiting for {what}");
+}
+
+/// A backend answering "NAME\n" to every connection, in `ns` on `addr`.
+fn backend(ns: &Netns, addr: SocketAddr, name: &'static str) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    ns.spawn(move || {
+        let l = TcpListener::bind(addr).unwrap();
+        tx.send(()).unwrap();
+        for s in l.incoming().take(1000) {
+            let Ok(mut s) = s else { continue };
+            let _ = s.write_all(format!("{name}\n").as_bytes());
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(5)).unwrap();
+}
+
+/// Connects from inside `ns` and returns what the server sent.
+fn fetch(ns: &Netns, addr: SocketAddr) -> std::io::Result<String> {
+    ns.spawn(move || {
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
+        s.set_read_timeout(Some(Duration::from_secs(3)))?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        Ok(out)
+    })
+    .join()
+    .unwrap()
+}
+
+/// Splits an iptables-save rule into arguments, honouring double quotes.
+fn shell_words(s: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut quoted = false;
+    for c in s.chars() {
+        match c {
+            '"' => quoted = !quoted,
+            ' ' if !quoted => {
+                if !cur.is_empty() {
+                    out.push(std::mem::take(&mut cur));
+                }
+            }
+            c => cur.push(c),
+        }
+    }
+    if !cur.is_empty() {
+        out.push(cur);
+    }
+    out
+}
+
+fn count(haystack: &str, needle: &str) -> usize {
+    haystack.lines().filter(|l| l.contains(needle)).count()
+}
+
+#[test]
+fn cluster_ip_is_reached_from_a_pod_and_from_the_node_and_follows_the_service() {
+    if !require_root("cluster_ip_is_reached_from_a_pod_and_from_the_node") {
+        return;
+    }
+    let node = Netns::new("node");
+    let pod = Netns::new("pod");
+    let (node_if, _) = veth(&node, "10.234.1.1/24", &pod, "10.234.1.2/24");
+    sh(&[
+        "ip",
+        "-n",
+        &pod.name,
+        "route",
+        "add",
+        "default",
+        "via",
+        "10.234.1.1",
+    ]);
+    // The node's route towards the service range, as a real node's default route.
+    sh(&[
+        "ip",
+        "-n",
+        &node.name,
+        "route",
+        "add",
+        "10.96.0.0/16",
+        "dev",
+        &node_if,
+    ]);
+    let backend_addr: SocketAddr = "10.234.1.2:8080".parse().unwrap();
+    backend(&pod, backend_addr, "pod-backend");
+
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("web.yaml"),
+        manifest("10.96.0.10", backend_addr),
+    )
+    .unwrap();
+    let mut proxy = Proxy::start(&node, dir.path());
+    wait_for("rules for ns/web", Duration::from_secs(10), || {
+        node.nat().contains("ns/web:http")
+    });
+
+    let vip: SocketAddr = "10.96.0.10:80".parse().unwrap();
+    assert_eq!(
+        fetch(&pod, vip).unwrap(),
+        "pod-backend\n",
+        "pod → ClusterIP"
+    );
+    assert_eq!(
+        fetch(&node, vip).unwrap(),
+        "pod-backend\n",
+        "node → ClusterIP"
+    );
+    let external: SocketAddr = "198.18.0.7:80".parse().unwrap();
+    sh(&[
+        "ip",
+        "-n",
+        &pod.name,
+        "route",
+        "add",
+        "198.18.0.7/32",
+        "via",
+        "10.234.1.1",
+    ]);
+    assert_eq!(
+        fetch(&pod, external).unwrap(),
+        "pod-backend\n",
+        "pod → externalIP"
+    );
+
+    let nat = node.nat();
+    assert_eq!(count(&nat, "-j KUSP-PORTALS-CONTAINER"), 1, "{nat}");
+    assert_eq!(count(&nat, "-j KUSP-PORTALS-HOST"), 1, "{nat}");
+
+    // Removing the service removes its rules (the chains stay, empty).
+    std::fs::remove_file(dir.path().join("web.yaml")).unwrap();
+    wait_for("rules of ns/web removed", Duration::from_secs(5), || {
+        !node.nat().contains("ns/web:http")
+    });
+    assert!(node.nat().contains(":KUSP-PORTALS-CONTAINER"));
+
+    // A clean SIGTERM removes everything of ours.
+    proxy.signal(nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(proxy.wait(Duration::from_secs(15)), Some(0));
+    let nat = node.nat();
+    assert!(!nat.contains("KUSP"), "rules left after SIGTERM:\n{nat}");
+}
+
+#[test]
+fn kill_9_then_restart_keeps_one_jump_and_cleanup_removes_all() {
+    if !require_root("kill_9_then_restart_keeps_one_jump_and_cleanup_removes_all") {
+        return;
+    }
+    let node = Netns::new("node");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("web.yaml"),
+        manifest("10.96.0.20", "127.0.0.1:9".parse().unwrap()),
+    )
+    .unwrap();
+    // A rule of someone else's in the same chains must survive us.
+    node.run(&[
+        "iptables",
+        "-t",
+        "nat",
+        "-A",
+        "OUTPUT",
+        "-d",
+        "203.0.113.9/32",
+        "-j",
+        "ACCEPT",
+    ]);
+
+    let mut first = Proxy::start(&node, dir.path());
+    wait_for("first rules", Duration::from_secs(10), || {
+        node.nat().contains("ns/web:http")
+    });
+    first.signal(nix::sys::signal::Signal::SIGKILL);
+    first.wait(Duration::from_secs(5));
+    assert!(node.nat().contains("KUSP"), "kill -9 leaves rules behind");
+
+    let mut second = Proxy::start_with(&node, dir.path(), &["--iptables-sync-period", "1s"]);
+    std::thread::sleep(Duration::from_millis(500));
+    wait_for("rules after restart", Duration::from_secs(10), || {
+        node.nat().contains("ns/web:http")
+    });
+    let nat = node.nat();
+    assert_eq!(count(&nat, "-j KUSP-PORTALS-CONTAINER"), 1, "{nat}");
+    assert_eq!(count(&nat, "-j KUSP-PORTALS-HOST"), 1, "{nat}");
+    assert_eq!(
+        count(&nat, "ns/web:http"),
+        4,
+        "one rule per chain and address: {nat}"
+    );
+
+    // Someone flushes our chain and deletes a jump: the periodic sync repairs both.
+    node.run(&["iptables", "-t", "nat", "-F", "KUSP-PORTALS-CONTAINER"]);
+    let jump = nat
+        .lines()
+        .find(|l| l.starts_with("-A PREROUTING") && l.contains("KUSP-PORTALS-CONTAINER"))
+        .unwrap()
+        .replacen("-A ", "-D ", 1);
+    let mut del = vec!["iptables", "-t", "nat"];
+    let words = shell_words(&jump);
+    del.extend(words.iter().map(String::as_str));
+    node.run(&del);
+    wait_for("repair", Duration::from_secs(5), || {
+        let nat = node.nat();
+        count(&nat, "ns/web:http") == 4 && count(&nat, "-j KUSP-PORTALS-CONTAINER") == 1
+    });
+
+    second.signal(nix::sys::signal::Signal::SIGKILL);
+    second.wait(Duration::from_secs(5));
+    let out = node.command(&[BIN, "--cleanup"]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let nat = node.nat();
+    assert!(!nat.contains("KUSP"), "--cleanup left:\n{nat}");
+    assert!(
+        nat.contains("-A OUTPUT -d 203.0.113.9/32 -j ACCEPT"),
+        "a foreign rule was removed:\n{nat}"
+    );
+}
+
+#[test]
+fn iptables_on_without_privileges_fails_start_up_clearly() {
+    // Not root-only: as non-root, `--iptables on` must fail with a clear
+    // message; as root, run it with the tool missing from PATH instead.
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(BIN)
+        .args(["--iptables", "on", "--manifests"])
+        .arg(dir.path())
+        .env("PATH", "/nonexistent")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--iptables on"), "{err}");
+}
+
+#[test]
+fn a_failed_restore_names_the_line_and_keeps_the_previous_rules() {
+    use kube_userspace_proxy::iptables::exec::Tool;
+    use kube_userspace_proxy::iptables::render::{render, JumpState, Portal, PortalKind};
+    use kube_userspace_proxy::iptables::Error;
+    use kube_userspace_proxy::model::Protocol;
+
+    if !require_root("a_failed_restore_names_the_line_and_keeps_the_previous_rules") {
+        return;
+    }
+    let node = Netns::new("node");
+    let result = node
+        .spawn(|| {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let tool = Tool {
+                    restore: "iptables-restore".into(),
+                    save: "iptables-save".into(),
+                };
+                let good = render(
+                    &[Portal {
+                        ip: "10.96.0.30".parse().unwrap(),
+                        port: 80,
+                        protocol: Protocol::Tcp,
+                        listener_port: 31000,
+                        kind: PortalKind::ClusterIp,
+                        comment: "ns/good:http".into(),
+                    }],
+                    false,
+                    "0.0.0.0".parse().unwrap(),
+                    &JumpState::default(),
+                );
+                tool.restore(&good).await.unwrap();
+                let bad = good.replace("REDIRECT --to-ports 31000", "NO-SUCH-TARGET");
+                tool.restore(&bad).await
+            })
+        })
+        .join()
+        .unwrap();
+    match result {
+        // legacy names the bad rule's line, nft the COMMIT line; both say why.
+        Err(Error::Failed {
+            line: Some(_),
+            stderr,
+            ..
+        }) => assert!(stderr.contains("NO-SUCH-TARGET"), "{stderr}"),
+        other => panic!("expected a failure naming the line, got {other:?}"),
+    }
+    let nat = node.nat();
+    assert_eq!(
+        count(&nat, "ns/good:http"),
+        2,
+        "previous rules kept:\n{nat}"
+    );
+}
