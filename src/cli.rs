@@ -1,6 +1,6 @@
 //! Command line: kube-proxy's flag names where the meaning is the same.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -40,6 +40,9 @@ pub enum Command {
     /// Start three local backends (one dead) behind NodePort 30080 and show
     /// round-robin and retry.
     Demo(DemoArgs),
+    /// Print the running proxy's services and backends as a table, like
+    /// `ipvsadm -Ln --stats`.
+    Status(StatusArgs),
     /// Print the iptables-restore payload the proxy would apply for its
     /// discovery source, and change nothing. Listeners are bound for the
     /// moment to learn their ports: ephemeral ones differ from a running
@@ -113,6 +116,13 @@ pub struct RunArgs {
     /// Remove our iptables chains and jumps (also a crashed run's) and exit.
     #[arg(long)]
     pub cleanup: bool,
+    /// Address of `/metrics` and `/debug/services` (keep it local: debug
+    /// state is not for the network).
+    #[arg(long, default_value = "127.0.0.1:10249")]
+    pub metrics_bind_address: SocketAddr,
+    /// Address of `/healthz`, `/readyz` and `/livez` (kubelet probes it).
+    #[arg(long, default_value = "0.0.0.0:10256")]
+    pub healthz_bind_address: SocketAddr,
     /// How long open connections may finish after SIGTERM.
     #[arg(long, default_value = DEFAULT_SHUTDOWN_GRACE, value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
@@ -130,9 +140,45 @@ pub struct DemoArgs {
     /// Address the demo listener binds to.
     #[arg(long, default_value = "127.0.0.1")]
     pub bind_address: IpAddr,
+    /// Address of `/metrics` and `/debug/services` while the demo runs.
+    #[arg(long, default_value = "127.0.0.1:10249")]
+    pub metrics_bind_address: SocketAddr,
     /// How bytes are moved.
     #[arg(long, value_enum, default_value_t = CopyMode::Splice)]
     pub copy_mode: CopyMode,
+    /// Logging.
+    #[command(flatten)]
+    pub log: LogArgs,
+}
+
+/// Output format of `status`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    /// Aligned table.
+    #[default]
+    Table,
+    /// The raw `/debug/services` JSON.
+    Json,
+}
+
+/// Flags of `status`.
+#[derive(Clone, Debug, Args)]
+pub struct StatusArgs {
+    /// The proxy's `--metrics-bind-address`.
+    #[arg(long, default_value = "127.0.0.1:10249")]
+    pub admin: SocketAddr,
+    /// Refresh every `--interval` until interrupted.
+    #[arg(long)]
+    pub watch: bool,
+    /// Show rates per second (two samples `--interval` apart).
+    #[arg(long)]
+    pub rate: bool,
+    /// Time between samples.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    pub interval: Duration,
+    /// Output format.
+    #[arg(short = 'o', long, value_enum, default_value_t = OutputFormat::Table)]
+    pub output: OutputFormat,
     /// Logging.
     #[command(flatten)]
     pub log: LogArgs,

@@ -106,6 +106,26 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         ..ProxyConfig::default()
     });
     proxier.sync(&snapshot);
+    let stop_admin = tokio_util::sync::CancellationToken::new();
+    let state = crate::admin::AdminState {
+        handle: crate::metrics::install(),
+        services: proxier.published(),
+        health: Arc::new(crate::admin::Health::new(Duration::from_secs(30))),
+        ctx: Arc::clone(proxier.context()),
+    };
+    state.health.synced();
+    let metrics_at = crate::admin::spawn(
+        args.metrics_bind_address,
+        crate::admin::metrics_router(state),
+        stop_admin.clone(),
+    )
+    .await;
+    if let Err(e) = &metrics_at {
+        println!(
+            "note: no metrics: cannot listen on {}: {e}",
+            args.metrics_bind_address
+        );
+    }
     let port = proxier.listener_port(name).with_context(|| {
         format!(
             "cannot listen on {}:{NODE_PORT} (in use?)",
@@ -192,8 +212,12 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     if args.serve {
         println!();
         println!("serving: curl http://{target}/   (Ctrl-C to stop)");
+        if let Ok(addr) = metrics_at {
+            println!("metrics: curl http://{addr}/metrics   status: kube-userspace-proxy status --admin {addr}");
+        }
         crate::shutdown_signal().await;
     }
     proxier.shutdown(Duration::from_secs(1)).await;
+    stop_admin.cancel();
     Ok(())
 }

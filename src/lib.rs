@@ -11,18 +11,22 @@
 
 #![deny(unsafe_code)]
 
+pub mod admin;
 pub mod cli;
 pub mod demo;
 pub mod discovery;
 pub mod iptables;
+pub mod metrics;
 pub mod model;
 pub mod proxy;
+pub mod status;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
+use admin::{AdminState, Health, RulesState};
 use cli::{LogArgs, LogFormat, RunArgs};
 use discovery::manifests;
 use iptables::Iptables;
@@ -140,6 +144,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     if matches!(source, manifests::Source::Embedded) {
         tracing::info!("no --manifests and no cluster: serving the embedded example manifests");
     }
+    let handle = metrics::install();
+    let health = Arc::new(Health::new(args.iptables_sync_period));
     let rules = Iptables::setup(args.iptables, args.iptables_backend, args.bind_address)
         .await
         .map_err(|e| ConfigError(format!("--iptables on: {e}")))?
@@ -148,12 +154,48 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             min_period: args.iptables_min_sync_period,
             period: args.iptables_sync_period,
         });
+    if rules.is_some() {
+        health.set_rules(RulesState::Pending);
+    }
+    let proxier = Proxier::new(proxy_config(&args));
+    let stop_admin = CancellationToken::new();
+    let state = AdminState {
+        handle,
+        services: proxier.published(),
+        health: Arc::clone(&health),
+        ctx: Arc::clone(proxier.context()),
+    };
+    for (addr, router, what) in [
+        (
+            args.metrics_bind_address,
+            admin::metrics_router(state.clone()),
+            "metrics",
+        ),
+        (
+            args.healthz_bind_address,
+            admin::healthz_router(state),
+            "healthz",
+        ),
+    ] {
+        match admin::spawn(addr, router, stop_admin.clone()).await {
+            Ok(bound) => tracing::info!(address = %bound, "{what} server listening"),
+            // The proxy itself still works; the probe or scrape will say so.
+            Err(e) => tracing::error!(address = %addr, error = %e, "cannot serve {what}"),
+        }
+    }
     let stop_discovery = CancellationToken::new();
     let snapshots = manifests::spawn(source, stop_discovery.clone())
         .await
         .map_err(|e| ConfigError(e.to_string()))?;
-    let proxier = Proxier::new(proxy_config(&args));
-    let (mut proxier, rules) = serve(proxier, rules, snapshots, shutdown_signal()).await;
+    let run_loop = Loop {
+        proxier,
+        rules,
+        health,
+        sync_period: args.iptables_sync_period,
+    };
+    let Loop {
+        mut proxier, rules, ..
+    } = run_loop.serve(snapshots, shutdown_signal()).await;
     stop_discovery.cancel();
     tracing::info!(grace = ?args.shutdown_grace, "shutting down: listeners closed, draining connections");
     proxier.close_listeners();
@@ -168,7 +210,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
         proxier.shutdown(args.shutdown_grace).await
     };
-    tokio::select! {
+    let result = tokio::select! {
         left = finish => {
             if left > 0 {
                 tracing::warn!(connections = left, "grace period over; closing the rest");
@@ -179,7 +221,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             tracing::warn!("second signal: exiting at once");
             std::process::exit(1);
         }
-    }
+    };
+    stop_admin.cancel();
+    result
 }
 
 /// `rules`: prints the payload for the discovery source, changes nothing.
@@ -199,85 +243,116 @@ pub async fn rules(args: RunArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Applies every snapshot to the proxier, and the resulting portals to the
-/// rules (at most once per min period, at least once per period), until
-/// `stop` resolves; returns both for shutdown.
-pub async fn serve(
-    mut proxier: Proxier,
-    mut rules: Option<RuleSync>,
-    mut snapshots: tokio::sync::watch::Receiver<Arc<Snapshot>>,
-    stop: impl std::future::Future<Output = ()>,
-) -> (Proxier, Option<RuleSync>) {
-    tokio::pin!(stop);
-    let mut current = snapshots.borrow_and_update().clone();
-    let mut source_open = true;
-    let mut resync = true;
-    let mut rules_dirty = true;
-    let mut rules_last: Option<Instant> = None;
-    let mut next_repair = Instant::now() + rules.as_ref().map_or(Duration::MAX / 4, |r| r.period);
-    loop {
-        if resync {
-            let started = Instant::now();
-            let r = proxier.sync(&current);
-            tracing::info!(
-                services = current.services.len(),
-                listening = r.listening,
-                pending = r.pending,
-                opened = r.opened,
-                closed = r.closed,
-                endpoints_changed = r.endpoints_changed,
-                took = ?started.elapsed(),
-                "synced"
-            );
-            rules_dirty |= r.opened + r.closed > 0 || r.spec_changed > 0;
-            resync = false;
-        }
-        if let Some(r) = rules.as_mut() {
-            let now = Instant::now();
-            let due = rules_last.is_none_or(|t| now >= t + r.min_period);
-            let repair = now >= next_repair;
-            if (rules_dirty && due) || repair {
-                let portals = iptables::portals(&proxier);
-                match r.iptables.sync(&portals, repair).await {
-                    Ok(()) => {
-                        tracing::info!(portals = portals.len(), repair, took = ?r.iptables.stats.last_duration, "iptables synced")
+/// The control loop: the proxier, the rules and their health.
+pub struct Loop {
+    /// Listeners and balancers.
+    pub proxier: Proxier,
+    /// The iptables redirect, when managed.
+    pub rules: Option<RuleSync>,
+    /// Updated after every sync pass.
+    pub health: Arc<Health>,
+    /// A sync pass runs at least this often, even with no change.
+    pub sync_period: Duration,
+}
+
+impl Loop {
+    /// Applies every snapshot to the proxier, and the resulting portals to
+    /// the rules (at most once per min period, at least once per period),
+    /// until `stop` resolves; returns itself for shutdown.
+    pub async fn serve(
+        mut self,
+        mut snapshots: tokio::sync::watch::Receiver<Arc<Snapshot>>,
+        stop: impl std::future::Future<Output = ()>,
+    ) -> Self {
+        tokio::pin!(stop);
+        let mut current = snapshots.borrow_and_update().clone();
+        let mut source_open = true;
+        let mut resync = true;
+        let mut rules_dirty = true;
+        let mut rules_last: Option<Instant> = None;
+        let mut next_repair = Instant::now() + self.sync_period;
+        loop {
+            if resync {
+                let started = Instant::now();
+                let r = self.proxier.sync(&current);
+                tracing::info!(
+                    services = current.services.len(),
+                    listening = r.listening,
+                    pending = r.pending,
+                    opened = r.opened,
+                    closed = r.closed,
+                    endpoints_changed = r.endpoints_changed,
+                    took = ?started.elapsed(),
+                    "synced"
+                );
+                let service_changes = r.opened + r.closed + r.spec_changed;
+                ::metrics::counter!(metrics::SERVICE_CHANGES).increment(service_changes as u64);
+                ::metrics::counter!(metrics::ENDPOINT_CHANGES)
+                    .increment(r.endpoints_changed as u64);
+                if service_changes > 0 {
+                    rules_dirty = true;
+                    ::metrics::gauge!(metrics::SYNC_LAST_QUEUED).set(unix_now());
+                }
+                resync = false;
+            }
+            if let Some(r) = self.rules.as_mut() {
+                let now = Instant::now();
+                let due = rules_last.is_none_or(|t| now >= t + r.min_period);
+                let repair = now >= next_repair;
+                if (rules_dirty && due) || repair {
+                    let portals = iptables::portals(&self.proxier);
+                    let result = r.iptables.sync(&portals, repair).await;
+                    let took = r.iptables.stats.last_duration;
+                    ::metrics::histogram!(metrics::SYNC_DURATION).record(took.as_secs_f64());
+                    match result {
+                        Ok(()) => {
+                            ::metrics::gauge!(metrics::SYNC_LAST_TIMESTAMP).set(unix_now());
+                            self.health.set_rules(RulesState::Synced);
+                            tracing::info!(portals = portals.len(), repair, took = ?took, "iptables synced");
+                        }
+                        Err(e) => {
+                            ::metrics::counter!(metrics::RESTORE_FAILURES).increment(1);
+                            self.health.set_rules(RulesState::Failed);
+                            tracing::error!(error = %e, "iptables sync failed; previous rules stay");
+                        }
                     }
-                    Err(e) => {
-                        tracing::error!(error = %e, "iptables sync failed; previous rules stay")
+                    rules_dirty = false;
+                    rules_last = Some(Instant::now());
+                }
+            }
+            if Instant::now() >= next_repair {
+                next_repair = Instant::now() + self.sync_period;
+            }
+            self.health.synced();
+            let wake = match (&self.rules, rules_dirty, rules_last) {
+                (Some(r), true, Some(t)) => (t + r.min_period).min(next_repair),
+                _ => next_repair,
+            };
+            let retry = self.proxier.has_pending();
+            tokio::select! {
+                _ = &mut stop => return self,
+                changed = snapshots.changed(), if source_open => {
+                    match changed {
+                        Ok(()) => {
+                            current = snapshots.borrow_and_update().clone();
+                            resync = true;
+                        }
+                        // Source gone: keep serving the last state until stopped.
+                        Err(_) => source_open = false,
                     }
                 }
-                rules_dirty = false;
-                rules_last = Some(Instant::now());
-                next_repair = Instant::now() + r.period;
-            }
-        }
-        let rules_wake = match (&rules, rules_dirty, rules_last) {
-            (None, _, _) => None,
-            (Some(r), true, Some(t)) => Some((t + r.min_period).min(next_repair)),
-            (Some(_), _, _) => Some(next_repair),
-        };
-        let retry = proxier.has_pending();
-        tokio::select! {
-            _ = &mut stop => return (proxier, rules),
-            changed = snapshots.changed(), if source_open => {
-                match changed {
-                    Ok(()) => {
-                        current = snapshots.borrow_and_update().clone();
-                        resync = true;
-                    }
-                    // Source gone: keep serving the last state until stopped.
-                    Err(_) => source_open = false,
+                _ = tokio::time::sleep(RETRY_INTERVAL), if retry => resync = true,
+                _ = tokio::time::sleep_until(wake.into()) => {
+                    // The periodic pass: re-sync (retries binds, repairs rules).
+                    resync = true;
                 }
             }
-            _ = tokio::time::sleep(RETRY_INTERVAL), if retry => resync = true,
-            _ = sleep_until_opt(rules_wake) => {}
         }
     }
 }
 
-async fn sleep_until_opt(t: Option<Instant>) {
-    match t {
-        Some(t) => tokio::time::sleep_until(t.into()).await,
-        None => std::future::pending().await,
-    }
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
 }

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use kube_userspace_proxy::cli::{Cli, Command};
-use kube_userspace_proxy::{demo, init_logging, rules, run, ConfigError};
+use kube_userspace_proxy::{demo, init_logging, rules, run, status, ConfigError};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -12,6 +12,7 @@ fn main() -> ExitCode {
         None => (&cli.run.log, "info"),
         Some(Command::Run(a)) | Some(Command::Rules(a)) => (&a.log, "info"),
         Some(Command::Demo(a)) => (&a.log, "warn"),
+        Some(Command::Status(a)) => (&a.log, "warn"),
     };
     if let Err(e) = init_logging(log, level) {
         eprintln!("error: {e}");
@@ -30,6 +31,7 @@ fn main() -> ExitCode {
             Some(Command::Run(a)) => run(a).await,
             Some(Command::Demo(a)) => demo::run(a).await,
             Some(Command::Rules(a)) => rules(a).await,
+            Some(Command::Status(a)) => status::run(a).await,
         }
     });
     match result {

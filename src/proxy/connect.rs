@@ -110,6 +110,7 @@ pub async fn dial(
     client: IpAddr,
     timeouts: &[Duration],
 ) -> Result<Dialed, Error> {
+    let started = std::time::Instant::now();
     let mut tried: Vec<SocketAddr> = Vec::with_capacity(timeouts.len());
     let mut last = None;
     let mut attempts = 0;
@@ -124,6 +125,7 @@ pub async fn dial(
         match connect_once(backend.addr, timeout).await {
             Ok(stream) => {
                 stats.count_dial(DialResult::Ok);
+                stats.connect_latency.observe(started.elapsed());
                 balancer.report_success(&backend);
                 let _ = stream.set_nodelay(true);
                 return Ok(Dialed { stream, backend });

@@ -23,6 +23,9 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use arc_swap::ArcSwap;
+
+use crate::metrics::LatencyHistogram;
 use crate::model::{Protocol, ServicePort, ServicePortName, Snapshot};
 use balancer::Balancer;
 use connect::DialResult;
@@ -94,6 +97,8 @@ pub struct ServiceStats {
     pub accept_errors: AtomicU64,
     /// When "no backend" was last logged ([`balancer::now_ms`]).
     pub last_fail_log_ms: AtomicU64,
+    /// Time from accept to a connected backend.
+    pub connect_latency: LatencyHistogram,
 }
 
 impl ServiceStats {
@@ -126,6 +131,21 @@ pub struct Service {
     /// Its counters.
     pub stats: ServiceStats,
 }
+
+/// A service port as status and metrics see it: live counters, spec, port.
+#[derive(Clone, Debug)]
+pub struct ServiceView {
+    /// Live state and counters.
+    pub service: Arc<Service>,
+    /// The spec in force.
+    pub spec: ServicePort,
+    /// The listener's port, once bound.
+    pub listener_port: Option<u16>,
+}
+
+/// The served service ports, republished after every sync, for readers on
+/// other tasks (admin HTTP).
+pub type Published = Arc<ArcSwap<Vec<ServiceView>>>;
 
 /// A served service port in the proxier's table.
 struct Served {
@@ -160,6 +180,7 @@ pub struct Proxier {
     ports: PortAllocator,
     /// Non-TCP ports already reported as not served, to log them once.
     unserved: BTreeSet<ServicePortName>,
+    published: Published,
 }
 
 impl Proxier {
@@ -176,7 +197,26 @@ impl Proxier {
             served: BTreeMap::new(),
             ports,
             unserved: BTreeSet::new(),
+            published: Published::default(),
         }
+    }
+
+    /// The served service ports, kept current: hand this to readers.
+    pub fn published(&self) -> Published {
+        Arc::clone(&self.published)
+    }
+
+    fn publish(&self) {
+        let views = self
+            .served
+            .values()
+            .map(|s| ServiceView {
+                service: Arc::clone(&s.service),
+                spec: s.spec.clone(),
+                listener_port: s.listener.as_ref().map(|l| l.port),
+            })
+            .collect();
+        self.published.store(Arc::new(views));
     }
 
     /// The shared data-path context (pipes, tracker).
@@ -283,6 +323,7 @@ impl Proxier {
             .filter(|s| s.listener.is_some())
             .count();
         report.pending = self.served.len() - report.listening;
+        self.publish();
         report
     }
 
@@ -365,6 +406,7 @@ impl Proxier {
         for (_, s) in served {
             self.close(s);
         }
+        self.publish();
     }
 
     /// Stops every listener, then waits up to `grace` for open connections

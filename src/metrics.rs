@@ -1,0 +1,518 @@
+//! Every metric name, label and help text, in one place.
+//!
+//! Two kinds of series:
+//! - **Process and proxier-wide** (kube-proxy-compatible sync metrics,
+//!   iptables failures, change counters, process stats): recorded through
+//!   the `metrics` facade and rendered by `metrics-exporter-prometheus`.
+//! - **Per service port and per backend**: the data path counts with plain
+//!   atomics (exact, even for bytes moved by `splice`, and nothing to look up
+//!   per connection); at scrape time they are written out here from the live
+//!   services, so a deleted service's series disappear with it.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+use crate::proxy::connect::DialResult;
+use crate::proxy::splice::PipePool;
+use crate::proxy::ServiceView;
+
+// === Proxier-wide (facade) ===
+
+/// Histogram of iptables rule sync durations (kube-proxy's name).
+pub const SYNC_DURATION: &str = "kubeproxy_sync_proxy_rules_duration_seconds";
+/// Unix time of the last successful rule sync (kube-proxy's name).
+pub const SYNC_LAST_TIMESTAMP: &str = "kubeproxy_sync_proxy_rules_last_timestamp_seconds";
+/// Unix time a change was last queued for sync (kube-proxy's name).
+pub const SYNC_LAST_QUEUED: &str = "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds";
+/// Service port changes applied (kube-proxy's name).
+pub const SERVICE_CHANGES: &str = "kubeproxy_sync_proxy_rules_service_changes_total";
+/// Endpoint set changes applied (kube-proxy's name).
+pub const ENDPOINT_CHANGES: &str = "kubeproxy_sync_proxy_rules_endpoint_changes_total";
+/// Failed `iptables-restore` runs (kube-proxy's name).
+pub const RESTORE_FAILURES: &str = "kubeproxy_sync_proxy_rules_iptables_restore_failures_total";
+
+/// kube-proxy's sync duration buckets: 1 ms · 2^n, 15 of them.
+fn sync_buckets() -> Vec<f64> {
+    (0..15).map(|n| 0.001 * f64::from(1u32 << n)).collect()
+}
+
+/// Installs the process-wide recorder once and describes every facade
+/// metric; later calls return the same handle.
+pub fn install() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new()
+                .set_buckets_for_metric(
+                    metrics_exporter_prometheus::Matcher::Full(SYNC_DURATION.into()),
+                    &sync_buckets(),
+                )
+                .map(PrometheusBuilder::build_recorder)
+                .unwrap_or_else(|_| PrometheusBuilder::new().build_recorder());
+            let handle = recorder.handle();
+            if metrics::set_global_recorder(recorder).is_err() {
+                tracing::warn!(
+                    "a metrics recorder was already installed; proxier-wide metrics may be missing"
+                );
+            }
+            describe();
+            handle
+        })
+        .clone()
+}
+
+fn describe() {
+    describe_histogram!(
+        SYNC_DURATION,
+        Unit::Seconds,
+        "SyncProxyRules latency in seconds"
+    );
+    describe_gauge!(
+        SYNC_LAST_TIMESTAMP,
+        Unit::Seconds,
+        "The last time proxy rules were successfully synced"
+    );
+    describe_gauge!(
+        SYNC_LAST_QUEUED,
+        Unit::Seconds,
+        "The last time a sync of proxy rules was queued"
+    );
+    describe_counter!(SERVICE_CHANGES, "Cumulative service port changes applied");
+    describe_counter!(ENDPOINT_CHANGES, "Cumulative endpoint set changes applied");
+    describe_counter!(
+        RESTORE_FAILURES,
+        "Cumulative proxy iptables restore failures"
+    );
+}
+
+// === Per service port / backend (rendered from atomics) ===
+
+/// Connect-latency buckets (seconds): 0.1 ms to 2 s, the range of a dial
+/// on a LAN up to the longest default retry timeout.
+pub const CONNECT_BUCKETS: [f64; 14] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0,
+];
+
+/// A fixed-bucket latency histogram of atomics, cheap on the data path.
+#[derive(Debug, Default)]
+pub struct LatencyHistogram {
+    buckets: [AtomicU64; CONNECT_BUCKETS.len()],
+    count: AtomicU64,
+    sum_micros: AtomicU64,
+}
+
+impl LatencyHistogram {
+    /// Records one observation.
+    pub fn observe(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        if let Some(i) = CONNECT_BUCKETS.iter().position(|b| secs <= *b) {
+            self.buckets[i].fetch_add(1, Relaxed);
+        }
+        self.count.fetch_add(1, Relaxed);
+        self.sum_micros.fetch_add(d.as_micros() as u64, Relaxed);
+    }
+
+    /// Cumulative bucket counts (as Prometheus wants them), count, sum (s).
+    pub fn snapshot(&self) -> (Vec<u64>, u64, f64) {
+        let mut acc = 0;
+        let cumulative = self
+            .buckets
+            .iter()
+            .map(|b| {
+                acc += b.load(Relaxed);
+                acc
+            })
+            .collect();
+        (
+            cumulative,
+            self.count.load(Relaxed),
+            self.sum_micros.load(Relaxed) as f64 / 1e6,
+        )
+    }
+}
+
+/// A per-service series family: name, type, help.
+struct Family(&'static str, &'static str, &'static str);
+
+/// Client connections accepted.
+pub const ACCEPTED: &str = "kusp_connections_accepted_total";
+/// Client connections open now.
+pub const ACTIVE: &str = "kusp_connections_active";
+/// Connections that reached a backend and ended.
+pub const COMPLETED: &str = "kusp_connections_completed_total";
+/// Connections closed because no backend was reachable.
+pub const FAILED: &str = "kusp_connections_failed_total";
+/// Dial attempts, label `result`.
+pub const DIALS: &str = "kusp_dial_attempts_total";
+/// Dial attempts after a connection's first.
+pub const RETRIES: &str = "kusp_dial_retries_total";
+/// Time from accept to a connected backend (retries included).
+pub const CONNECT_LATENCY: &str = "kusp_connect_duration_seconds";
+/// Bytes proxied, label `direction`.
+pub const BYTES: &str = "kusp_bytes_total";
+/// Failed listener binds.
+pub const BIND_FAILURES: &str = "kusp_listener_bind_failures_total";
+/// Accept errors from fd/memory exhaustion.
+pub const ACCEPT_ERRORS: &str = "kusp_accept_errors_total";
+/// Listener port of the service port (absent while unbound).
+pub const LISTENER_PORT: &str = "kusp_listener_port";
+/// Per backend: connections open now.
+pub const BACKEND_ACTIVE: &str = "kusp_backend_connections_active";
+/// Per backend: connections established.
+pub const BACKEND_TOTAL: &str = "kusp_backend_connections_total";
+/// Per backend: failed dials.
+pub const BACKEND_DIAL_FAILURES: &str = "kusp_backend_dial_failures_total";
+/// Per backend: times ejected.
+pub const BACKEND_EJECTIONS: &str = "kusp_backend_ejections_total";
+/// Per backend: 1 while ejected.
+pub const BACKEND_EJECTED: &str = "kusp_backend_ejected";
+/// Per backend: bytes, label `direction`.
+pub const BACKEND_BYTES: &str = "kusp_backend_bytes_total";
+
+const FAMILIES: &[Family] = &[
+    Family(ACCEPTED, "counter", "Client connections accepted."),
+    Family(ACTIVE, "gauge", "Client connections open now."),
+    Family(
+        COMPLETED,
+        "counter",
+        "Connections that reached a backend and ended.",
+    ),
+    Family(
+        FAILED,
+        "counter",
+        "Connections closed because no backend could be reached.",
+    ),
+    Family(
+        DIALS,
+        "counter",
+        "Backend dial attempts by result (ok, refused, timeout, unreachable, other).",
+    ),
+    Family(
+        RETRIES,
+        "counter",
+        "Dial attempts after the first one of a connection.",
+    ),
+    Family(
+        CONNECT_LATENCY,
+        "histogram",
+        "Time from accept to a connected backend, retries included.",
+    ),
+    Family(
+        BYTES,
+        "counter",
+        "Bytes proxied, by direction (client_to_backend, backend_to_client).",
+    ),
+    Family(
+        BIND_FAILURES,
+        "counter",
+        "Failed attempts to bind the service port's listener.",
+    ),
+    Family(
+        ACCEPT_ERRORS,
+        "counter",
+        "Accept errors from resource exhaustion (EMFILE, ENFILE, ENOBUFS, ENOMEM).",
+    ),
+    Family(
+        LISTENER_PORT,
+        "gauge",
+        "Port of the service port's listener.",
+    ),
+    Family(
+        BACKEND_ACTIVE,
+        "gauge",
+        "Connections open to the backend now.",
+    ),
+    Family(
+        BACKEND_TOTAL,
+        "counter",
+        "Connections established to the backend.",
+    ),
+    Family(
+        BACKEND_DIAL_FAILURES,
+        "counter",
+        "Failed dials to the backend.",
+    ),
+    Family(
+        BACKEND_EJECTIONS,
+        "counter",
+        "Times the backend was ejected after a failed dial.",
+    ),
+    Family(BACKEND_EJECTED, "gauge", "1 while the backend is ejected."),
+    Family(
+        BACKEND_BYTES,
+        "counter",
+        "Bytes proxied through the backend, by direction.",
+    ),
+];
+
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// Label set of a service port (no client addresses, ever).
+fn service_labels(v: &ServiceView) -> String {
+    let n = &v.service.name;
+    let port = if n.port_name.is_empty() {
+        v.spec.port.to_string()
+    } else {
+        n.port_name.clone()
+    };
+    format!(
+        "namespace=\"{}\",service=\"{}\",port=\"{}\",protocol=\"{}\"",
+        escape(&n.namespace),
+        escape(&n.name),
+        escape(&port),
+        n.protocol
+    )
+}
+
+/// Renders the per-service and per-backend series of `services`.
+pub fn render_services(services: &[ServiceView]) -> String {
+    // One sample list per family, in FAMILIES order.
+    let mut samples: Vec<Vec<String>> = vec![Vec::new(); FAMILIES.len()];
+    let idx = |name: &str| FAMILIES.iter().position(|f| f.0 == name).unwrap_or(0);
+    let mut push = |name: &str, line: String| samples[idx(name)].push(line);
+    for v in services {
+        let l = service_labels(v);
+        let s = &v.service.stats;
+        push(
+            ACCEPTED,
+            format!("{ACCEPTED}{{{l}}} {}", s.accepted.load(Relaxed)),
+        );
+        push(
+            ACTIVE,
+            format!("{ACTIVE}{{{l}}} {}", s.active.load(Relaxed)),
+        );
+        push(
+            COMPLETED,
+            format!("{COMPLETED}{{{l}}} {}", s.completed.load(Relaxed)),
+        );
+        push(
+            FAILED,
+            format!("{FAILED}{{{l}}} {}", s.failed.load(Relaxed)),
+        );
+        for r in DialResult::ALL {
+            push(
+                DIALS,
+                format!("{DIALS}{{{l},result=\"{}\"}} {}", r.as_str(), s.dials(r)),
+            );
+        }
+        push(
+            RETRIES,
+            format!("{RETRIES}{{{l}}} {}", s.retries.load(Relaxed)),
+        );
+        let (buckets, count, sum) = s.connect_latency.snapshot();
+        for (b, c) in CONNECT_BUCKETS.iter().zip(&buckets) {
+            push(
+                CONNECT_LATENCY,
+                format!("{CONNECT_LATENCY}_bucket{{{l},le=\"{b}\"}} {c}"),
+            );
+        }
+        push(
+            CONNECT_LATENCY,
+            format!("{CONNECT_LATENCY}_bucket{{{l},le=\"+Inf\"}} {count}"),
+        );
+        push(
+            CONNECT_LATENCY,
+            format!("{CONNECT_LATENCY}_sum{{{l}}} {sum}"),
+        );
+        push(
+            CONNECT_LATENCY,
+            format!("{CONNECT_LATENCY}_count{{{l}}} {count}"),
+        );
+        push(
+            BYTES,
+            format!(
+                "{BYTES}{{{l},direction=\"client_to_backend\"}} {}",
+                s.bytes_in.load(Relaxed)
+            ),
+        );
+        push(
+            BYTES,
+            format!(
+                "{BYTES}{{{l},direction=\"backend_to_client\"}} {}",
+                s.bytes_out.load(Relaxed)
+            ),
+        );
+        push(
+            BIND_FAILURES,
+            format!("{BIND_FAILURES}{{{l}}} {}", s.bind_failures.load(Relaxed)),
+        );
+        push(
+            ACCEPT_ERRORS,
+            format!("{ACCEPT_ERRORS}{{{l}}} {}", s.accept_errors.load(Relaxed)),
+        );
+        if let Some(p) = v.listener_port {
+            push(LISTENER_PORT, format!("{LISTENER_PORT}{{{l}}} {p}"));
+        }
+        for (ep, b) in v.service.balancer.endpoints() {
+            let bl = format!("{l},endpoint=\"{}\"", ep.addr);
+            push(
+                BACKEND_ACTIVE,
+                format!("{BACKEND_ACTIVE}{{{bl}}} {}", b.active.load(Relaxed)),
+            );
+            push(
+                BACKEND_TOTAL,
+                format!("{BACKEND_TOTAL}{{{bl}}} {}", b.total.load(Relaxed)),
+            );
+            push(
+                BACKEND_DIAL_FAILURES,
+                format!(
+                    "{BACKEND_DIAL_FAILURES}{{{bl}}} {}",
+                    b.dial_failures.load(Relaxed)
+                ),
+            );
+            push(
+                BACKEND_EJECTIONS,
+                format!("{BACKEND_EJECTIONS}{{{bl}}} {}", b.ejections.load(Relaxed)),
+            );
+            let ejected = u8::from(b.ejected_for_ms() > 0);
+            push(
+                BACKEND_EJECTED,
+                format!("{BACKEND_EJECTED}{{{bl}}} {ejected}"),
+            );
+            push(
+                BACKEND_BYTES,
+                format!(
+                    "{BACKEND_BYTES}{{{bl},direction=\"client_to_backend\"}} {}",
+                    b.bytes_in.load(Relaxed)
+                ),
+            );
+            push(
+                BACKEND_BYTES,
+                format!(
+                    "{BACKEND_BYTES}{{{bl},direction=\"backend_to_client\"}} {}",
+                    b.bytes_out.load(Relaxed)
+                ),
+            );
+        }
+    }
+    let mut out = String::new();
+    for (f, lines) in FAMILIES.iter().zip(samples) {
+        if lines.is_empty() {
+            continue;
+        }
+        let _ = writeln!(out, "# HELP {} {}", f.0, f.2);
+        let _ = writeln!(out, "# TYPE {} {}", f.0, f.1);
+        for line in lines {
+            out.push_str(&line);
+            out.push('\n');
+        }
+    }
+    out
+}
+
+/// Process series (Prometheus' standard names) and the splice pipe pool,
+/// read from /proc at scrape time.
+pub fn render_process(pipes: &PipePool) -> String {
+    let mut out = String::new();
+    let mut series = |name: &str, kind: &str, help: &str, value: f64| {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+        );
+    };
+    if let Ok(dir) = std::fs::read_dir("/proc/self/fd") {
+        series(
+            "process_open_fds",
+            "gauge",
+            "Number of open file descriptors.",
+            dir.count() as f64,
+        );
+    }
+    if let Ok((soft, _)) =
+        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+    {
+        series(
+            "process_max_fds",
+            "gauge",
+            "Maximum number of open file descriptors.",
+            soft as f64,
+        );
+    }
+    let sysconf =
+        |v, default: i64| nix::unistd::sysconf(v).ok().flatten().unwrap_or(default) as f64;
+    let page = sysconf(nix::unistd::SysconfVar::PAGE_SIZE, 4096);
+    if let Ok(statm) = std::fs::read_to_string("/proc/self/statm") {
+        if let Some(rss) = statm
+            .split_whitespace()
+            .nth(1)
+            .and_then(|v| v.parse::<f64>().ok())
+        {
+            series(
+                "process_resident_memory_bytes",
+                "gauge",
+                "Resident memory size in bytes.",
+                rss * page,
+            );
+        }
+    }
+    if let Ok(stat) = std::fs::read_to_string("/proc/self/stat") {
+        // Fields after the command name (which may hold spaces) follow ')':
+        // utime and stime (fields 14 and 15) are the 12th and 13th there.
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .map(|(_, rest)| rest.split_whitespace().collect())
+            .unwrap_or_default();
+        let field = |i: usize| {
+            fields
+                .get(i)
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        let ticks = sysconf(nix::unistd::SysconfVar::CLK_TCK, 100);
+        series(
+            "process_cpu_seconds_total",
+            "counter",
+            "Total user and system CPU time spent in seconds.",
+            (field(11) + field(12)) / ticks,
+        );
+    }
+    series(
+        "kusp_splice_pipes_created_total",
+        "counter",
+        "Pipes created for splice since start.",
+        pipes.created.load(Relaxed) as f64,
+    );
+    series(
+        "kusp_splice_pipes_idle",
+        "gauge",
+        "Pipes idle in the splice pool.",
+        pipes.idle() as f64,
+    );
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_is_cumulative() {
+        let h = LatencyHistogram::default();
+        h.observe(Duration::from_micros(50));
+        h.observe(Duration::from_millis(3));
+        h.observe(Duration::from_secs(5));
+        let (b, count, sum) = h.snapshot();
+        assert_eq!(b[0], 1);
+        assert_eq!(b[5], 2); // <= 5ms
+        assert_eq!(*b.last().unwrap(), 2); // 5 s is only in +Inf
+        assert_eq!(count, 3);
+        assert!((sum - 5.00305).abs() < 1e-6);
+    }
+
+    #[test]
+    fn sync_buckets_match_kube_proxy() {
+        let b = sync_buckets();
+        assert_eq!(b.len(), 15);
+        assert_eq!(b[0], 0.001);
+        assert!((b[14] - 16.384).abs() < 1e-9);
+    }
+}

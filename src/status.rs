@@ -1,0 +1,426 @@
+//! The proxy's live state as a document (`/debug/services`) and as a table
+//! in the spirit of `ipvsadm -Ln --stats` / `--rate` (`status` subcommand).
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::proxy::connect::DialResult;
+use crate::proxy::ServiceView;
+
+/// The whole of `/debug/services`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct StatusDoc {
+    /// iptables redirect state: `off`, `synced`, `failed` or `pending`.
+    pub iptables: String,
+    /// Every served service port.
+    pub services: Vec<ServiceStatus>,
+}
+
+/// One service port.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ServiceStatus {
+    /// Namespace.
+    pub namespace: String,
+    /// Service name.
+    pub name: String,
+    /// Port name (may be empty).
+    pub port_name: String,
+    /// TCP or UDP.
+    pub protocol: String,
+    /// Service port on the cluster IPs.
+    pub port: u16,
+    /// Cluster IPs.
+    pub cluster_ips: Vec<String>,
+    /// Node port, if any.
+    pub node_port: Option<u16>,
+    /// External and load-balancer IPs.
+    pub external_ips: Vec<String>,
+    /// Our listener's port, once bound.
+    pub listener_port: Option<u16>,
+    /// Whether redirect rules are in place for its addresses.
+    pub rules: bool,
+    /// Scheduler (`rr`).
+    pub scheduler: String,
+    /// ClientIP affinity timeout, if enabled.
+    pub affinity_seconds: Option<u64>,
+    /// Client connections accepted.
+    pub accepted: u64,
+    /// Client connections open.
+    pub active: u64,
+    /// Connections that reached a backend and ended.
+    pub completed: u64,
+    /// Connections with no reachable backend.
+    pub failed: u64,
+    /// Dial attempts after a connection's first.
+    pub retries: u64,
+    /// Dial attempts by result.
+    pub dials: BTreeMap<String, u64>,
+    /// Bytes client → backend.
+    pub bytes_in: u64,
+    /// Bytes backend → client.
+    pub bytes_out: u64,
+    /// Backends.
+    pub endpoints: Vec<EndpointStatus>,
+}
+
+/// One backend of a service port.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct EndpointStatus {
+    /// ip:port.
+    pub address: String,
+    /// EndpointSlice conditions.
+    pub ready: bool,
+    /// Serving condition.
+    pub serving: bool,
+    /// Terminating condition.
+    pub terminating: bool,
+    /// Milliseconds of ejection left (0 = healthy).
+    pub ejected_for_ms: u64,
+    /// Connections open to it.
+    pub active: u64,
+    /// Connections established.
+    pub total: u64,
+    /// Failed dials.
+    pub dial_failures: u64,
+    /// Times ejected.
+    pub ejections: u64,
+    /// Bytes client → backend.
+    pub bytes_in: u64,
+    /// Bytes backend → client.
+    pub bytes_out: u64,
+}
+
+/// Builds the document from the live services.
+pub fn collect(services: &[ServiceView], iptables: &str) -> StatusDoc {
+    let rules_on = iptables == "synced";
+    let services = services
+        .iter()
+        .map(|v| {
+            let n = &v.service.name;
+            let s = &v.service.stats;
+            let spec = &v.spec;
+            let external: Vec<String> = spec
+                .external_ips
+                .iter()
+                .chain(&spec.load_balancer_ips)
+                .map(ToString::to_string)
+                .collect();
+            ServiceStatus {
+                namespace: n.namespace.clone(),
+                name: n.name.clone(),
+                port_name: n.port_name.clone(),
+                protocol: n.protocol.to_string(),
+                port: spec.port,
+                cluster_ips: spec.cluster_ips.iter().map(ToString::to_string).collect(),
+                node_port: spec.node_port,
+                rules: rules_on
+                    && v.listener_port.is_some()
+                    && !(spec.cluster_ips.is_empty() && external.is_empty()),
+                external_ips: external,
+                listener_port: v.listener_port,
+                scheduler: "rr".into(),
+                affinity_seconds: spec.affinity.map(|a| a.timeout.as_secs()),
+                accepted: s.accepted.load(Relaxed),
+                active: s.active.load(Relaxed),
+                completed: s.completed.load(Relaxed),
+                failed: s.failed.load(Relaxed),
+                retries: s.retries.load(Relaxed),
+                dials: DialResult::ALL
+                    .iter()
+                    .map(|r| (r.as_str().to_string(), s.dials(*r)))
+                    .collect(),
+                bytes_in: s.bytes_in.load(Relaxed),
+                bytes_out: s.bytes_out.load(Relaxed),
+                endpoints: v
+                    .service
+                    .balancer
+                    .endpoints()
+                    .iter()
+                    .map(|(e, b)| EndpointStatus {
+                        address: e.addr.to_string(),
+                        ready: e.ready,
+                        serving: e.serving,
+                        terminating: e.terminating,
+                        ejected_for_ms: b.ejected_for_ms(),
+                        active: b.active.load(Relaxed),
+                        total: b.total.load(Relaxed),
+                        dial_failures: b.dial_failures.load(Relaxed),
+                        ejections: b.ejections.load(Relaxed),
+                        bytes_in: b.bytes_in.load(Relaxed),
+                        bytes_out: b.bytes_out.load(Relaxed),
+                    })
+                    .collect(),
+            }
+        })
+        .collect();
+    StatusDoc {
+        iptables: iptables.into(),
+        services,
+    }
+}
+
+/// Human-readable byte count (`1.5K`, `20.0M`), as ipvsadm does.
+fn human(n: f64) -> String {
+    const UNITS: [&str; 5] = ["", "K", "M", "G", "T"];
+    let mut v = n;
+    let mut u = 0;
+    while v >= 1000.0 && u < UNITS.len() - 1 {
+        v /= 1000.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{}", v.round() as u64)
+    } else {
+        format!("{v:.1}{}", UNITS[u])
+    }
+}
+
+/// The first column of a service row: `ns/name:port VIP:port -> :listener`.
+fn service_label(s: &ServiceStatus) -> String {
+    let mut name = format!("{}/{}", s.namespace, s.name);
+    if !s.port_name.is_empty() {
+        let _ = write!(name, ":{}", s.port_name);
+    }
+    if let Some(ip) = s.cluster_ips.first() {
+        match ip.parse::<std::net::IpAddr>() {
+            Ok(ip) => {
+                let _ = write!(name, " {}", SocketAddr::new(ip, s.port));
+            }
+            Err(_) => {
+                let _ = write!(name, " {ip}:{}", s.port);
+            }
+        }
+    }
+    match s.listener_port {
+        Some(p) => {
+            let _ = write!(name, " -> :{p}");
+        }
+        None => name.push_str(" -> unbound"),
+    }
+    name
+}
+
+/// Renders the table. With `prev` (an earlier sample and the time between
+/// them), the counters become rates per second (`--rate`). The first column
+/// is as wide as its longest entry, so rows stay aligned.
+pub fn render_table(doc: &StatusDoc, prev: Option<(&StatusDoc, Duration)>) -> String {
+    let mut out = String::new();
+    let rate = prev.is_some();
+    let labels: Vec<String> = doc.services.iter().map(service_label).collect();
+    let w = labels
+        .iter()
+        .map(String::len)
+        .chain(
+            doc.services
+                .iter()
+                .flat_map(|s| s.endpoints.iter().map(|e| e.address.len() + 3)),
+        )
+        .chain([24])
+        .max()
+        .unwrap_or(24);
+    let _ = writeln!(out, "iptables: {}", doc.iptables);
+    let (c1, c2, c3) = if rate {
+        ("CPS", "InBPS", "OutBPS")
+    } else {
+        ("Conns", "InBytes", "OutBytes")
+    };
+    let row = |out: &mut String, prot: &str, first: &str, cols: [&str; 7]| {
+        let _ = writeln!(
+            out,
+            "{prot:<5} {first:<w$} {:<9} {:>6} {:>8} {:>8} {:>8} {:>9} {:>9}",
+            cols[0], cols[1], cols[2], cols[3], cols[4], cols[5], cols[6]
+        );
+    };
+    row(
+        &mut out,
+        "Prot",
+        "Service -> Listener",
+        ["Sched", "Active", c1, "Failed", "Retries", c2, c3],
+    );
+    row(
+        &mut out,
+        "",
+        "  -> RemoteAddress:Port",
+        ["State", "Active", c1, "DialErr", "Eject", c2, c3],
+    );
+    let secs = prev.map_or(1.0, |(_, d)| d.as_secs_f64().max(1e-3));
+    let delta = |now: u64, before: Option<u64>| -> String {
+        match before {
+            Some(b) if rate => human(now.saturating_sub(b) as f64 / secs),
+            _ if rate => human(0.0),
+            _ => human(now as f64),
+        }
+    };
+    for (s, label) in doc.services.iter().zip(&labels) {
+        let before = prev.and_then(|(p, _)| {
+            p.services.iter().find(|o| {
+                o.namespace == s.namespace && o.name == s.name && o.port_name == s.port_name
+            })
+        });
+        let sched = match s.affinity_seconds {
+            Some(_) => format!("{} sticky", s.scheduler),
+            None => s.scheduler.clone(),
+        };
+        row(
+            &mut out,
+            &s.protocol,
+            label,
+            [
+                &sched,
+                &s.active.to_string(),
+                &delta(s.accepted, before.map(|b| b.accepted)),
+                &delta(s.failed, before.map(|b| b.failed)),
+                &delta(s.retries, before.map(|b| b.retries)),
+                &delta(s.bytes_in, before.map(|b| b.bytes_in)),
+                &delta(s.bytes_out, before.map(|b| b.bytes_out)),
+            ],
+        );
+        for e in &s.endpoints {
+            let eb = before.and_then(|b| b.endpoints.iter().find(|o| o.address == e.address));
+            let state = if e.ejected_for_ms > 0 {
+                format!("ej {:.1}s", e.ejected_for_ms as f64 / 1000.0)
+            } else if e.ready {
+                "ready".into()
+            } else if e.serving {
+                "serving".into()
+            } else {
+                "down".into()
+            };
+            row(
+                &mut out,
+                "",
+                &format!("  -> {}", e.address),
+                [
+                    &state,
+                    &e.active.to_string(),
+                    &delta(e.total, eb.map(|b| b.total)),
+                    &delta(e.dial_failures, eb.map(|b| b.dial_failures)),
+                    &delta(e.ejections, eb.map(|b| b.ejections)),
+                    &delta(e.bytes_in, eb.map(|b| b.bytes_in)),
+                    &delta(e.bytes_out, eb.map(|b| b.bytes_out)),
+                ],
+            );
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn human_units() {
+        assert_eq!(human(999.0), "999");
+        assert_eq!(human(1500.0), "1.5K");
+        assert_eq!(human(20_000_000.0), "20.0M");
+    }
+}
+
+/// Fetches `/debug/services` from a running proxy (plain HTTP/1.1 GET).
+pub async fn fetch(admin: SocketAddr) -> anyhow::Result<StatusDoc> {
+    use anyhow::Context as _;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::net::TcpStream::connect(admin),
+    )
+    .await
+    .with_context(|| format!("--admin {admin}: connect timed out"))?
+    .with_context(|| {
+        format!("--admin {admin}: is the proxy running with this --metrics-bind-address?")
+    })?;
+    s.write_all(
+        format!("GET /debug/services HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n\r\n")
+            .as_bytes(),
+    )
+    .await?;
+    let mut raw = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut raw))
+        .await
+        .context("reading /debug/services timed out")??;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .context("malformed HTTP answer from the admin address")?;
+    anyhow::ensure!(
+        head.starts_with("HTTP/1.1 200") || head.starts_with("HTTP/1.0 200"),
+        "admin address answered: {}",
+        head.lines().next().unwrap_or("")
+    );
+    let chunked = head.lines().any(|l| {
+        l.to_ascii_lowercase()
+            .starts_with("transfer-encoding: chunked")
+    });
+    let body = if chunked {
+        dechunk(body)
+    } else {
+        body.to_string()
+    };
+    serde_json::from_str(&body).context("/debug/services is not the expected JSON")
+}
+
+/// Decodes an HTTP/1.1 chunked body.
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let n = usize::from_str_radix(size.split(';').next().unwrap_or("").trim(), 16).unwrap_or(0);
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        body = rest[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+/// `kube-userspace-proxy status`.
+pub async fn run(args: crate::cli::StatusArgs) -> anyhow::Result<()> {
+    use crate::cli::OutputFormat;
+    let mut prev: Option<(StatusDoc, std::time::Instant)> = None;
+    if args.rate {
+        prev = Some((fetch(args.admin).await?, std::time::Instant::now()));
+        tokio::time::sleep(args.interval).await;
+    }
+    loop {
+        let doc = fetch(args.admin).await?;
+        let now = std::time::Instant::now();
+        let text = match args.output {
+            OutputFormat::Json => format!("{}\n", serde_json::to_string_pretty(&doc)?),
+            OutputFormat::Table => {
+                let p = prev
+                    .as_ref()
+                    .filter(|_| args.rate)
+                    .map(|(d, t)| (d, now.duration_since(*t)));
+                render_table(&doc, p)
+            }
+        };
+        if args.watch {
+            print!("\x1b[2J\x1b[H");
+        }
+        print!("{text}");
+        if !args.watch {
+            return Ok(());
+        }
+        prev = Some((doc, now));
+        tokio::select! {
+            _ = tokio::time::sleep(args.interval) => {}
+            _ = crate::shutdown_signal() => return Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod client_tests {
+    use super::*;
+
+    #[test]
+    fn dechunks() {
+        assert_eq!(dechunk("4\r\nWiki\r\n5\r\npedia\r\n0\r\n\r\n"), "Wikipedia");
+    }
+}
