@@ -101,6 +101,16 @@ pub struct RunArgs {
     /// How bytes are moved: zero-copy `splice` or plain `copy`.
     #[arg(long, value_enum, default_value_t = CopyMode::Splice)]
     pub copy_mode: CopyMode,
+    /// A UDP session ends after this long without a datagram either way.
+    /// Upstream's 250ms keeps sockets few; raise it for backends slower to
+    /// answer (a DNS server recursing for seconds), as each late answer is
+    /// otherwise lost with its session.
+    #[arg(long, default_value = "250ms", value_parser = humantime::parse_duration)]
+    pub udp_timeout: Duration,
+    /// Most UDP sessions per service port; datagrams of further new clients
+    /// are dropped (and counted), existing sessions keep working.
+    #[arg(long, default_value_t = crate::proxy::DEFAULT_UDP_MAX_SESSIONS)]
+    pub udp_max_sessions: usize,
     /// Manage the iptables redirect of ClusterIP, externalIP and LB-IP traffic.
     #[arg(long, value_enum, default_value_t = IptablesMode::Auto)]
     pub iptables: IptablesMode,

@@ -7,14 +7,14 @@
 //! dials were retried.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context as _};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
 
 use crate::cli::DemoArgs;
 use crate::discovery::manifests;
@@ -27,6 +27,82 @@ pub const DEAD_BACKEND: u16 = 18083;
 /// The demo Service's nodePort.
 pub const NODE_PORT: u16 = 30080;
 const REQUESTS: usize = 12;
+/// The demo DNS responder's port (UDP), behind nodePort 30053.
+pub const DNS_BACKEND: u16 = 18053;
+/// The demo DNS Service's nodePort.
+pub const DNS_NODE_PORT: u16 = 30053;
+/// What the demo DNS responder answers to every A query.
+pub const DNS_ANSWER: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 53);
+
+/// Builds a DNS query for the A record of `name` (recursion desired).
+pub fn dns_query(id: u16, name: &str) -> Vec<u8> {
+    let mut q = Vec::with_capacity(32 + name.len());
+    q.extend_from_slice(&id.to_be_bytes());
+    q.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
+    for label in name.trim_end_matches('.').split('.') {
+        q.push(label.len().min(63) as u8);
+        q.extend_from_slice(&label.as_bytes()[..label.len().min(63)]);
+    }
+    q.extend_from_slice(&[0, 0, 1, 0, 1]);
+    q
+}
+
+/// Answers a DNS query: one A record with `ip` for A/IN questions, an empty
+/// answer otherwise; `None` for what is not a one-question query.
+pub fn dns_answer(query: &[u8], ip: Ipv4Addr) -> Option<Vec<u8>> {
+    if query.len() < 12 || query[4..6] != [0, 1] {
+        return None;
+    }
+    // Walk the question name to find where the question ends.
+    let mut i = 12;
+    loop {
+        let len = *query.get(i)? as usize;
+        i += 1;
+        if len == 0 {
+            break;
+        }
+        if len > 63 {
+            return None;
+        }
+        i += len;
+    }
+    let qtype = query.get(i..i + 2)?;
+    let qclass = query.get(i + 2..i + 4)?;
+    let question_end = i + 4;
+    let is_a = qtype == [0, 1] && qclass == [0, 1];
+    let mut r = Vec::with_capacity(question_end + 16);
+    r.extend_from_slice(&query[0..2]);
+    r.extend_from_slice(&[0x81 | (query[2] & 0x01), 0x80]); // response, RD copied, RA
+    r.extend_from_slice(&[0, 1, 0, u8::from(is_a), 0, 0, 0, 0]);
+    r.extend_from_slice(&query[12..question_end]);
+    if is_a {
+        r.extend_from_slice(&[0xc0, 0x0c, 0, 1, 0, 1, 0, 0, 0, 30, 0, 4]);
+        r.extend_from_slice(&ip.octets());
+    }
+    Some(r)
+}
+
+/// The first A record of a DNS response.
+pub fn dns_parse_a(resp: &[u8]) -> Option<Ipv4Addr> {
+    if resp.len() < 12 || resp[6..8] == [0, 0] {
+        return None;
+    }
+    let rdata = resp.get(resp.len() - 4..)?;
+    Some(Ipv4Addr::new(rdata[0], rdata[1], rdata[2], rdata[3]))
+}
+
+/// A DNS responder on `socket` answering every A query with `ip`.
+pub async fn dns_server(socket: UdpSocket, ip: Ipv4Addr) {
+    let mut buf = vec![0u8; 4096];
+    loop {
+        let Ok((n, from)) = socket.recv_from(&mut buf).await else {
+            continue;
+        };
+        if let Some(answer) = dns_answer(&buf[..n], ip) {
+            let _ = socket.send_to(&answer, from).await;
+        }
+    }
+}
 
 /// A minimal HTTP/1.1 server answering every request with `name`.
 pub async fn http_backend(listener: TcpListener, name: &'static str) {
@@ -82,6 +158,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             })?;
         tokio::spawn(http_backend(l, name));
     }
+    let dns = UdpSocket::bind(("127.0.0.1", DNS_BACKEND))
+        .await
+        .with_context(|| format!("starting the DNS responder on 127.0.0.1:{DNS_BACKEND}/udp"))?;
+    tokio::spawn(dns_server(dns, DNS_ANSWER));
     if TcpStream::connect(("127.0.0.1", DEAD_BACKEND))
         .await
         .is_ok()
@@ -209,9 +289,27 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     println!("The dead endpoint was ejected after its first refused dial (1s back-off, doubling),");
     println!("so one dead pod cost one retry, not one per connection.");
 
+    // UDP: a DNS query through the demo/dns service.
+    let resolver = UdpSocket::bind((target.ip(), 0)).await?;
+    resolver
+        .send_to(
+            &dns_query(0x4b55, "hello.demo"),
+            SocketAddr::new(target.ip(), DNS_NODE_PORT),
+        )
+        .await?;
+    let mut buf = [0u8; 512];
+    let answer = tokio::time::timeout(Duration::from_secs(2), resolver.recv_from(&mut buf)).await;
+    match answer {
+        Ok(Ok((n, _))) => match dns_parse_a(&buf[..n]) {
+            Some(ip) => println!("\nUDP: hello.demo A {ip} (DNS through nodePort {DNS_NODE_PORT}/udp, a session per client)"),
+            None => println!("\nUDP: the DNS answer had no A record"),
+        },
+        _ => println!("\nUDP: no DNS answer through nodePort {DNS_NODE_PORT}/udp"),
+    }
+
     if args.serve {
         println!();
-        println!("serving: curl http://{target}/   (Ctrl-C to stop)");
+        println!("serving: curl http://{target}/   dig @{} -p {DNS_NODE_PORT} hello.demo   (Ctrl-C to stop)", target.ip());
         if let Ok(addr) = metrics_at {
             println!("metrics: curl http://{addr}/metrics   status: kube-userspace-proxy status --admin {addr}");
         }

@@ -124,6 +124,8 @@ fn proxy_config(args: &RunArgs) -> ProxyConfig {
         port_range: args.proxy_port_range,
         dial_timeouts: args.dial_timeouts.0.clone(),
         copy_mode: args.copy_mode,
+        udp_timeout: args.udp_timeout,
+        udp_max_sessions: args.udp_max_sessions,
     }
 }
 

@@ -161,6 +161,16 @@ pub const BIND_FAILURES: &str = "kusp_listener_bind_failures_total";
 pub const ACCEPT_ERRORS: &str = "kusp_accept_errors_total";
 /// Listener port of the service port (absent while unbound).
 pub const LISTENER_PORT: &str = "kusp_listener_port";
+/// UDP: datagrams, label `direction`.
+pub const UDP_DATAGRAMS: &str = "kusp_udp_datagrams_total";
+/// UDP: sessions open now.
+pub const UDP_SESSIONS_ACTIVE: &str = "kusp_udp_sessions_active";
+/// UDP: sessions created.
+pub const UDP_SESSIONS_CREATED: &str = "kusp_udp_sessions_created_total";
+/// UDP: sessions ended by the idle timeout.
+pub const UDP_SESSIONS_EXPIRED: &str = "kusp_udp_sessions_expired_total";
+/// UDP: datagrams of new clients dropped at the session cap.
+pub const UDP_SESSIONS_DROPPED: &str = "kusp_udp_sessions_dropped_total";
 /// Per backend: connections open now.
 pub const BACKEND_ACTIVE: &str = "kusp_backend_connections_active";
 /// Per backend: connections established.
@@ -175,8 +185,16 @@ pub const BACKEND_EJECTED: &str = "kusp_backend_ejected";
 pub const BACKEND_BYTES: &str = "kusp_backend_bytes_total";
 
 const FAMILIES: &[Family] = &[
-    Family(ACCEPTED, "counter", "Client connections accepted."),
-    Family(ACTIVE, "gauge", "Client connections open now."),
+    Family(
+        ACCEPTED,
+        "counter",
+        "Client connections accepted (UDP: sessions created).",
+    ),
+    Family(
+        ACTIVE,
+        "gauge",
+        "Client connections open now (UDP: sessions).",
+    ),
     Family(
         COMPLETED,
         "counter",
@@ -351,6 +369,45 @@ pub fn render_services(services: &[ServiceView]) -> String {
         );
         if let Some(p) = v.listener_port {
             push(LISTENER_PORT, format!("{LISTENER_PORT}{{{l}}} {p}"));
+        }
+        if v.service.name.protocol == crate::model::Protocol::Udp {
+            let load = |a: &AtomicU64| a.load(Relaxed);
+            push(
+                UDP_DATAGRAMS,
+                format!(
+                    "{UDP_DATAGRAMS}{{{l},direction=\"client_to_backend\"}} {}",
+                    load(&s.datagrams_in)
+                ),
+            );
+            push(
+                UDP_DATAGRAMS,
+                format!(
+                    "{UDP_DATAGRAMS}{{{l},direction=\"backend_to_client\"}} {}",
+                    load(&s.datagrams_out)
+                ),
+            );
+            push(
+                UDP_SESSIONS_ACTIVE,
+                format!("{UDP_SESSIONS_ACTIVE}{{{l}}} {}", load(&s.active)),
+            );
+            push(
+                UDP_SESSIONS_CREATED,
+                format!("{UDP_SESSIONS_CREATED}{{{l}}} {}", load(&s.accepted)),
+            );
+            push(
+                UDP_SESSIONS_EXPIRED,
+                format!(
+                    "{UDP_SESSIONS_EXPIRED}{{{l}}} {}",
+                    load(&s.sessions_expired)
+                ),
+            );
+            push(
+                UDP_SESSIONS_DROPPED,
+                format!(
+                    "{UDP_SESSIONS_DROPPED}{{{l}}} {}",
+                    load(&s.sessions_dropped)
+                ),
+            );
         }
         for (ep, b) in v.service.balancer.endpoints() {
             let bl = format!("{l},endpoint=\"{}\"", ep.addr);

@@ -64,6 +64,18 @@ pub struct ServiceStatus {
     pub bytes_in: u64,
     /// Bytes backend → client.
     pub bytes_out: u64,
+    /// UDP: datagrams client → backend.
+    #[serde(default)]
+    pub datagrams_in: u64,
+    /// UDP: datagrams backend → client.
+    #[serde(default)]
+    pub datagrams_out: u64,
+    /// UDP: sessions ended by the idle timeout.
+    #[serde(default)]
+    pub sessions_expired: u64,
+    /// UDP: new clients dropped at the session cap.
+    #[serde(default)]
+    pub sessions_dropped: u64,
     /// Backends.
     pub endpoints: Vec<EndpointStatus>,
 }
@@ -136,6 +148,10 @@ pub fn collect(services: &[ServiceView], iptables: &str) -> StatusDoc {
                     .collect(),
                 bytes_in: s.bytes_in.load(Relaxed),
                 bytes_out: s.bytes_out.load(Relaxed),
+                datagrams_in: s.datagrams_in.load(Relaxed),
+                datagrams_out: s.datagrams_out.load(Relaxed),
+                sessions_expired: s.sessions_expired.load(Relaxed),
+                sessions_dropped: s.sessions_dropped.load(Relaxed),
                 endpoints: v
                     .service
                     .balancer

@@ -20,4 +20,5 @@ fn demo_shows_round_robin_and_a_retry() {
         stdout.contains("0 failed; dials: 1 failed, 1 retries"),
         "{stdout}"
     );
+    assert!(stdout.contains("UDP: hello.demo A 192.0.2.53"), "{stdout}");
 }

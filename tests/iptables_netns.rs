@@ -17,12 +17,13 @@ const BIN: &str = env!("CARGO_BIN_EXE_kube-userspace-proxy");
 fn manifest(cluster_ip: &str, backend: SocketAddr) -> String {
     format!(
         "apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: ns}}\n\
-         spec:\n  clusterIP: {cluster_ip}\n  externalIPs: [198.18.0.7]\n  ports: [{{name: http, port: 80}}]\n\
+         spec:\n  clusterIP: {cluster_ip}\n  externalIPs: [198.18.0.7]\n  ports: [{{name: http, port: 80}}, {{name: dns, port: 53, protocol: UDP}}]\n\
          ---\n\
          apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
          metadata: {{name: web-1, namespace: ns, labels: {{kubernetes.io/service-name: web}}}}\n\
-         addressType: IPv4\nports: [{{name: http, port: {}}}]\nendpoints: [{{addresses: [\"{}\"]}}]\n",
+         addressType: IPv4\nports: [{{name: http, port: {}}}, {{name: dns, port: {}, protocol: UDP}}]\nendpoints: [{{addresses: [\"{}\"]}}]\n",
         backend.port(),
+        backend.port() + 1,
         backend.ip()
     )
 }
@@ -102,6 +103,41 @@ fn backend(ns: &Netns, addr: SocketAddr, name: &'static str) {
     rx.recv_timeout(Duration::from_secs(5)).unwrap();
 }
 
+/// A UDP backend in `ns` answering "udp-backend:" + the datagram.
+fn udp_backend(ns: &Netns, addr: SocketAddr) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    ns.spawn(move || {
+        let s = std::net::UdpSocket::bind(addr).unwrap();
+        tx.send(()).unwrap();
+        let mut buf = [0u8; 2048];
+        for _ in 0..1000 {
+            let Ok((n, from)) = s.recv_from(&mut buf) else {
+                continue;
+            };
+            let mut out = b"udp-backend:".to_vec();
+            out.extend_from_slice(&buf[..n]);
+            let _ = s.send_to(&out, from);
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(5)).unwrap();
+}
+
+/// Sends "query" over UDP from inside `ns`; the answer must come back from
+/// the address asked (conntrack reverses the REDIRECT).
+fn ask_udp(ns: &Netns, addr: SocketAddr) -> std::io::Result<String> {
+    ns.spawn(move || {
+        let s = std::net::UdpSocket::bind("0.0.0.0:0")?;
+        s.set_read_timeout(Some(Duration::from_secs(3)))?;
+        s.connect(addr)?;
+        s.send(b"query")?;
+        let mut buf = [0u8; 2048];
+        let n = s.recv(&mut buf)?;
+        Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+    })
+    .join()
+    .unwrap()
+}
+
 /// Connects from inside `ns` and returns what the server sent.
 fn fetch(ns: &Netns, addr: SocketAddr) -> std::io::Result<String> {
     ns.spawn(move || {
@@ -172,6 +208,10 @@ fn cluster_ip_is_reached_from_a_pod_and_from_the_node_and_follows_the_service() 
     ]);
     let backend_addr: SocketAddr = "10.234.1.2:8080".parse().unwrap();
     backend(&pod, backend_addr, "pod-backend");
+    udp_backend(
+        &pod,
+        SocketAddr::new(backend_addr.ip(), backend_addr.port() + 1),
+    );
 
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(
@@ -194,6 +234,17 @@ fn cluster_ip_is_reached_from_a_pod_and_from_the_node_and_follows_the_service() 
         fetch(&node, vip).unwrap(),
         "pod-backend\n",
         "node → ClusterIP"
+    );
+    let dns_vip: SocketAddr = "10.96.0.10:53".parse().unwrap();
+    assert_eq!(
+        ask_udp(&pod, dns_vip).unwrap(),
+        "udp-backend:query",
+        "pod → UDP ClusterIP"
+    );
+    assert_eq!(
+        ask_udp(&node, dns_vip).unwrap(),
+        "udp-backend:query",
+        "node → UDP ClusterIP"
     );
     let external: SocketAddr = "198.18.0.7:80".parse().unwrap();
     sh(&[

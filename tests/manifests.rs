@@ -238,6 +238,10 @@ async fn the_binary_serves_a_directory_and_follows_edits() {
                 "warn",
                 "--iptables",
                 "off",
+                "--metrics-bind-address",
+                "127.0.0.1:0",
+                "--healthz-bind-address",
+                "127.0.0.1:0",
             ])
             .stdout(Stdio::null())
             .spawn()

@@ -13,6 +13,7 @@ pub mod connect;
 pub mod ports;
 pub mod splice;
 pub mod tcp;
+pub mod udp;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
@@ -43,6 +44,10 @@ pub struct ProxyConfig {
     pub dial_timeouts: Vec<Duration>,
     /// splice or copy.
     pub copy_mode: CopyMode,
+    /// Idle time after which a UDP session ends (`--udp-timeout`).
+    pub udp_timeout: Duration,
+    /// Most UDP sessions per service port (`--udp-max-sessions`).
+    pub udp_max_sessions: usize,
 }
 
 impl Default for ProxyConfig {
@@ -52,9 +57,16 @@ impl Default for ProxyConfig {
             port_range: PortRange::Ephemeral,
             dial_timeouts: connect::DEFAULT_DIAL_TIMEOUTS.to_vec(),
             copy_mode: CopyMode::Splice,
+            udp_timeout: DEFAULT_UDP_TIMEOUT,
+            udp_max_sessions: DEFAULT_UDP_MAX_SESSIONS,
         }
     }
 }
+
+/// Upstream's `--udp-timeout`: short, because a session holds a socket.
+pub const DEFAULT_UDP_TIMEOUT: Duration = Duration::from_millis(250);
+/// Default `--udp-max-sessions` per service port.
+pub const DEFAULT_UDP_MAX_SESSIONS: usize = 65536;
 
 /// What every listener and connection task shares.
 #[derive(Debug)]
@@ -99,6 +111,14 @@ pub struct ServiceStats {
     pub last_fail_log_ms: AtomicU64,
     /// Time from accept to a connected backend.
     pub connect_latency: LatencyHistogram,
+    /// UDP: datagrams from clients.
+    pub datagrams_in: AtomicU64,
+    /// UDP: datagrams to clients.
+    pub datagrams_out: AtomicU64,
+    /// UDP: sessions ended by `--udp-timeout`.
+    pub sessions_expired: AtomicU64,
+    /// UDP: new clients dropped at `--udp-max-sessions`.
+    pub sessions_dropped: AtomicU64,
 }
 
 impl ServiceStats {
@@ -147,11 +167,66 @@ pub struct ServiceView {
 /// other tasks (admin HTTP).
 pub type Published = Arc<ArcSwap<Vec<ServiceView>>>;
 
+/// Whether the proxy serves a protocol (SCTP is parsed, never served).
+fn served_protocol(p: Protocol) -> bool {
+    matches!(p, Protocol::Tcp | Protocol::Udp)
+}
+
+/// Index of a protocol's port allocator.
+fn proto_index(p: Protocol) -> usize {
+    usize::from(p == Protocol::Udp)
+}
+
+/// A bound, not yet running, listening socket.
+enum Bound {
+    Tcp(std::net::TcpListener),
+    Udp(std::net::UdpSocket),
+}
+
+impl Bound {
+    fn bind(proto: Protocol, addr: SocketAddr) -> std::io::Result<Self> {
+        match proto {
+            Protocol::Udp => udp::bind(addr).map(Self::Udp),
+            _ => tcp::bind(addr).map(Self::Tcp),
+        }
+    }
+
+    fn port(&self) -> std::io::Result<u16> {
+        match self {
+            Self::Tcp(l) => l.local_addr().map(|a| a.port()),
+            Self::Udp(l) => l.local_addr().map(|a| a.port()),
+        }
+    }
+
+    fn spawn(self, service: Arc<Service>, ctx: Arc<Context>) -> std::io::Result<Listener> {
+        match self {
+            Self::Tcp(l) => tcp::spawn(l, service, ctx).map(Listener::Tcp),
+            Self::Udp(l) => udp::spawn(l, service, ctx).map(Listener::Udp),
+        }
+    }
+}
+
+/// A running listener of either protocol; dropping it stops it.
+#[derive(Debug)]
+enum Listener {
+    Tcp(tcp::ListenerHandle),
+    Udp(udp::UdpHandle),
+}
+
+impl Listener {
+    fn port(&self) -> u16 {
+        match self {
+            Self::Tcp(h) => h.port,
+            Self::Udp(h) => h.port,
+        }
+    }
+}
+
 /// A served service port in the proxier's table.
 struct Served {
     spec: ServicePort,
     service: Arc<Service>,
-    listener: Option<tcp::ListenerHandle>,
+    listener: Option<Listener>,
     /// The port taken from the allocator (not a nodePort), to give back.
     allocated: Option<u16>,
 }
@@ -177,7 +252,8 @@ pub struct SyncReport {
 pub struct Proxier {
     ctx: Arc<Context>,
     served: BTreeMap<ServicePortName, Served>,
-    ports: PortAllocator,
+    /// Port allocators for TCP and UDP (independent port spaces).
+    ports: [PortAllocator; 2],
     /// Non-TCP ports already reported as not served, to log them once.
     unserved: BTreeSet<ServicePortName>,
     published: Published,
@@ -186,7 +262,10 @@ pub struct Proxier {
 impl Proxier {
     /// A proxier serving nothing yet.
     pub fn new(config: ProxyConfig) -> Self {
-        let ports = PortAllocator::new(config.port_range);
+        let ports = [
+            PortAllocator::new(config.port_range),
+            PortAllocator::new(config.port_range),
+        ];
         Self {
             ctx: Arc::new(Context {
                 config,
@@ -213,7 +292,7 @@ impl Proxier {
             .map(|s| ServiceView {
                 service: Arc::clone(&s.service),
                 spec: s.spec.clone(),
-                listener_port: s.listener.as_ref().map(|l| l.port),
+                listener_port: s.listener.as_ref().map(Listener::port),
             })
             .collect();
         self.published.store(Arc::new(views));
@@ -226,14 +305,14 @@ impl Proxier {
 
     /// The listener port of a service port, once bound.
     pub fn listener_port(&self, name: &ServicePortName) -> Option<u16> {
-        self.served.get(name)?.listener.as_ref().map(|l| l.port)
+        self.served.get(name)?.listener.as_ref().map(Listener::port)
     }
 
     /// Every served service port with its state and listener port.
     pub fn services(&self) -> impl Iterator<Item = (&Arc<Service>, &ServicePort, Option<u16>)> {
         self.served
             .values()
-            .map(|s| (&s.service, &s.spec, s.listener.as_ref().map(|l| l.port)))
+            .map(|s| (&s.service, &s.spec, s.listener.as_ref().map(Listener::port)))
     }
 
     /// Whether some listener failed to bind and wants a retry.
@@ -245,7 +324,7 @@ impl Proxier {
     pub fn sync(&mut self, snapshot: &Snapshot) -> SyncReport {
         let mut report = SyncReport::default();
         let wanted = |name: &ServicePortName| {
-            name.protocol == Protocol::Tcp && snapshot.services.contains_key(name)
+            served_protocol(name.protocol) && snapshot.services.contains_key(name)
         };
 
         // Deleted first, so their ports are free for newcomers.
@@ -268,9 +347,9 @@ impl Proxier {
             .collect();
 
         for (name, entry) in &snapshot.services {
-            if name.protocol != Protocol::Tcp {
+            if !served_protocol(name.protocol) {
                 if self.unserved.insert(name.clone()) {
-                    tracing::info!(service = %name, protocol = %name.protocol, "not yet served: only TCP service ports are proxied");
+                    tracing::info!(service = %name, protocol = %name.protocol, "not served: only TCP and UDP service ports are proxied");
                 }
                 continue;
             }
@@ -289,7 +368,7 @@ impl Proxier {
                 served.listener = None;
                 report.closed += 1;
                 if let Some(p) = served.allocated.take() {
-                    self.ports.release(p);
+                    self.ports[proto_index(name.protocol)].release(p);
                 }
             }
             if served.spec != entry.port {
@@ -330,56 +409,60 @@ impl Proxier {
     /// Binds the listener of `name`; false (reported) when it cannot.
     fn open(&mut self, name: &ServicePortName, node_ports: &BTreeSet<u16>) -> bool {
         let bind_ip = self.ctx.config.bind_address;
+        let proto = name.protocol;
         let Some(served) = self.served.get(name) else {
             return false;
         };
         let result = if let Some(np) = served.spec.node_port {
-            if let Some((other, _)) = self
-                .served
-                .iter()
-                .find(|(n, s)| *n != name && s.listener.as_ref().is_some_and(|l| l.port == np))
-            {
-                Err(format!("nodePort {np} is already served for {other}"))
+            let taken = self.served.iter().find(|(n, s)| {
+                *n != name
+                    && n.protocol == proto
+                    && s.listener.as_ref().is_some_and(|l| l.port() == np)
+            });
+            if let Some((other, _)) = taken {
+                Err(format!(
+                    "nodePort {np}/{proto} is already served for {other}"
+                ))
             } else {
-                tcp::bind(SocketAddr::new(bind_ip, np))
+                Bound::bind(proto, SocketAddr::new(bind_ip, np))
                     .map(|l| (l, None))
-                    .map_err(|e| format!("cannot listen on nodePort {bind_ip}:{np}: {e}"))
+                    .map_err(|e| format!("cannot listen on nodePort {bind_ip}:{np}/{proto}: {e}"))
             }
         } else {
             let mut last = String::from("no free port left in --proxy-port-range");
             let mut bound = None;
-            for port in self.ports.candidates(node_ports) {
-                match tcp::bind(SocketAddr::new(bind_ip, port)) {
+            for port in self.ports[proto_index(proto)].candidates(node_ports) {
+                match Bound::bind(proto, SocketAddr::new(bind_ip, port)) {
                     Ok(l) => {
                         bound = Some(l);
                         break;
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
-                        last = format!("port {port} in use");
+                        last = format!("port {port}/{proto} in use");
                     }
                     Err(e) => {
-                        last = format!("cannot listen on {bind_ip}:{port}: {e}");
+                        last = format!("cannot listen on {bind_ip}:{port}/{proto}: {e}");
                         break;
                     }
                 }
             }
             bound.ok_or(last).and_then(|l| {
-                let port = l.local_addr().map_err(|e| e.to_string())?.port();
+                let port = l.port().map_err(|e| e.to_string())?;
                 Ok((l, Some(port)))
             })
         };
         let served = self.served.get_mut(name).expect("looked up above");
         let spawned = result.and_then(|(l, allocated)| {
-            tcp::spawn(l, Arc::clone(&served.service), Arc::clone(&self.ctx))
+            l.spawn(Arc::clone(&served.service), Arc::clone(&self.ctx))
                 .map(|h| (h, allocated))
                 .map_err(|e| e.to_string())
         });
         match spawned {
             Ok((handle, allocated)) => {
                 if let Some(p) = allocated {
-                    self.ports.hold(p);
+                    self.ports[proto_index(proto)].hold(p);
                 }
-                tracing::info!(service = %name, port = handle.port, endpoints = served.service.balancer.usable_len(), "listening");
+                tracing::info!(service = %name, port = handle.port(), endpoints = served.service.balancer.usable_len(), "listening");
                 served.allocated = allocated;
                 served.listener = Some(handle);
                 true
@@ -394,7 +477,7 @@ impl Proxier {
 
     fn close(&mut self, s: Served) {
         if let Some(p) = s.allocated {
-            self.ports.release(p);
+            self.ports[proto_index(s.service.name.protocol)].release(p);
         }
         drop(s.listener);
     }

@@ -344,3 +344,39 @@ pub fn parse_exposition(text: &str) -> BTreeMap<String, f64> {
     }
     out
 }
+
+/// The UDP twin of [`svc_name`].
+pub fn udp_name(name: &str) -> ServicePortName {
+    ServicePortName {
+        protocol: Protocol::Udp,
+        ..svc_name(name)
+    }
+}
+
+/// A snapshot with one UDP service port `name` over `endpoints`.
+pub fn udp_snapshot(name: &str, endpoints: &[SocketAddr]) -> Snapshot {
+    let services = snapshot(name, endpoints, None)
+        .services
+        .into_values()
+        .map(|e| (udp_name(name), e))
+        .collect();
+    Snapshot { services }
+}
+
+/// A UDP backend answering every datagram with `name` + ":" + the datagram.
+pub async fn udp_echo_backend(name: &'static str) -> SocketAddr {
+    let s = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let a = s.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 65536];
+        loop {
+            let Ok((n, from)) = s.recv_from(&mut buf).await else {
+                continue;
+            };
+            let mut out = format!("{name}:").into_bytes();
+            out.extend_from_slice(&buf[..n]);
+            let _ = s.send_to(&out, from).await;
+        }
+    });
+    a
+}
