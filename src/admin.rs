@@ -144,7 +144,7 @@ pub struct AdminState {
 async fn metrics(State(s): State<AdminState>) -> Response {
     let mut body = s.handle.render();
     body.push_str(&crate::metrics::render_services(&s.services.load()));
-    body.push_str(&crate::metrics::render_process(&s.ctx.pipes));
+    body.push_str(&crate::metrics::render_process(&s.ctx));
     (
         [(
             header::CONTENT_TYPE,

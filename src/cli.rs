@@ -111,6 +111,18 @@ pub struct RunArgs {
     /// are dropped (and counted), existing sessions keep working.
     #[arg(long, default_value_t = crate::proxy::DEFAULT_UDP_MAX_SESSIONS)]
     pub udp_max_sessions: usize,
+    /// Most TCP client connections open at once, all services together;
+    /// further clients wait in the listen backlog. Default: from the fd
+    /// limit (raised to its hard maximum at start-up), two fds a
+    /// connection after a reserve, so accepted clients never leave no fd
+    /// to dial their backend. 0: no limit.
+    #[arg(long)]
+    pub max_connections: Option<usize>,
+    /// Once one side of a connection has closed, the other direction is
+    /// closed after this long without a byte (a client that left while
+    /// its backend never answers holds nothing for ever).
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    pub tcp_fin_timeout: Duration,
     /// Manage the iptables redirect of ClusterIP, externalIP and LB-IP traffic.
     #[arg(long, value_enum, default_value_t = IptablesMode::Auto)]
     pub iptables: IptablesMode,

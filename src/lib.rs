@@ -60,6 +60,14 @@ pub fn init_logging(args: &LogArgs, default_level: &str) -> Result<(), ConfigErr
     Ok(())
 }
 
+/// The default `--max-connections` for an fd limit: two fds a connection,
+/// after a reserve (a quarter of the limit, 32 to 1024) for listeners,
+/// pipes, UDP sessions and the admin servers.
+pub fn connections_for_fd_limit(limit: u64) -> usize {
+    let reserve = (limit / 4).clamp(32, 1024);
+    (limit.saturating_sub(reserve) / 2).max(1) as usize
+}
+
 /// Raises the soft `RLIMIT_NOFILE` to the hard limit (each proxied
 /// connection costs two descriptors) and returns the new value.
 pub fn raise_fd_limit() -> std::io::Result<u64> {
@@ -118,7 +126,7 @@ fn discovery_source(args: &RunArgs) -> Result<manifests::Source, ConfigError> {
     }
 }
 
-fn proxy_config(args: &RunArgs) -> ProxyConfig {
+fn proxy_config(args: &RunArgs, fd_limit: u64) -> ProxyConfig {
     ProxyConfig {
         bind_address: args.bind_address,
         port_range: args.proxy_port_range,
@@ -126,6 +134,10 @@ fn proxy_config(args: &RunArgs) -> ProxyConfig {
         copy_mode: args.copy_mode,
         udp_timeout: args.udp_timeout,
         udp_max_sessions: args.udp_max_sessions,
+        max_connections: args
+            .max_connections
+            .unwrap_or_else(|| connections_for_fd_limit(fd_limit)),
+        tcp_fin_timeout: args.tcp_fin_timeout,
     }
 }
 
@@ -139,9 +151,21 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     let source = discovery_source(&args)?;
-    match raise_fd_limit() {
-        Ok(n) => tracing::info!(limit = n, "RLIMIT_NOFILE raised to the hard limit"),
-        Err(e) => tracing::warn!(error = %e, "cannot raise RLIMIT_NOFILE"),
+    let fd_limit = match raise_fd_limit() {
+        Ok(n) => {
+            tracing::info!(limit = n, "RLIMIT_NOFILE raised to the hard limit");
+            n
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot raise RLIMIT_NOFILE");
+            nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+                .map_or(1024, |(soft, _)| soft)
+        }
+    };
+    let config = proxy_config(&args, fd_limit);
+    match config.max_connections {
+        0 => tracing::info!("--max-connections 0: no connection limit"),
+        n => tracing::info!(max_connections = n, "connection limit"),
     }
     if matches!(source, manifests::Source::Embedded) {
         tracing::info!("no --manifests and no cluster: serving the embedded example manifests");
@@ -159,7 +183,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     if rules.is_some() {
         health.set_rules(RulesState::Pending);
     }
-    let proxier = Proxier::new(proxy_config(&args));
+    let proxier = Proxier::new(config);
     let stop_admin = CancellationToken::new();
     let state = AdminState {
         handle,
@@ -235,7 +259,8 @@ pub async fn rules(args: RunArgs) -> anyhow::Result<()> {
     for p in &problems {
         tracing::warn!("skipped: {p}");
     }
-    let mut proxier = Proxier::new(proxy_config(&args));
+    // Listeners live only while rendering: any fd limit will do.
+    let mut proxier = Proxier::new(proxy_config(&args, 1024));
     proxier.sync(&snapshot);
     print!(
         "{}",
@@ -357,4 +382,18 @@ fn unix_now() -> f64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0.0, |d| d.as_secs_f64())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::connections_for_fd_limit;
+
+    #[test]
+    fn connection_limit_follows_the_fd_limit() {
+        assert_eq!(connections_for_fd_limit(64), 16);
+        assert_eq!(connections_for_fd_limit(1024), 384);
+        assert_eq!(connections_for_fd_limit(20_000), 9488);
+        assert_eq!(connections_for_fd_limit(1 << 20), 523_776);
+        assert_eq!(connections_for_fd_limit(0), 1);
+    }
 }

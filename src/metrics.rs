@@ -18,7 +18,7 @@ use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
 use crate::proxy::connect::DialResult;
-use crate::proxy::splice::PipePool;
+use crate::proxy::Context;
 use crate::proxy::ServiceView;
 
 // === Proxier-wide (facade) ===
@@ -466,9 +466,10 @@ pub fn render_services(services: &[ServiceView]) -> String {
     out
 }
 
-/// Process series (Prometheus' standard names) and the splice pipe pool,
-/// read from /proc at scrape time.
-pub fn render_process(pipes: &PipePool) -> String {
+/// Process series (Prometheus' standard names, read from /proc at scrape
+/// time), the splice pipe pool and the connection limit.
+pub fn render_process(ctx: &Context) -> String {
+    let pipes = &ctx.pipes;
     let mut out = String::new();
     let mut series = |name: &str, kind: &str, help: &str, value: f64| {
         let _ = writeln!(
@@ -544,6 +545,38 @@ pub fn render_process(pipes: &PipePool) -> String {
         "Pipes idle in the splice pool.",
         pipes.idle() as f64,
     );
+    series(
+        "kusp_splice_pipes_open",
+        "gauge",
+        "Pipes open now, idle or carrying bytes.",
+        pipes.live() as f64,
+    );
+    series(
+        "kusp_splice_copy_fallbacks_total",
+        "counter",
+        "Chunks copied through user memory because no pipe could be had.",
+        pipes.fallbacks.load(Relaxed) as f64,
+    );
+    if let Some(limit) = &ctx.connection_limit {
+        series(
+            "kusp_connection_limit",
+            "gauge",
+            "--max-connections: most TCP client connections open at once.",
+            ctx.config.max_connections as f64,
+        );
+        series(
+            "kusp_connection_limit_available",
+            "gauge",
+            "Connections that may still be accepted under --max-connections.",
+            limit.available_permits() as f64,
+        );
+        series(
+            "kusp_connection_limit_waits_total",
+            "counter",
+            "Times a listener found --max-connections reached and left clients in the backlog.",
+            ctx.limit_waits.load(Relaxed) as f64,
+        );
+    }
     out
 }
 

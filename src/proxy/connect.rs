@@ -24,6 +24,7 @@ pub const DEFAULT_DIAL_TIMEOUTS: [Duration; 4] = [
 ];
 
 /// Why one dial failed; the variant names are the metric label values.
+/// Declaration order is [`DialResult::ALL`]'s: `as usize` indexes counters.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DialResult {
     /// Connected.
@@ -36,16 +37,20 @@ pub enum DialResult {
     Unreachable,
     /// Anything else.
     Other,
+    /// The proxy itself was out of fds, memory or local ports: not the
+    /// backend's fault, so it is neither ejected nor retried elsewhere.
+    Local,
 }
 
 impl DialResult {
     /// Every value, for metrics and status output.
-    pub const ALL: [DialResult; 5] = [
+    pub const ALL: [DialResult; 6] = [
         Self::Ok,
         Self::Refused,
         Self::Timeout,
         Self::Unreachable,
         Self::Other,
+        Self::Local,
     ];
 
     /// Label value.
@@ -56,10 +61,14 @@ impl DialResult {
             Self::Timeout => "timeout",
             Self::Unreachable => "unreachable",
             Self::Other => "other",
+            Self::Local => "local",
         }
     }
 
     fn of(e: &io::Error) -> Self {
+        if super::is_local_exhaustion(e) {
+            return Self::Local;
+        }
         match e.raw_os_error() {
             Some(libc::ECONNREFUSED) => Self::Refused,
             Some(libc::ETIMEDOUT) => Self::Timeout,
@@ -75,6 +84,9 @@ pub enum Error {
     /// The service has no usable endpoint.
     #[error("no endpoints")]
     NoEndpoints,
+    /// The proxy could not make a socket (fds, memory or local ports).
+    #[error("out of local resources: {0}")]
+    Local(io::Error),
     /// Every attempt failed.
     #[error("{attempts} dial attempts failed, last to {last_addr}: {last}")]
     AllFailed {
@@ -114,6 +126,10 @@ pub async fn dial(
     let mut tried: Vec<SocketAddr> = Vec::with_capacity(timeouts.len());
     let mut last = None;
     let mut attempts = 0;
+    // Out of local fds/ports, a client waits (as in the backlog) for up to
+    // the whole dial budget, retrying, rather than being reset at once.
+    let mut local_budget: Duration = timeouts.iter().sum();
+    let mut local_backoff = Duration::from_millis(10);
     for (attempt, &timeout) in timeouts.iter().enumerate() {
         let Some(backend) = balancer.pick(client, &tried) else {
             break;
@@ -122,7 +138,19 @@ pub async fn dial(
         if attempt > 0 {
             stats.retries.fetch_add(1, Relaxed);
         }
-        match connect_once(backend.addr, timeout).await {
+        let mut r = connect_once(backend.addr, timeout).await;
+        while let Err(e) = &r {
+            if !super::is_local_exhaustion(e) || local_budget.is_zero() {
+                break;
+            }
+            stats.count_dial(DialResult::Local);
+            let pause = local_backoff.min(local_budget);
+            tokio::time::sleep(pause).await;
+            local_budget -= pause;
+            local_backoff = (local_backoff * 2).min(Duration::from_millis(500));
+            r = connect_once(backend.addr, timeout).await;
+        }
+        match r {
             Ok(stream) => {
                 stats.count_dial(DialResult::Ok);
                 stats.connect_latency.observe(started.elapsed());
@@ -133,6 +161,9 @@ pub async fn dial(
             Err(e) => {
                 let result = DialResult::of(&e);
                 stats.count_dial(result);
+                if result == DialResult::Local {
+                    return Err(Error::Local(e));
+                }
                 balancer.report_failure(&backend);
                 tracing::debug!(backend = %backend.addr, attempt, result = result.as_str(), error = %e, "dial failed");
                 if !tried.contains(&backend.addr) {

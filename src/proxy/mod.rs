@@ -21,6 +21,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -48,6 +49,13 @@ pub struct ProxyConfig {
     pub udp_timeout: Duration,
     /// Most UDP sessions per service port (`--udp-max-sessions`).
     pub udp_max_sessions: usize,
+    /// Most TCP client connections open at once, all services together
+    /// (`--max-connections`); 0 is no limit. Beyond it, new connections
+    /// wait in the listen backlog.
+    pub max_connections: usize,
+    /// Once one direction of a connection has ended, the other is closed
+    /// after this long without a byte (`--tcp-fin-timeout`).
+    pub tcp_fin_timeout: Duration,
 }
 
 impl Default for ProxyConfig {
@@ -59,12 +67,16 @@ impl Default for ProxyConfig {
             copy_mode: CopyMode::Splice,
             udp_timeout: DEFAULT_UDP_TIMEOUT,
             udp_max_sessions: DEFAULT_UDP_MAX_SESSIONS,
+            max_connections: 0,
+            tcp_fin_timeout: DEFAULT_TCP_FIN_TIMEOUT,
         }
     }
 }
 
 /// Upstream's `--udp-timeout`: short, because a session holds a socket.
 pub const DEFAULT_UDP_TIMEOUT: Duration = Duration::from_millis(250);
+/// Default `--tcp-fin-timeout`: the kernel's `tcp_fin_timeout`.
+pub const DEFAULT_TCP_FIN_TIMEOUT: Duration = Duration::from_secs(60);
 /// Default `--udp-max-sessions` per service port.
 pub const DEFAULT_UDP_MAX_SESSIONS: usize = 65536;
 
@@ -79,10 +91,29 @@ pub struct Context {
     pub tracker: TaskTracker,
     /// Cancelled at shutdown: every listener stops accepting.
     pub shutdown: CancellationToken,
+    /// Permits for `--max-connections`, when set.
+    pub connection_limit: Option<Arc<Semaphore>>,
+    /// Times a listener found `--max-connections` reached and waited.
+    pub limit_waits: AtomicU64,
+    /// TCP connections ended since freed memory was last released.
+    pub closed_since_release: AtomicU64,
+}
+
+/// Whether an error means the proxy itself ran out of fds, memory or local
+/// ports: back off or fail the one connection, never blame a backend.
+pub(crate) fn is_local_exhaustion(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM | libc::EADDRNOTAVAIL)
+    )
 }
 
 /// Idle pipes kept for reuse: enough for a burst, little memory.
 const MAX_IDLE_PIPES: usize = 256;
+/// Most pipes alive at once (2 fds each): bytes in flight beyond this many
+/// transfers are copied through user memory instead, so pipes never take
+/// the fds that connections need.
+const MAX_LIVE_PIPES: usize = 1024;
 
 /// Counters of one service port; read by status and metrics.
 #[derive(Debug, Default)]
@@ -96,7 +127,7 @@ pub struct ServiceStats {
     /// Connections closed because no backend could be reached.
     pub failed: AtomicU64,
     /// Dial attempts by [`DialResult`], in [`DialResult::ALL`] order.
-    pub dials: [AtomicU64; 5],
+    pub dials: [AtomicU64; DialResult::ALL.len()],
     /// Attempts after the first one of a connection.
     pub retries: AtomicU64,
     /// Bytes client → backend.
@@ -124,14 +155,12 @@ pub struct ServiceStats {
 impl ServiceStats {
     /// Counts one dial attempt.
     pub fn count_dial(&self, r: DialResult) {
-        let i = DialResult::ALL.iter().position(|x| *x == r).unwrap_or(4);
-        self.dials[i].fetch_add(1, Relaxed);
+        self.dials[r as usize].fetch_add(1, Relaxed);
     }
 
     /// Dial attempts with result `r`.
     pub fn dials(&self, r: DialResult) -> u64 {
-        let i = DialResult::ALL.iter().position(|x| *x == r).unwrap_or(4);
-        self.dials[i].load(Relaxed)
+        self.dials[r as usize].load(Relaxed)
     }
 
     /// Failed dial attempts, all reasons.
@@ -266,13 +295,22 @@ impl Proxier {
             PortAllocator::new(config.port_range),
             PortAllocator::new(config.port_range),
         ];
+        let connection_limit =
+            (config.max_connections > 0).then(|| Arc::new(Semaphore::new(config.max_connections)));
+        let ctx = Arc::new(Context {
+            config,
+            pipes: PipePool::new(MAX_IDLE_PIPES, MAX_LIVE_PIPES),
+            tracker: TaskTracker::new(),
+            shutdown: CancellationToken::new(),
+            connection_limit,
+            limit_waits: AtomicU64::new(0),
+            closed_since_release: AtomicU64::new(0),
+        });
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(housekeeping(Arc::downgrade(&ctx)));
+        }
         Self {
-            ctx: Arc::new(Context {
-                config,
-                pipes: PipePool::new(MAX_IDLE_PIPES),
-                tracker: TaskTracker::new(),
-                shutdown: CancellationToken::new(),
-            }),
+            ctx,
             served: BTreeMap::new(),
             ports,
             unserved: BTreeSet::new(),
@@ -501,5 +539,41 @@ impl Proxier {
             Ok(()) => 0,
             Err(_) => self.ctx.tracker.len(),
         }
+    }
+}
+
+/// Connections that must have closed since the last release before freed
+/// heap is handed back to the kernel.
+const RELEASE_AFTER_CLOSED: u64 = 512;
+
+/// Every [`splice::PIPE_TRIM_PERIOD`] while the context lives: closes idle
+/// pipes, and once many connections have closed, returns the allocator's
+/// free memory to the kernel, so fds and RSS come back to their baseline
+/// after a burst.
+async fn housekeeping(ctx: std::sync::Weak<Context>) {
+    let mut tick = tokio::time::interval(splice::PIPE_TRIM_PERIOD);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(ctx) = ctx.upgrade() else { return };
+        let n = ctx.pipes.trim();
+        if n > 0 {
+            tracing::debug!(closed = n, "idle pipes trimmed");
+        }
+        if ctx.closed_since_release.load(Relaxed) >= RELEASE_AFTER_CLOSED {
+            ctx.closed_since_release.store(0, Relaxed);
+            release_free_memory();
+        }
+    }
+}
+
+/// Hands the allocator's free pages back to the kernel (glibc keeps freed
+/// memory of its arenas otherwise: 8,000 closed connections left ~17 MiB).
+#[allow(unsafe_code)] // one libc call with no arguments to uphold
+fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks the allocator's own free lists.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }

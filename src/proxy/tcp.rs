@@ -67,15 +67,6 @@ pub fn spawn(
     Ok(handle)
 }
 
-/// Whether an accept error means we are out of file descriptors or memory:
-/// back off instead of spinning (upstream panicked here).
-fn is_resource_exhaustion(e: &io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
-    )
-}
-
 async fn accept_loop(
     listener: TcpListener,
     service: Arc<Service>,
@@ -84,6 +75,28 @@ async fn accept_loop(
 ) {
     let mut backoff = Duration::from_millis(5);
     loop {
+        // With --max-connections, hold a permit before accepting: at the
+        // limit, clients wait in the backlog instead of being accepted.
+        let permit = match &ctx.connection_limit {
+            None => None,
+            Some(limit) => {
+                let permit = match Arc::clone(limit).try_acquire_owned() {
+                    Ok(p) => p,
+                    Err(_) => {
+                        ctx.limit_waits.fetch_add(1, Relaxed);
+                        tokio::select! {
+                            biased;
+                            _ = stop.cancelled() => break,
+                            p = Arc::clone(limit).acquire_owned() => match p {
+                                Ok(p) => p,
+                                Err(_) => break, // closed: shutting down
+                            },
+                        }
+                    }
+                };
+                Some(permit)
+            }
+        };
         let accepted = tokio::select! {
             biased;
             _ = stop.cancelled() => break,
@@ -93,9 +106,14 @@ async fn accept_loop(
             Ok((stream, peer)) => {
                 backoff = Duration::from_millis(5);
                 let (service, ctx2) = (Arc::clone(&service), Arc::clone(&ctx));
-                ctx.tracker.spawn(serve(stream, peer, service, ctx2));
+                ctx.tracker.spawn(async move {
+                    serve(stream, peer, service, ctx2).await;
+                    drop(permit);
+                });
             }
-            Err(e) if is_resource_exhaustion(&e) => {
+            // Out of fds or memory: back off instead of spinning (upstream
+            // panicked here).
+            Err(e) if super::is_local_exhaustion(&e) => {
                 service.stats.accept_errors.fetch_add(1, Relaxed);
                 tracing::warn!(service = %service.name, error = %e, backoff = ?backoff, "accept failed: out of resources, backing off");
                 tokio::select! {
@@ -112,7 +130,7 @@ async fn accept_loop(
 }
 
 /// Serves one accepted client connection to its end.
-async fn serve(mut client: TcpStream, peer: SocketAddr, service: Arc<Service>, ctx: Arc<Context>) {
+async fn serve(client: TcpStream, peer: SocketAddr, service: Arc<Service>, ctx: Arc<Context>) {
     let stats = &service.stats;
     stats.accepted.fetch_add(1, Relaxed);
     stats.active.fetch_add(1, Relaxed);
@@ -126,7 +144,7 @@ async fn serve(mut client: TcpStream, peer: SocketAddr, service: Arc<Service>, c
     .await;
     match dialed {
         Ok(connect::Dialed {
-            stream: mut backend_stream,
+            stream: backend_stream,
             backend,
         }) => {
             backend.active.fetch_add(1, Relaxed);
@@ -137,10 +155,11 @@ async fn serve(mut client: TcpStream, peer: SocketAddr, service: Arc<Service>, c
             };
             let r = splice::proxy(
                 ctx.config.copy_mode,
-                &mut client,
-                &mut backend_stream,
+                &client,
+                &backend_stream,
                 &ctx.pipes,
                 counters,
+                ctx.config.tcp_fin_timeout,
             )
             .await;
             if let Err(e) = r {
@@ -166,4 +185,5 @@ async fn serve(mut client: TcpStream, peer: SocketAddr, service: Arc<Service>, c
         }
     }
     stats.active.fetch_sub(1, Relaxed);
+    ctx.closed_since_release.fetch_add(1, Relaxed);
 }

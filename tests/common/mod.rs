@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod netns;
+pub mod procs;
 
 use std::collections::BTreeMap;
 use std::hash::Hasher;
