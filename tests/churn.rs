@@ -53,7 +53,9 @@ fn threaded_echo_backend() -> (SocketAddr, Arc<Mutex<Vec<Instant>>>) {
 
 /// One request/response exchange per line on a fresh connection.
 async fn session(addr: SocketAddr, id: usize, lines: usize, pause: Duration) -> Result<(), String> {
-    let s = TcpStream::connect(addr).await.map_err(|e| format!("{id}: connect: {e}"))?;
+    let s = TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("{id}: connect: {e}"))?;
     let (r, mut w) = s.into_split();
     let mut r = tokio::io::BufReader::new(r).lines();
     for i in 0..lines {
@@ -138,7 +140,12 @@ async fn flapping_endpoints_never_get_new_connections_and_lose_no_bytes() {
             errors.push(format!("long connection cut: {e}"));
         }
     }
-    assert!(errors.is_empty(), "{} errors: {:?}", errors.len(), &errors[..errors.len().min(5)]);
+    assert!(
+        errors.is_empty(),
+        "{} errors: {:?}",
+        errors.len(),
+        &errors[..errors.len().min(5)]
+    );
 
     let mut violations = Vec::new();
     let mut checked = 0;

@@ -98,6 +98,9 @@ pub fn build_snapshot(
 
     let mut snapshot = Snapshot::default();
     let mut seen = BTreeSet::new();
+    // Service ports in input order, with their origin: the first of two
+    // claiming one nodePort keeps it.
+    let mut order: Vec<(ServicePortName, String)> = Vec::new();
     let present: BTreeSet<_> = services
         .iter()
         .map(|s| key_of(&s.object.metadata))
@@ -147,6 +150,7 @@ pub fn build_snapshot(
         let slices = by_service.get(&key).map(Vec::as_slice).unwrap_or(&[]);
         for (name, port) in ports {
             let endpoints = join_endpoints(slices, &name.port_name, name.protocol);
+            order.push((name.clone(), s.origin.clone()));
             snapshot
                 .services
                 .insert(name, ServiceEntry { port, endpoints });
@@ -169,7 +173,51 @@ pub fn build_snapshot(
             tracing::warn!(service = %format!("{ns}/{name}"), "invalid object: keeping the last good state of this service");
         }
     }
+    resolve_node_port_conflicts(&mut snapshot, &order, previous, &mut problems);
     (snapshot, problems)
+}
+
+/// Two service ports may not share a nodePort (per protocol; the API
+/// server forbids it, a directory of manifests does not): the one that
+/// held it in `previous` keeps it, else the first in input order. The
+/// other is reported and served without it (its ClusterIP still works,
+/// its listener takes a port from the range).
+fn resolve_node_port_conflicts(
+    snapshot: &mut Snapshot,
+    order: &[(ServicePortName, String)],
+    previous: &Snapshot,
+    problems: &mut Vec<Problem>,
+) {
+    let mut owner: BTreeMap<(u16, Protocol), ServicePortName> = BTreeMap::new();
+    for (name, entry) in &snapshot.services {
+        let np = entry.port.node_port;
+        if np.is_some() && previous.services.get(name).and_then(|p| p.port.node_port) == np {
+            owner.insert((np.unwrap_or_default(), name.protocol), name.clone());
+        }
+    }
+    for (name, origin) in order {
+        let Some(entry) = snapshot.services.get_mut(name) else {
+            continue;
+        };
+        let Some(np) = entry.port.node_port else {
+            continue;
+        };
+        let holder = owner
+            .entry((np, name.protocol))
+            .or_insert_with(|| name.clone());
+        if holder != name {
+            problems.push(Problem {
+                origin: origin.clone(),
+                object: format!("Service {}/{}", name.namespace, name.name),
+                field: format!("spec.ports[{}].nodePort", name.port_name),
+                message: format!(
+                    "nodePort {np}/{} is already used by {holder}; served without a nodePort",
+                    name.protocol
+                ),
+            });
+            entry.port.node_port = None;
+        }
+    }
 }
 
 fn key_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> (String, String) {
