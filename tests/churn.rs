@@ -99,7 +99,7 @@ async fn flapping_endpoints_never_get_new_connections_and_lose_no_bytes() {
 
     // removals[i]: (applied at, re-added at) for backend i.
     let mut removals: Vec<Vec<(Instant, Option<Instant>)>> = vec![Vec::new(); BACKENDS];
-    let mut absent = vec![false; BACKENDS];
+    let mut absent = [false; BACKENDS];
     let mut step = 0;
     while Instant::now() < end {
         let out: Vec<usize> = (0..ABSENT).map(|k| (step + k) % BACKENDS).collect();
