@@ -126,6 +126,7 @@ fn proxy_config(args: &RunArgs) -> ProxyConfig {
         copy_mode: args.copy_mode,
         udp_timeout: args.udp_timeout,
         udp_max_sessions: args.udp_max_sessions,
+        scheduler: args.scheduler,
     }
 }
 

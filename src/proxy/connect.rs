@@ -95,6 +95,23 @@ pub struct Dialed {
     pub backend: Arc<Backend>,
 }
 
+/// A dial in flight, counted in [`Backend::pending`] until dropped (also
+/// when the connection task is cancelled mid-dial).
+struct InFlight<'a>(&'a Backend);
+
+impl<'a> InFlight<'a> {
+    fn new(b: &'a Backend) -> Self {
+        b.pending.fetch_add(1, Relaxed);
+        Self(b)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.pending.fetch_sub(1, Relaxed);
+    }
+}
+
 async fn connect_once(addr: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
     match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
         Ok(r) => r,
@@ -122,10 +139,16 @@ pub async fn dial(
         if attempt > 0 {
             stats.retries.fetch_add(1, Relaxed);
         }
-        match connect_once(backend.addr, timeout).await {
+        // Counted as load while in flight, for the load-aware schedulers.
+        let in_flight = InFlight::new(&backend);
+        let attempt_started = std::time::Instant::now();
+        let result = connect_once(backend.addr, timeout).await;
+        drop(in_flight);
+        match result {
             Ok(stream) => {
                 stats.count_dial(DialResult::Ok);
                 stats.connect_latency.observe(started.elapsed());
+                backend.observe_connect(attempt_started.elapsed());
                 balancer.report_success(&backend);
                 let _ = stream.set_nodelay(true);
                 return Ok(Dialed { stream, backend });

@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::balancer::now_ms;
 use super::splice::{self, Counters};
-use super::{connect, Context, Service};
+use super::{connect, proxy_protocol, Context, Service};
 
 /// Listen backlog: large, as connections are accepted and dialed
 /// concurrently; the kernel caps it at `net.core.somaxconn`.
@@ -135,14 +135,24 @@ async fn serve(mut client: TcpStream, peer: SocketAddr, service: Arc<Service>, c
                 to_backend: [&stats.bytes_in, &backend.bytes_in],
                 to_client: [&stats.bytes_out, &backend.bytes_out],
             };
-            let r = splice::proxy(
-                ctx.config.copy_mode,
-                &mut client,
-                &mut backend_stream,
-                &ctx.pipes,
-                counters,
-            )
-            .await;
+            // The PROXY header, when the service wants one, precedes any client byte.
+            let pp = service.proxy_protocol();
+            let r =
+                match proxy_protocol::send(pp, &client, &backend_stream, peer, counters.to_backend)
+                    .await
+                {
+                    Ok(()) => {
+                        splice::proxy(
+                            ctx.config.copy_mode,
+                            &mut client,
+                            &mut backend_stream,
+                            &ctx.pipes,
+                            counters,
+                        )
+                        .await
+                    }
+                    Err(e) => Err(e),
+                };
             if let Err(e) = r {
                 tracing::debug!(service = %service.name, backend = %backend.addr, error = %e, "connection ended with an error");
             }
