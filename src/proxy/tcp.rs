@@ -137,22 +137,21 @@ async fn serve(mut client: TcpStream, peer: SocketAddr, service: Arc<Service>, c
             };
             // The PROXY header, when the service wants one, precedes any client byte.
             let pp = service.proxy_protocol();
-            let r =
-                match proxy_protocol::send(pp, &client, &backend_stream, peer, counters.to_backend)
+            let to_backend = counters.to_backend;
+            let header = proxy_protocol::send(pp, &client, &backend_stream, peer, to_backend).await;
+            let r = match header {
+                Ok(()) => {
+                    splice::proxy(
+                        ctx.config.copy_mode,
+                        &mut client,
+                        &mut backend_stream,
+                        &ctx.pipes,
+                        counters,
+                    )
                     .await
-                {
-                    Ok(()) => {
-                        splice::proxy(
-                            ctx.config.copy_mode,
-                            &mut client,
-                            &mut backend_stream,
-                            &ctx.pipes,
-                            counters,
-                        )
-                        .await
-                    }
-                    Err(e) => Err(e),
-                };
+                }
+                Err(e) => Err(e),
+            };
             if let Err(e) = r {
                 tracing::debug!(service = %service.name, backend = %backend.addr, error = %e, "connection ended with an error");
             }
