@@ -388,3 +388,33 @@ fn behind_the_redirect_the_header_names_the_cluster_ip_the_client_dialled() {
         assert_eq!(got, format!("{want:?}"), "v{v} through the ClusterIP");
     }
 }
+
+#[tokio::test]
+async fn ipv6_clients_get_a_tcp6_header_and_ipv4_ones_on_a_dual_stack_listener_tcp4() {
+    use kube_userspace_proxy::proxy::{Proxier, ProxyConfig};
+    let backend = pp_backend().await;
+    for v in [ProxyProtocol::V1, ProxyProtocol::V2] {
+        let mut p = Proxier::new(ProxyConfig {
+            bind_address: "::".parse().unwrap(),
+            dial_timeouts: FAST_TIMEOUTS.to_vec(),
+            ..ProxyConfig::default()
+        });
+        p.sync(&pp_snapshot("pp6", backend, v));
+        let port = p.listener_port(&svc_name("pp6")).unwrap();
+        let version = if v == ProxyProtocol::V1 { 1 } else { 2 };
+        for target in ["[::1]", "127.0.0.1"] {
+            let addr: SocketAddr = format!("{target}:{port}").parse().unwrap();
+            let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+            c.write_all(b"x").await.unwrap();
+            let want = Header {
+                version,
+                // The listener sees IPv4 clients as ::ffff:a.b.c.d; the
+                // header carries them as plain IPv4.
+                src: c.local_addr().unwrap(),
+                dst: addr,
+            };
+            assert_eq!(line(&mut c).await, format!("{want:?}|x"), "{v:?} {target}");
+        }
+        p.close_listeners();
+    }
+}

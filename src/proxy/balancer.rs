@@ -82,9 +82,10 @@ pub struct Backend {
     key: u64,
 }
 
-/// Connect times below this count as equal for `sed`/`nq`: loopback and LAN
-/// jitter must not decide, only real differences in distance or load.
-pub const SED_FLOOR_US: u64 = 100;
+/// Connect times below this count as equal for `sed`/`nq`: loopback and
+/// same-zone jitter must not decide, only real differences in distance
+/// (another zone) or in how fast a backend accepts (a full accept queue).
+pub const SED_FLOOR_US: u64 = 500;
 
 impl Backend {
     fn new(addr: SocketAddr) -> Self {
