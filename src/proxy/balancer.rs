@@ -188,6 +188,31 @@ fn score(client: u64, backend: u64) -> u64 {
     mix64(client ^ backend)
 }
 
+/// Two distinct random endpoints passing `ok`, by direct draws (the common
+/// case: few are ejected or tried); `None` after a few misses, when the
+/// caller counts the candidates instead.
+fn sample_two<'a>(
+    usable: &'a [Arc<Backend>],
+    ok: &impl Fn(&Backend) -> bool,
+) -> Option<(&'a Arc<Backend>, &'a Arc<Backend>)> {
+    let n = usable.len();
+    if n < 2 {
+        return None;
+    }
+    for _ in 0..4 {
+        let i = rand_below(n);
+        let mut j = rand_below(n - 1);
+        if j >= i {
+            j += 1;
+        }
+        let (a, b) = (&usable[i], &usable[j]);
+        if ok(a) && ok(b) {
+            return Some((a, b));
+        }
+    }
+    None
+}
+
 /// A uniform index below `n` (> 0) from a per-thread xorshift generator.
 fn rand_below(n: usize) -> usize {
     thread_local! {
@@ -378,6 +403,19 @@ impl Balancer {
         if sched == RR {
             return self.round_robin(usable, tried, now);
         }
+        self.schedule_other(sched, usable, client, tried, now)
+    }
+
+    /// Every scheduler but `rr`, kept out of line so the rr path stays small.
+    #[inline(never)]
+    fn schedule_other(
+        &self,
+        sched: u8,
+        usable: &[Arc<Backend>],
+        client: IpAddr,
+        tried: &[SocketAddr],
+        now: u64,
+    ) -> Option<Arc<Backend>> {
         let sched = Scheduler::ALL
             .get(usize::from(sched))
             .copied()
@@ -429,6 +467,9 @@ impl Balancer {
                 .filter(|b| ok(b))
                 .max_by_key(|b| score(key, b.key)),
             Scheduler::P2c => {
+                if let Some((a, b)) = sample_two(usable, ok) {
+                    return Some(if b.load() < a.load() { b } else { a });
+                }
                 let k = usable.iter().filter(|b| ok(b)).count();
                 match k {
                     0 => None,
@@ -446,6 +487,11 @@ impl Balancer {
                 }
             }
             Scheduler::Random => {
+                // Usually the first draw passes; count only when it does not.
+                let b = &usable[rand_below(usable.len())];
+                if ok(b) {
+                    return Some(b);
+                }
                 let k = usable.iter().filter(|b| ok(b)).count();
                 if k == 0 {
                     return None;

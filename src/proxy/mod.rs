@@ -217,9 +217,10 @@ impl Service {
         if self.balancer.set_scheduler(scheduler) {
             tracing::info!(service = %self.name, scheduler = %scheduler, "scheduler in force");
         }
+        // TCP only: a UDP port of the same Service sends no header.
         let pp = match &spec.proxy_protocol {
-            Setting::Set(v) => Some(*v),
-            Setting::Default | Setting::Invalid(_) => None,
+            Setting::Set(v) if self.name.protocol == Protocol::Tcp => Some(*v),
+            _ => None,
         };
         if pp != self.proxy_protocol() {
             tracing::info!(service = %self.name, proxy_protocol = pp.map_or("off", |p| p.as_str()), "PROXY protocol header");
