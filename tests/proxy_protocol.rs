@@ -365,9 +365,16 @@ fn behind_the_redirect_the_header_names_the_cluster_ip_the_client_dialled() {
         );
         std::thread::sleep(Duration::from_millis(25));
     }
-    for (v, vip) in [(1u8, "10.96.0.41:80"), (2, "10.96.0.42:80")] {
+    // From a pod (PREROUTING) and from the node itself (OUTPUT).
+    let cases = [
+        (&pod, 1u8, "10.96.0.41:80"),
+        (&pod, 2, "10.96.0.42:80"),
+        (&node, 1, "10.96.0.41:80"),
+        (&node, 2, "10.96.0.42:80"),
+    ];
+    for (ns, v, vip) in cases {
         let vip: SocketAddr = vip.parse().unwrap();
-        let (me, got) = pod
+        let (me, got) = ns
             .spawn(move || {
                 let mut s = std::net::TcpStream::connect_timeout(&vip, Duration::from_secs(3))?;
                 s.set_read_timeout(Some(Duration::from_secs(3)))?;
@@ -385,7 +392,12 @@ fn behind_the_redirect_the_header_names_the_cluster_ip_the_client_dialled() {
             src: me,
             dst: vip,
         };
-        assert_eq!(got, format!("{want:?}"), "v{v} through the ClusterIP");
+        assert_eq!(
+            got,
+            format!("{want:?}"),
+            "v{v} through the ClusterIP from {}",
+            ns.name
+        );
     }
 }
 
