@@ -351,9 +351,10 @@ impl Balancer {
         self.set.load().usable.len()
     }
 
-    /// Picks the backend for a client's next dial, avoiding those in `tried`
-    /// (earlier attempts of this connection). Affinity applies to the first
-    /// attempt only, as upstream. Preference: untried and healthy, then
+    /// Picks the backend for a client's next dial by the scheduler in force,
+    /// avoiding those in `tried` (earlier attempts of this connection).
+    /// Affinity applies to the first attempt only, as upstream, and wins
+    /// over the scheduler. Preference: untried and healthy, then
     /// untried but ejected (every endpoint ejected), then tried ones (fewer
     /// endpoints than attempts). `None` only when no endpoint is usable.
     pub fn pick(&self, client: IpAddr, tried: &[SocketAddr]) -> Option<Arc<Backend>> {
