@@ -337,3 +337,40 @@ async fn scheduler_annotation_applies_swaps_live_and_unknown_values_fall_back() 
     assert_eq!(doc.services[0].scheduler, "p2c");
     assert_eq!(doc.services[0].proxy_protocol, "off");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sh_applies_to_udp_sessions_too() {
+    // Every new session (a new source port) of one client IP lands on the
+    // same backend; round-robin would rotate them.
+    let backends = [
+        udp_echo_backend("a").await,
+        udp_echo_backend("b").await,
+        udp_echo_backend("c").await,
+    ];
+    let mut snap = udp_snapshot("udp-sh", &backends);
+    for e in snap.services.values_mut() {
+        e.port.scheduler = Setting::Set(Scheduler::Sh);
+    }
+    let mut p = proxier(CopyMode::Splice);
+    p.sync(&snap);
+    let addr = localhost(p.listener_port(&udp_name("udp-sh")).expect("bound"));
+    let mut by_ip: BTreeMap<u8, BTreeSet<String>> = BTreeMap::new();
+    for last in 2..22u8 {
+        for _ in 0..3 {
+            let s = tokio::net::UdpSocket::bind(SocketAddr::from(([127, 0, 0, last], 0)))
+                .await
+                .unwrap();
+            s.send_to(b"q", addr).await.unwrap();
+            let mut buf = [0u8; 64];
+            let (n, _) = tokio::time::timeout(Duration::from_secs(2), s.recv_from(&mut buf))
+                .await
+                .expect("answered")
+                .unwrap();
+            let answer = String::from_utf8_lossy(&buf[..n]).into_owned();
+            by_ip.entry(last).or_default().insert(answer);
+        }
+    }
+    assert!(by_ip.values().all(|b| b.len() == 1), "{by_ip:?}");
+    let used: BTreeSet<&String> = by_ip.values().flatten().collect();
+    assert!(used.len() >= 2, "{by_ip:?}");
+}
