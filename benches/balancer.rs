@@ -1,10 +1,11 @@
-//! Balancer pick cost (ns/pick), plain round-robin and with ClientIP affinity.
+//! Balancer pick cost (ns/pick): every scheduler at 3 and 100 endpoints,
+//! and round-robin with ClientIP affinity.
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use kube_userspace_proxy::model::{Affinity, Endpoint};
+use kube_userspace_proxy::model::{Affinity, Endpoint, Scheduler};
 use kube_userspace_proxy::proxy::balancer::Balancer;
 
 fn endpoints(n: u16) -> Vec<Endpoint> {
@@ -22,12 +23,15 @@ fn endpoints(n: u16) -> Vec<Endpoint> {
 
 fn pick(c: &mut Criterion) {
     let client = IpAddr::from([192, 168, 0, 1]);
-    for n in [3u16, 100] {
-        let b = Balancer::default();
-        b.update(&endpoints(n), None);
-        c.bench_function(&format!("pick/rr/{n}"), |bench| {
-            bench.iter(|| b.pick(std::hint::black_box(client), &[]))
-        });
+    for s in Scheduler::ALL {
+        for n in [3u16, 100] {
+            let b = Balancer::default();
+            b.update(&endpoints(n), None);
+            b.set_scheduler(s);
+            c.bench_function(&format!("pick/{s}/{n}"), |bench| {
+                bench.iter(|| b.pick(std::hint::black_box(client), &[]))
+            });
+        }
     }
     let b = Balancer::default();
     b.update(

@@ -96,6 +96,8 @@ fn main() {
                     affinity: None,
                     internal_local: false,
                     external_local: false,
+                    scheduler: Default::default(),
+                    proxy_protocol: Default::default(),
                 },
                 endpoints: vec![Endpoint {
                     addr: backend,

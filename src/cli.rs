@@ -8,6 +8,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::iptables::exec::BackendChoice;
 use crate::iptables::Mode as IptablesMode;
+use crate::model::Scheduler;
 use crate::proxy::ports::PortRange;
 use crate::proxy::splice::CopyMode;
 
@@ -101,6 +102,10 @@ pub struct RunArgs {
     /// How bytes are moved: zero-copy `splice` or plain `copy`.
     #[arg(long, value_enum, default_value_t = CopyMode::Splice)]
     pub copy_mode: CopyMode,
+    /// Scheduler of services without a (valid) `kube-userspace-proxy.io/scheduler`
+    /// annotation: rr, lc, sh, sed, nq, p2c or random.
+    #[arg(long, value_enum, default_value_t = Scheduler::Rr)]
+    pub scheduler: Scheduler,
     /// A UDP session ends after this long without a datagram either way.
     /// Upstream's 250ms keeps sockets few; raise it for backends slower to
     /// answer (a DNS server recursing for seconds), as each late answer is

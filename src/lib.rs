@@ -138,6 +138,7 @@ fn proxy_config(args: &RunArgs, fd_limit: u64) -> ProxyConfig {
             .max_connections
             .unwrap_or_else(|| connections_for_fd_limit(fd_limit)),
         tcp_fin_timeout: args.tcp_fin_timeout,
+        scheduler: args.scheduler,
     }
 }
 

@@ -171,6 +171,11 @@ pub const UDP_SESSIONS_CREATED: &str = "kusp_udp_sessions_created_total";
 pub const UDP_SESSIONS_EXPIRED: &str = "kusp_udp_sessions_expired_total";
 /// UDP: datagrams of new clients dropped at the session cap.
 pub const UDP_SESSIONS_DROPPED: &str = "kusp_udp_sessions_dropped_total";
+/// Unknown values of our Service annotations, label `annotation`
+/// (`scheduler`, `proxy-protocol`); the service runs with the default.
+pub const CONFIG_ERRORS: &str = "kusp_service_config_errors_total";
+/// Always 1; labels `scheduler` and `proxy_protocol` say what is in force.
+pub const SERVICE_INFO: &str = "kusp_service_info";
 /// Per backend: connections open now.
 pub const BACKEND_ACTIVE: &str = "kusp_backend_connections_active";
 /// Per backend: connections established.
@@ -239,6 +244,16 @@ const FAMILIES: &[Family] = &[
         LISTENER_PORT,
         "gauge",
         "Port of the service port's listener.",
+    ),
+    Family(
+        CONFIG_ERRORS,
+        "counter",
+        "Unknown Service annotation values (the default was used instead), by annotation.",
+    ),
+    Family(
+        SERVICE_INFO,
+        "gauge",
+        "Scheduler and PROXY protocol version in force for the service port (value 1).",
     ),
     Family(
         BACKEND_ACTIVE,
@@ -370,6 +385,26 @@ pub fn render_services(services: &[ServiceView]) -> String {
         if let Some(p) = v.listener_port {
             push(LISTENER_PORT, format!("{LISTENER_PORT}{{{l}}} {p}"));
         }
+        for (a, n) in crate::proxy::CONFIG_ANNOTATIONS
+            .iter()
+            .zip(&s.config_errors)
+        {
+            push(
+                CONFIG_ERRORS,
+                format!(
+                    "{CONFIG_ERRORS}{{{l},annotation=\"{a}\"}} {}",
+                    n.load(Relaxed)
+                ),
+            );
+        }
+        push(
+            SERVICE_INFO,
+            format!(
+                "{SERVICE_INFO}{{{l},scheduler=\"{}\",proxy_protocol=\"{}\"}} 1",
+                v.service.balancer.scheduler(),
+                v.service.proxy_protocol().map_or("off", |p| p.as_str())
+            ),
+        );
         if v.service.name.protocol == crate::model::Protocol::Udp {
             let load = |a: &AtomicU64| a.load(Relaxed);
             push(

@@ -113,6 +113,127 @@ pub struct ServicePort {
     pub internal_local: bool,
     /// `externalTrafficPolicy: Local`.
     pub external_local: bool,
+    /// Annotation [`ANNOTATION_SCHEDULER`]: how endpoints are chosen.
+    pub scheduler: Setting<Scheduler>,
+    /// Annotation [`ANNOTATION_PROXY_PROTOCOL`]: PROXY header to backends.
+    pub proxy_protocol: Setting<ProxyProtocol>,
+}
+
+/// Service annotation choosing the scheduler of every port of the Service.
+pub const ANNOTATION_SCHEDULER: &str = "kube-userspace-proxy.io/scheduler";
+/// Service annotation turning the PROXY protocol header on (`v1` or `v2`).
+pub const ANNOTATION_PROXY_PROTOCOL: &str = "kube-userspace-proxy.io/proxy-protocol";
+
+/// A per-Service setting read from an annotation. Discovery only parses;
+/// the proxier resolves [`Setting::Default`] against its flags and reports
+/// [`Setting::Invalid`] (which then also means the default).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Setting<T> {
+    /// Annotation absent or empty: the proxy-wide default.
+    #[default]
+    Default,
+    /// A valid value.
+    Set(T),
+    /// An unknown value, kept verbatim for the report.
+    Invalid(String),
+}
+
+impl<T: Copy> Setting<T> {
+    /// The value in force: the annotation's when valid, else `default`.
+    pub fn or(&self, default: T) -> T {
+        match self {
+            Self::Set(v) => *v,
+            Self::Default | Self::Invalid(_) => default,
+        }
+    }
+}
+
+/// How a service port chooses among its usable endpoints (names as `ipvsadm`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scheduler {
+    /// Round-robin.
+    #[default]
+    Rr,
+    /// Least active connections.
+    Lc,
+    /// Source-IP hash, consistent (rendezvous hashing).
+    Sh,
+    /// Shortest expected delay: (active + 1) × smoothed connect time.
+    Sed,
+    /// Never queue: an idle endpoint if any, else shortest expected delay.
+    Nq,
+    /// Power of two choices: the less loaded of two random endpoints.
+    P2c,
+    /// Uniformly random.
+    Random,
+}
+
+impl Scheduler {
+    /// Every scheduler, in the order of the documentation.
+    pub const ALL: [Scheduler; 7] = [
+        Self::Rr,
+        Self::Lc,
+        Self::Sh,
+        Self::Sed,
+        Self::Nq,
+        Self::P2c,
+        Self::Random,
+    ];
+
+    /// The annotation / flag spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Rr => "rr",
+            Self::Lc => "lc",
+            Self::Sh => "sh",
+            Self::Sed => "sed",
+            Self::Nq => "nq",
+            Self::P2c => "p2c",
+            Self::Random => "random",
+        }
+    }
+
+    /// Parses the annotation spelling (exact, lowercase).
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|x| x.as_str() == s)
+    }
+}
+
+impl fmt::Display for Scheduler {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Version of the PROXY protocol header sent to backends (HAProxy's spec).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProxyProtocol {
+    /// Human-readable text header (`PROXY TCP4 ...\r\n`).
+    V1,
+    /// Binary header.
+    V2,
+}
+
+impl ProxyProtocol {
+    /// The annotation spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::V1 => "v1",
+            Self::V2 => "v2",
+        }
+    }
+
+    /// Parses the annotation spelling.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "v1" => Some(Self::V1),
+            "v2" => Some(Self::V2),
+            _ => None,
+        }
+    }
 }
 
 /// One backend of a service port, with its EndpointSlice conditions.

@@ -44,8 +44,11 @@ pub struct ServiceStatus {
     pub listener_port: Option<u16>,
     /// Whether redirect rules are in place for its addresses.
     pub rules: bool,
-    /// Scheduler (`rr`).
+    /// Scheduler in force (`rr`, `lc`, `sh`, `sed`, `nq`, `p2c`, `random`).
     pub scheduler: String,
+    /// PROXY protocol header sent to backends: `off`, `v1` or `v2`.
+    #[serde(default = "off")]
+    pub proxy_protocol: String,
     /// ClientIP affinity timeout, if enabled.
     pub affinity_seconds: Option<u64>,
     /// Client connections accepted.
@@ -107,6 +110,10 @@ pub struct EndpointStatus {
     pub bytes_out: u64,
 }
 
+fn off() -> String {
+    "off".into()
+}
+
 /// Builds the document from the live services.
 pub fn collect(services: &[ServiceView], iptables: &str) -> StatusDoc {
     let rules_on = iptables == "synced";
@@ -135,7 +142,12 @@ pub fn collect(services: &[ServiceView], iptables: &str) -> StatusDoc {
                     && !(spec.cluster_ips.is_empty() && external.is_empty()),
                 external_ips: external,
                 listener_port: v.listener_port,
-                scheduler: "rr".into(),
+                scheduler: v.service.balancer.scheduler().to_string(),
+                proxy_protocol: v
+                    .service
+                    .proxy_protocol()
+                    .map_or("off", |p| p.as_str())
+                    .into(),
                 affinity_seconds: spec.affinity.map(|a| a.timeout.as_secs()),
                 accepted: s.accepted.load(Relaxed),
                 active: s.active.load(Relaxed),
@@ -221,6 +233,18 @@ fn service_label(s: &ServiceStatus) -> String {
     name
 }
 
+/// The Sched column of a service row: `rr`, `sh sticky`, `lc pp-v2`.
+fn sched_label(s: &ServiceStatus) -> String {
+    let mut out = s.scheduler.clone();
+    if s.affinity_seconds.is_some() {
+        out.push_str(" sticky");
+    }
+    if !matches!(s.proxy_protocol.as_str(), "" | "off") {
+        let _ = write!(out, " pp-{}", s.proxy_protocol);
+    }
+    out
+}
+
 /// Renders the table. With `prev` (an earlier sample and the time between
 /// them), the counters become rates per second (`--rate`). The first column
 /// is as wide as its longest entry, so rows stay aligned.
@@ -245,10 +269,13 @@ pub fn render_table(doc: &StatusDoc, prev: Option<(&StatusDoc, Duration)>) -> St
     } else {
         ("Conns", "InBytes", "OutBytes")
     };
+    // Sched column: scheduler, then flags as ipvsadm's `persistent`.
+    let scheds: Vec<String> = doc.services.iter().map(sched_label).collect();
+    let sw = scheds.iter().map(String::len).chain([9]).max().unwrap_or(9);
     let row = |out: &mut String, prot: &str, first: &str, cols: [&str; 7]| {
         let _ = writeln!(
             out,
-            "{prot:<5} {first:<w$} {:<9} {:>6} {:>8} {:>8} {:>8} {:>9} {:>9}",
+            "{prot:<5} {first:<w$} {:<sw$} {:>6} {:>8} {:>8} {:>8} {:>9} {:>9}",
             cols[0], cols[1], cols[2], cols[3], cols[4], cols[5], cols[6]
         );
     };
@@ -272,22 +299,18 @@ pub fn render_table(doc: &StatusDoc, prev: Option<(&StatusDoc, Duration)>) -> St
             _ => human(now as f64),
         }
     };
-    for (s, label) in doc.services.iter().zip(&labels) {
+    for ((s, label), sched) in doc.services.iter().zip(&labels).zip(&scheds) {
         let before = prev.and_then(|(p, _)| {
             p.services.iter().find(|o| {
                 o.namespace == s.namespace && o.name == s.name && o.port_name == s.port_name
             })
         });
-        let sched = match s.affinity_seconds {
-            Some(_) => format!("{} sticky", s.scheduler),
-            None => s.scheduler.clone(),
-        };
         row(
             &mut out,
             &s.protocol,
             label,
             [
-                &sched,
+                sched,
                 &s.active.to_string(),
                 &delta(s.accepted, before.map(|b| b.accepted)),
                 &delta(s.failed, before.map(|b| b.failed)),

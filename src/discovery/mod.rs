@@ -19,7 +19,8 @@ use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 use crate::model::{
-    Affinity, Endpoint, Protocol, ServiceEntry, ServicePort, ServicePortName, Snapshot,
+    Affinity, Endpoint, Protocol, ProxyProtocol, Scheduler, ServiceEntry, ServicePort,
+    ServicePortName, Setting, Snapshot, ANNOTATION_PROXY_PROTOCOL, ANNOTATION_SCHEDULER,
     DEFAULT_AFFINITY_TIMEOUT,
 };
 
@@ -349,6 +350,16 @@ fn service_ports(svc: &Service) -> Result<Option<Vec<(ServicePortName, ServicePo
             ))
         }
     };
+    let scheduler = annotation(meta, ANNOTATION_SCHEDULER, Scheduler::parse);
+    let proxy_protocol = annotation(meta, ANNOTATION_PROXY_PROTOCOL, |v| match v {
+        "off" => Some(None),
+        v => ProxyProtocol::parse(v).map(Some),
+    });
+    let proxy_protocol = match proxy_protocol {
+        Setting::Set(None) | Setting::Default => Setting::Default,
+        Setting::Set(Some(v)) => Setting::Set(v),
+        Setting::Invalid(v) => Setting::Invalid(v),
+    };
     let ports = spec.ports.as_deref().unwrap_or(&[]);
     if ports.is_empty() {
         return Err((
@@ -390,10 +401,34 @@ fn service_ports(svc: &Service) -> Result<Option<Vec<(ServicePortName, ServicePo
                 affinity,
                 internal_local: spec.internal_traffic_policy.as_deref() == Some("Local"),
                 external_local: spec.external_traffic_policy.as_deref() == Some("Local"),
+                scheduler: scheduler.clone(),
+                proxy_protocol: proxy_protocol.clone(),
             },
         ));
     }
     Ok(Some(out))
+}
+
+/// A per-Service annotation: absent or empty is the default, a value
+/// `parse` rejects is kept as [`Setting::Invalid`] for the proxier to report
+/// (an unknown value never makes the Service invalid). Values are trimmed and
+/// lowercased.
+fn annotation<T>(
+    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    key: &str,
+    parse: impl Fn(&str) -> Option<T>,
+) -> Setting<T> {
+    let Some(raw) = meta.annotations.as_ref().and_then(|a| a.get(key)) else {
+        return Setting::Default;
+    };
+    let v = raw.trim().to_ascii_lowercase();
+    if v.is_empty() {
+        return Setting::Default;
+    }
+    match parse(&v) {
+        Some(x) => Setting::Set(x),
+        None => Setting::Invalid(raw.clone()),
+    }
 }
 
 /// A validated EndpointSlice.

@@ -107,6 +107,23 @@ pub struct Dialed {
     pub backend: Arc<Backend>,
 }
 
+/// A dial in flight, counted in [`Backend::pending`] until dropped (also
+/// when the connection task is cancelled mid-dial).
+struct InFlight<'a>(&'a Backend);
+
+impl<'a> InFlight<'a> {
+    fn new(b: &'a Backend) -> Self {
+        b.pending.fetch_add(1, Relaxed);
+        Self(b)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.pending.fetch_sub(1, Relaxed);
+    }
+}
+
 async fn connect_once(addr: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
     match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
         Ok(r) => r,
@@ -138,8 +155,11 @@ pub async fn dial(
         if attempt > 0 {
             stats.retries.fetch_add(1, Relaxed);
         }
-        let mut r = connect_once(backend.addr, timeout).await;
-        while let Err(e) = &r {
+        // Counted as load while in flight, for the load-aware schedulers.
+        let in_flight = InFlight::new(&backend);
+        let mut attempt_started = std::time::Instant::now();
+        let mut result = connect_once(backend.addr, timeout).await;
+        while let Err(e) = &result {
             if !super::is_local_exhaustion(e) || local_budget.is_zero() {
                 break;
             }
@@ -148,12 +168,15 @@ pub async fn dial(
             tokio::time::sleep(pause).await;
             local_budget -= pause;
             local_backoff = (local_backoff * 2).min(Duration::from_millis(500));
-            r = connect_once(backend.addr, timeout).await;
+            attempt_started = std::time::Instant::now();
+            result = connect_once(backend.addr, timeout).await;
         }
-        match r {
+        drop(in_flight);
+        match result {
             Ok(stream) => {
                 stats.count_dial(DialResult::Ok);
                 stats.connect_latency.observe(started.elapsed());
+                backend.observe_connect(attempt_started.elapsed());
                 balancer.report_success(&backend);
                 let _ = stream.set_nodelay(true);
                 return Ok(Dialed { stream, backend });

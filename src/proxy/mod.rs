@@ -11,13 +11,14 @@
 pub mod balancer;
 pub mod connect;
 pub mod ports;
+pub mod proxy_protocol;
 pub mod splice;
 pub mod tcp;
 pub mod udp;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,7 +29,10 @@ use tokio_util::task::TaskTracker;
 use arc_swap::ArcSwap;
 
 use crate::metrics::LatencyHistogram;
-use crate::model::{Protocol, ServicePort, ServicePortName, Snapshot};
+use crate::model::{
+    Protocol, ProxyProtocol, Scheduler, ServicePort, ServicePortName, Setting, Snapshot,
+    ANNOTATION_PROXY_PROTOCOL, ANNOTATION_SCHEDULER,
+};
 use balancer::Balancer;
 use connect::DialResult;
 use ports::{PortAllocator, PortRange};
@@ -56,6 +60,8 @@ pub struct ProxyConfig {
     /// Once one direction of a connection has ended, the other is closed
     /// after this long without a byte (`--tcp-fin-timeout`).
     pub tcp_fin_timeout: Duration,
+    /// Scheduler of services without a valid scheduler annotation (`--scheduler`).
+    pub scheduler: Scheduler,
 }
 
 impl Default for ProxyConfig {
@@ -69,6 +75,7 @@ impl Default for ProxyConfig {
             udp_max_sessions: DEFAULT_UDP_MAX_SESSIONS,
             max_connections: 0,
             tcp_fin_timeout: DEFAULT_TCP_FIN_TIMEOUT,
+            scheduler: Scheduler::Rr,
         }
     }
 }
@@ -150,7 +157,12 @@ pub struct ServiceStats {
     pub sessions_expired: AtomicU64,
     /// UDP: new clients dropped at `--udp-max-sessions`.
     pub sessions_dropped: AtomicU64,
+    /// Unknown annotation values seen, by [`CONFIG_ANNOTATIONS`] entry.
+    pub config_errors: [AtomicU64; 2],
 }
+
+/// The annotations whose unknown values are counted, as metric label values.
+pub const CONFIG_ANNOTATIONS: [&str; 2] = ["scheduler", "proxy-protocol"];
 
 impl ServiceStats {
     /// Counts one dial attempt.
@@ -179,6 +191,71 @@ pub struct Service {
     pub balancer: Balancer,
     /// Its counters.
     pub stats: ServiceStats,
+    /// PROXY protocol header for backends: 0 off, 1 v1, 2 v2; switched in
+    /// place like the scheduler (new connections follow, open ones keep theirs).
+    proxy_protocol: AtomicU8,
+}
+
+// === impl Service ===
+
+impl Service {
+    /// A service port with no endpoints yet, round-robin, no PROXY header.
+    pub fn new(name: ServicePortName) -> Self {
+        Self {
+            name,
+            balancer: Balancer::default(),
+            stats: ServiceStats::default(),
+            proxy_protocol: AtomicU8::new(0),
+        }
+    }
+
+    /// The PROXY protocol version sent to backends, if any.
+    pub fn proxy_protocol(&self) -> Option<ProxyProtocol> {
+        match self.proxy_protocol.load(Relaxed) {
+            1 => Some(ProxyProtocol::V1),
+            2 => Some(ProxyProtocol::V2),
+            _ => None,
+        }
+    }
+
+    /// Sets the PROXY protocol version for new connections.
+    pub fn set_proxy_protocol(&self, v: Option<ProxyProtocol>) {
+        let n = match v {
+            None => 0,
+            Some(ProxyProtocol::V1) => 1,
+            Some(ProxyProtocol::V2) => 2,
+        };
+        self.proxy_protocol.store(n, Relaxed);
+    }
+
+    /// Applies the annotation settings of `spec` in place (`default`: the
+    /// `--scheduler` flag). Unknown values are logged and counted, and the
+    /// default applies; the service is served either way.
+    pub fn apply_settings(&self, spec: &ServicePort, default: Scheduler) {
+        if let Setting::Invalid(v) = &spec.scheduler {
+            self.stats.config_errors[0].fetch_add(1, Relaxed);
+            tracing::warn!(service = %self.name, annotation = ANNOTATION_SCHEDULER, value = %v, default = %default,
+                "unknown scheduler (want rr, lc, sh, sed, nq, p2c or random); using the default");
+        }
+        if let Setting::Invalid(v) = &spec.proxy_protocol {
+            self.stats.config_errors[1].fetch_add(1, Relaxed);
+            tracing::warn!(service = %self.name, annotation = ANNOTATION_PROXY_PROTOCOL, value = %v,
+                "unknown PROXY protocol version (want v1, v2 or off); no header is sent");
+        }
+        let scheduler = spec.scheduler.or(default);
+        if self.balancer.set_scheduler(scheduler) {
+            tracing::info!(service = %self.name, scheduler = %scheduler, "scheduler in force");
+        }
+        // TCP only: a UDP port of the same Service sends no header.
+        let pp = match &spec.proxy_protocol {
+            Setting::Set(v) if self.name.protocol == Protocol::Tcp => Some(*v),
+            _ => None,
+        };
+        if pp != self.proxy_protocol() {
+            tracing::info!(service = %self.name, proxy_protocol = pp.map_or("off", |p| p.as_str()), "PROXY protocol header");
+            self.set_proxy_protocol(pp);
+        }
+    }
 }
 
 /// A service port as status and metrics see it: live counters, spec, port.
@@ -391,15 +468,15 @@ impl Proxier {
                 }
                 continue;
             }
-            let served = self.served.entry(name.clone()).or_insert_with(|| Served {
-                spec: entry.port.clone(),
-                service: Arc::new(Service {
-                    name: name.clone(),
-                    balancer: Balancer::default(),
-                    stats: ServiceStats::default(),
-                }),
-                listener: None,
-                allocated: None,
+            let mut settings_due = false;
+            let served = self.served.entry(name.clone()).or_insert_with(|| {
+                settings_due = true;
+                Served {
+                    spec: entry.port.clone(),
+                    service: Arc::new(Service::new(name.clone())),
+                    listener: None,
+                    allocated: None,
+                }
             });
             if served.spec.node_port != entry.port.node_port && served.listener.is_some() {
                 tracing::info!(service = %name, from = ?served.spec.node_port, to = ?entry.port.node_port, "nodePort changed: re-homing the listener");
@@ -412,6 +489,13 @@ impl Proxier {
             if served.spec != entry.port {
                 report.spec_changed += 1;
                 served.spec = entry.port.clone();
+                settings_due = true;
+            }
+            if settings_due {
+                // New or changed spec: scheduler and PROXY header swap in place.
+                served
+                    .service
+                    .apply_settings(&entry.port, self.ctx.config.scheduler);
             }
             if served
                 .service

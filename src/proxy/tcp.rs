@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::balancer::now_ms;
 use super::splice::{self, Counters};
-use super::{connect, Context, Service};
+use super::{connect, proxy_protocol, Context, Service};
 
 /// Listen backlog: large, as connections are accepted and dialed
 /// concurrently; the kernel caps it at `net.core.somaxconn`.
@@ -153,15 +153,24 @@ async fn serve(client: TcpStream, peer: SocketAddr, service: Arc<Service>, ctx: 
                 to_backend: [&stats.bytes_in, &backend.bytes_in],
                 to_client: [&stats.bytes_out, &backend.bytes_out],
             };
-            let r = splice::proxy(
-                ctx.config.copy_mode,
-                &client,
-                &backend_stream,
-                &ctx.pipes,
-                counters,
-                ctx.config.tcp_fin_timeout,
-            )
-            .await;
+            // The PROXY header, when the service wants one, precedes any client byte.
+            let pp = service.proxy_protocol();
+            let to_backend = counters.to_backend;
+            let header = proxy_protocol::send(pp, &client, &backend_stream, peer, to_backend).await;
+            let r = match header {
+                Ok(()) => {
+                    splice::proxy(
+                        ctx.config.copy_mode,
+                        &client,
+                        &backend_stream,
+                        &ctx.pipes,
+                        counters,
+                        ctx.config.tcp_fin_timeout,
+                    )
+                    .await
+                }
+                Err(e) => Err(e),
+            };
             if let Err(e) = r {
                 tracing::debug!(service = %service.name, backend = %backend.addr, error = %e, "connection ended with an error");
             }

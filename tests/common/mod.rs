@@ -252,6 +252,8 @@ pub fn snapshot(name: &str, endpoints: &[SocketAddr], affinity: Option<Affinity>
                 affinity,
                 internal_local: false,
                 external_local: false,
+                scheduler: Default::default(),
+                proxy_protocol: Default::default(),
             },
             endpoints: endpoints.iter().copied().map(endpoint).collect(),
         },
