@@ -95,7 +95,7 @@ pub struct Affinity {
 pub const DEFAULT_AFFINITY_TIMEOUT: Duration = Duration::from_secs(10800);
 
 /// Everything the proxy needs to know about one service port, besides its endpoints.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct ServicePort {
     /// ClusterIPs (one per family); empty for a Service from a manifest with none.
     pub cluster_ips: Vec<IpAddr>,

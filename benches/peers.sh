@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Side-by-side on loopback: HAProxy, nginx stream, socat and
+# kube-userspace-proxy in splice and copy mode, all in front of the same
+# nginx and iperf3 backends, driven by ../shared/bench/peers.py (wrk
+# keep-alive, wrk new connection per request, iperf3 1 and 4 streams).
+# Usage: benches/peers.sh   (env: BENCH_SECONDS, BENCH_ROUNDS, BENCH_CONNS)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+peers_py=${PEERS_PY:-../shared/bench/peers.py}
+[ -f "$peers_py" ] || { echo "peers.py not found at $peers_py (set PEERS_PY)" >&2; exit 2; }
+
+missing=0
+for tool in nginx haproxy socat wrk iperf3; do command -v "$tool" >/dev/null || missing=1; done
+[ -e /usr/lib/nginx/modules/ngx_stream_module.so ] || missing=1
+if [ "$missing" = 1 ]; then
+  sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
+  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+    nginx libnginx-mod-stream haproxy socat wrk iperf3 >/dev/null
+fi
+
+cargo build --release --quiet
+bin=$PWD/target/release/kube-userspace-proxy
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+
+# Two services per proxy: HTTP on PORT (→ nginx 18080), bulk on PORT+1
+# (→ iperf3 15201), as peers.py expects.
+manifests() { # dir port
+  mkdir -p "$1"
+  local http=$2 bulk=$(($2 + 1)) name target np
+  for pair in "http:18080:$http" "bulk:15201:$bulk"; do
+    IFS=: read -r name target np <<<"$pair"
+    cat >"$1/$name.yaml" <<YAML
+apiVersion: v1
+kind: Service
+metadata: {name: $name, namespace: bench}
+spec:
+  type: NodePort
+  ports: [{name: tcp, port: 80, nodePort: $np}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: $name-1, namespace: bench, labels: {kubernetes.io/service-name: $name}}
+addressType: IPv4
+ports: [{name: tcp, port: $target}]
+endpoints: [{addresses: ["127.0.0.1"]}]
+YAML
+  done
+}
+manifests "$work/splice" 28090
+manifests "$work/copy" 28092
+common="--bind-address 127.0.0.1 --iptables off --metrics-bind-address 127.0.0.1:0 --healthz-bind-address 127.0.0.1:0 --log-level warn"
+
+echo "# $(date -u +%F) $(nproc) cpus, $(uname -r); kube-userspace-proxy $(git rev-parse --short HEAD)"
+python3 "$peers_py" \
+  "kusp-splice=28090=$bin --manifests $work/splice --copy-mode splice $common" \
+  "kusp-copy=28092=$bin --manifests $work/copy --copy-mode copy $common"
