@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use kube_userspace_proxy::model::{
     Endpoint, Protocol, ServiceEntry, ServicePort, ServicePortName, Snapshot,
 };
-use kube_userspace_proxy::proxy::{ProxyConfig, Proxier};
+use kube_userspace_proxy::proxy::{Proxier, ProxyConfig};
 use tokio::net::UdpSocket;
 
 const CLIENTS: usize = 4;
@@ -115,12 +115,23 @@ fn main() {
         p.sync(&snapshot);
         let port = p.listener_port(&name).expect("listener");
         let proxy: SocketAddr = ([127, 0, 0, 1], port).into();
-        println!("# {CLIENTS} clients x {WINDOW} in flight, {secs}s each, echo backend on 127.0.0.1");
-        println!("{:<8} {:>14} {:>14} {:>8}", "payload", "direct dgram/s", "proxy dgram/s", "ratio");
+        println!(
+            "# {CLIENTS} clients x {WINDOW} in flight, {secs}s each, echo backend on 127.0.0.1"
+        );
+        println!(
+            "{:<8} {:>14} {:>14} {:>8}",
+            "payload", "direct dgram/s", "proxy dgram/s", "ratio"
+        );
         for size in [64usize, 1400] {
             let direct = rate(backend, size, secs).await;
             let proxied = rate(proxy, size, secs).await;
-            println!("{:<8} {:>14.0} {:>14.0} {:>8.2}", size, direct, proxied, proxied / direct);
+            println!(
+                "{:<8} {:>14.0} {:>14.0} {:>8.2}",
+                size,
+                direct,
+                proxied,
+                proxied / direct
+            );
         }
     });
 }
