@@ -229,18 +229,27 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             // The admin servers already answer: /readyz is 503 until the
             // first complete list is applied.
             let first = discovery::kube::spawn(*client, options, stop_discovery.clone());
-            tokio::select! {
-                r = first => r?,
-                _ = shutdown_signal() => {
-                    tracing::info!("stopped before the first list");
-                    stop_discovery.cancel();
-                    if let Some(r) = rules {
-                        if let Err(e) = r.iptables.cleanup().await {
-                            tracing::error!(error = %e, "cannot remove iptables rules; run --cleanup");
+            let stop = shutdown_signal();
+            tokio::pin!(first, stop);
+            // While waiting, /healthz stays healthy (nothing is stale yet).
+            let mut alive = tokio::time::interval(
+                (args.iptables_sync_period / 2).max(Duration::from_millis(100)),
+            );
+            loop {
+                tokio::select! {
+                    r = &mut first => break r?,
+                    _ = alive.tick() => health.starting_at(std::time::SystemTime::now()),
+                    _ = &mut stop => {
+                        tracing::info!("stopped before the first list");
+                        stop_discovery.cancel();
+                        if let Some(r) = rules {
+                            if let Err(e) = r.iptables.cleanup().await {
+                                tracing::error!(error = %e, "cannot remove iptables rules; run --cleanup");
+                            }
                         }
+                        stop_admin.cancel();
+                        return Ok(());
                     }
-                    stop_admin.cancel();
-                    return Ok(());
                 }
             }
         }

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use common::netns::{require_root, veth, Netns};
 use common::*;
-use fake_api::{node_port_service, service, slice, FakeApi, Kind};
+use fake_api::{node_port_service, service, slice, FakeApi, Kind, Trust};
 use kube_userspace_proxy::discovery::{self, Options};
 use kube_userspace_proxy::model::{Protocol, ServicePortName, Snapshot};
 use serde_json::json;
@@ -488,6 +488,44 @@ async fn a_wrong_token_is_not_served() {
     cancel.cancel();
 }
 
+#[tokio::test]
+async fn tls_with_the_kubeconfigs_ca_or_insecure_skip_verify_and_a_token() {
+    let api = FakeApi::tls().await;
+    api.apply(service("ns", "web", "10.96.0.10", 80));
+    for trust in [Trust::Ca, Trust::Insecure] {
+        let dir = tempfile::tempdir().unwrap();
+        let kc = api.kubeconfig_with(dir.path(), trust);
+        let config = discovery::kube::config(Some(&kc), None).await.unwrap();
+        let client = discovery::kube::client(config).unwrap();
+        let cancel = CancellationToken::new();
+        let rx = tokio::time::timeout(
+            Duration::from_secs(10),
+            discovery::kube::spawn(client, Options::default(), cancel.clone()),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("{trust:?}: no snapshot over TLS"))
+        .unwrap();
+        assert!(rx.borrow().services.contains_key(&key("ns", "web")));
+        cancel.cancel();
+    }
+    // An unknown CA is refused: no snapshot.
+    let dir = tempfile::tempdir().unwrap();
+    let kc = api.kubeconfig_with(dir.path(), Trust::Nothing);
+    let config = discovery::kube::config(Some(&kc), None).await.unwrap();
+    let client = discovery::kube::client(config).unwrap();
+    let cancel = CancellationToken::new();
+    let r = tokio::time::timeout(
+        Duration::from_millis(1500),
+        discovery::kube::spawn(client, Options::default(), cancel.clone()),
+    )
+    .await;
+    assert!(
+        r.is_err(),
+        "a server certificate from an unknown CA was accepted"
+    );
+    cancel.cancel();
+}
+
 // === the binary ===
 
 /// The proxy binary; killed on drop.
@@ -506,6 +544,15 @@ fn free_port() -> u16 {
 
 /// Starts the binary on the host: loopback only, no iptables.
 fn proxy_on_host(kubeconfig: &std::path::Path, healthz: u16, via_env: bool) -> Proxy {
+    proxy_on_host_with(kubeconfig, healthz, via_env, &[])
+}
+
+fn proxy_on_host_with(
+    kubeconfig: &std::path::Path,
+    healthz: u16,
+    via_env: bool,
+    extra: &[&str],
+) -> Proxy {
     let mut cmd = Command::new(BIN);
     if via_env {
         cmd.env("KUBECONFIG", kubeconfig);
@@ -527,6 +574,7 @@ fn proxy_on_host(kubeconfig: &std::path::Path, healthz: u16, via_env: bool) -> P
             "--log-level",
             "warn",
         ])
+        .args(extra)
         .stdout(Stdio::null());
     Proxy(cmd.spawn().unwrap())
 }
@@ -544,8 +592,9 @@ async fn readyz_is_503_until_the_first_list_then_200() {
     let dir = tempfile::tempdir().unwrap();
     let kc = api.kubeconfig(dir.path());
     let healthz = free_port();
-    // KUBECONFIG alone selects Kubernetes discovery.
-    let _proxy = proxy_on_host(&kc, healthz, true);
+    // KUBECONFIG alone selects Kubernetes discovery. A short sync period:
+    // /healthz would turn 503 after two of them if waiting counted as stale.
+    let _proxy = proxy_on_host_with(&kc, healthz, true, &["--iptables-sync-period", "1s"]);
     let mut code = None;
     for _ in 0..200 {
         code = try_get(healthz, "/readyz").await;
@@ -556,8 +605,13 @@ async fn readyz_is_503_until_the_first_list_then_200() {
     }
     assert_eq!(code, Some(503), "not ready while the API server is down");
     assert_eq!(try_get(healthz, "/livez").await, Some(200));
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
     assert_eq!(try_get(healthz, "/readyz").await, Some(503));
+    assert_eq!(
+        try_get(healthz, "/healthz").await,
+        Some(200),
+        "alive while waiting for the API server"
+    );
     api.start().await;
     let mut ready = false;
     for _ in 0..200 {

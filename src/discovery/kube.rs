@@ -109,17 +109,19 @@ pub fn configured(kubeconfig: Option<&Path>, master: Option<&str>) -> bool {
 }
 
 /// The client configuration, like kube-proxy's `BuildConfigFromFlags`:
-/// `--kubeconfig PATH`, else `KUBECONFIG`, else (without `--master`)
-/// in-cluster; `--master` overrides the server URL (alone, it is the whole
-/// configuration). TLS (CA data or file, insecure-skip-tls-verify, client
-/// certificates) and credentials (tokens, token files, exec) are kube's own
-/// kubeconfig handling.
+/// `--kubeconfig PATH`, else `KUBECONFIG`, else in-cluster; `--master`
+/// overrides the server URL. `--master` without a kubeconfig uses the
+/// in-cluster credentials when in a pod (a DaemonSet replacing kube-proxy
+/// must reach the API server directly, not through the `kubernetes`
+/// Service it serves itself), and none otherwise. TLS (CA data or file,
+/// insecure-skip-tls-verify, client certificates) and credentials (tokens,
+/// token files, exec) are kube's own kubeconfig handling.
 pub async fn config(
     kubeconfig: Option<&Path>,
     master: Option<&str>,
 ) -> Result<kube::Config, Error> {
     let opts = KubeConfigOptions::default();
-    let env_set = std::env::var_os("KUBECONFIG").is_some_and(|v| !v.is_empty());
+    let env = |k: &str| std::env::var_os(k).is_some_and(|v| !v.is_empty());
     let mut config = if let Some(path) = kubeconfig {
         let err = |source| Error::Kubeconfig {
             path: path.to_owned(),
@@ -129,11 +131,11 @@ pub async fn config(
         kube::Config::from_custom_kubeconfig(kc, &opts)
             .await
             .map_err(err)?
-    } else if env_set {
+    } else if env("KUBECONFIG") {
         kube::Config::from_kubeconfig(&opts)
             .await
             .map_err(Error::KubeconfigEnv)?
-    } else if let Some(url) = master {
+    } else if let (Some(url), false) = (master, env(IN_CLUSTER_ENV)) {
         kube::Config::new(parse_master(url)?)
     } else {
         kube::Config::incluster().map_err(Error::InCluster)?

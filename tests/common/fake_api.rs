@@ -100,6 +100,126 @@ pub struct FakeApi {
     pub addr: SocketAddr,
     inner: Arc<Inner>,
     running: Mutex<Option<CancellationToken>>,
+    tls: Option<Arc<Tls>>,
+}
+
+/// How a kubeconfig from [`FakeApi::kubeconfig_with`] trusts a TLS server.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Trust {
+    /// `certificate-authority-data`: the fake's CA.
+    Ca,
+    /// `insecure-skip-tls-verify: true`.
+    Insecure,
+    /// Nothing: the system roots, which do not know the fake's CA.
+    Nothing,
+}
+
+/// A CA and a server certificate for 127.0.0.1 made with `openssl`.
+pub struct Tls {
+    pub ca_pem: String,
+    acceptor: tokio_rustls::TlsAcceptor,
+}
+
+impl Tls {
+    fn new() -> Tls {
+        use tokio_rustls::rustls;
+        use tokio_rustls::rustls::pki_types::pem::PemObject;
+        use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let dir = tempfile::tempdir().unwrap();
+        let d = |f: &str| dir.path().join(f).display().to_string();
+        let openssl = |args: &[&str]| {
+            let out = std::process::Command::new("openssl")
+                .args(args)
+                .output()
+                .expect("openssl");
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+        ];
+        openssl(
+            &[
+                &["req", "-x509"][..],
+                &ec,
+                &[
+                    "-keyout",
+                    &d("ca.key"),
+                    "-out",
+                    &d("ca.crt"),
+                    "-days",
+                    "2",
+                    "-subj",
+                    "/CN=fake-api-ca",
+                    "-addext",
+                    "basicConstraints=critical,CA:TRUE",
+                    "-addext",
+                    "keyUsage=critical,keyCertSign,cRLSign",
+                ],
+            ]
+            .concat(),
+        );
+        openssl(
+            &[
+                &["req"][..],
+                &ec,
+                &[
+                    "-keyout",
+                    &d("srv.key"),
+                    "-out",
+                    &d("srv.csr"),
+                    "-subj",
+                    "/CN=fake-api",
+                ],
+            ]
+            .concat(),
+        );
+        std::fs::write(
+            d("ext"),
+            "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n",
+        )
+        .unwrap();
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            &d("srv.csr"),
+            "-CA",
+            &d("ca.crt"),
+            "-CAkey",
+            &d("ca.key"),
+            "-CAcreateserial",
+            "-out",
+            &d("srv.crt"),
+            "-days",
+            "2",
+            "-extfile",
+            &d("ext"),
+        ]);
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(d("srv.crt"))
+            .unwrap()
+            .map(|c| c.unwrap())
+            .collect();
+        let key = PrivateKeyDer::from_pem_file(d("srv.key")).unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .unwrap();
+        Tls {
+            ca_pem: std::fs::read_to_string(d("ca.crt")).unwrap(),
+            acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
+        }
+    }
 }
 
 /// The bearer token kubeconfigs from [`FakeApi::kubeconfig`] carry.
@@ -113,6 +233,16 @@ impl FakeApi {
 
     /// A fake requiring `token` (or nothing), serving on a fresh port.
     pub async fn with_token(token: Option<String>) -> FakeApi {
+        Self::build(token, None).await
+    }
+
+    /// A fake requiring [`TOKEN`] over HTTPS, with a certificate for
+    /// 127.0.0.1 from its own CA.
+    pub async fn tls() -> FakeApi {
+        Self::build(Some(TOKEN.into()), Some(Arc::new(Tls::new()))).await
+    }
+
+    async fn build(token: Option<String>, tls: Option<Arc<Tls>>) -> FakeApi {
         let (events, _) = broadcast::channel(65536);
         let inner = Arc::new(Inner {
             store: Mutex::new(Store {
@@ -133,6 +263,7 @@ impl FakeApi {
             addr,
             inner,
             running: Mutex::new(None),
+            tls,
         };
         api.serve(listener);
         api
@@ -147,17 +278,33 @@ impl FakeApi {
     }
 
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 
-    /// Writes a kubeconfig for this server (bearer token auth) into `dir`.
+    /// Writes a kubeconfig for this server (bearer token auth; over TLS,
+    /// trusting its CA) into `dir`.
     pub fn kubeconfig(&self, dir: &std::path::Path) -> std::path::PathBuf {
+        self.kubeconfig_with(dir, Trust::Ca)
+    }
+
+    /// [`FakeApi::kubeconfig`] with the given TLS trust.
+    pub fn kubeconfig_with(&self, dir: &std::path::Path, trust: Trust) -> std::path::PathBuf {
+        use base64::Engine;
         let path = dir.join("kubeconfig");
         let token = self.inner.token.clone().unwrap_or_default();
+        let trust = match (&self.tls, trust) {
+            (Some(tls), Trust::Ca) => format!(
+                "    certificate-authority-data: {}\n",
+                base64::engine::general_purpose::STANDARD.encode(&tls.ca_pem)
+            ),
+            (Some(_), Trust::Insecure) => "    insecure-skip-tls-verify: true\n".into(),
+            _ => String::new(),
+        };
         std::fs::write(
             &path,
             format!(
-                "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: {}\n\
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: {}\n{trust}\
                  users:\n- name: tester\n  user:\n    token: {token}\n\
                  contexts:\n- name: fake\n  context:\n    cluster: fake\n    user: tester\n\
                  current-context: fake\n",
@@ -172,6 +319,7 @@ impl FakeApi {
         let cancel = CancellationToken::new();
         *self.running.lock().unwrap() = Some(cancel.clone());
         let router = router(Arc::clone(&self.inner));
+        let tls = self.tls.clone();
         tokio::spawn(async move {
             loop {
                 let (stream, _) = tokio::select! {
@@ -183,13 +331,30 @@ impl FakeApi {
                 };
                 let svc = hyper_util::service::TowerToHyperService::new(router.clone());
                 let cancel = cancel.clone();
+                let tls = tls.clone();
                 tokio::spawn(async move {
-                    let conn = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc);
+                    let http = hyper::server::conn::http1::Builder::new();
                     // Dropping the connection closes the socket mid-stream.
-                    tokio::select! {
-                        _ = conn => {}
-                        _ = cancel.cancelled() => {}
+                    match tls {
+                        None => {
+                            let conn =
+                                http.serve_connection(hyper_util::rt::TokioIo::new(stream), svc);
+                            tokio::select! {
+                                _ = conn => {}
+                                _ = cancel.cancelled() => {}
+                            }
+                        }
+                        Some(tls) => {
+                            let Ok(stream) = tls.acceptor.accept(stream).await else {
+                                return;
+                            };
+                            let conn =
+                                http.serve_connection(hyper_util::rt::TokioIo::new(stream), svc);
+                            tokio::select! {
+                                _ = conn => {}
+                                _ = cancel.cancelled() => {}
+                            }
+                        }
                     }
                 });
             }
