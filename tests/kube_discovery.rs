@@ -227,6 +227,46 @@ async fn a_burst_of_changes_is_coalesced_into_few_snapshots() {
 }
 
 #[tokio::test]
+async fn a_paged_relist_of_thousands_of_objects_is_one_snapshot() {
+    let api = FakeApi::new().await;
+    api.apply(service("ns", "web", "10.96.0.10", 80));
+    for i in 0..1200u32 {
+        let ip = format!("10.5.{}.{}", i / 200, i % 200 + 1);
+        api.apply(slice(
+            "ns",
+            &format!("web-{i}"),
+            "web",
+            8080,
+            &[(&ip, true, None)],
+        ));
+    }
+    // The watcher lists 500 per page: three pages, one snapshot.
+    let src = source(&api, Options::default()).await;
+    assert_eq!(
+        src.rx.borrow().services[&key("ns", "web")].endpoints.len(),
+        1200
+    );
+    let changes = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&changes);
+    let mut counting = src.rx.clone();
+    tokio::spawn(async move {
+        while counting.changed().await.is_ok() {
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
+    });
+    // A relist with one change in it: one more snapshot, not 1,200.
+    api.expire();
+    api.delete(Kind::EndpointSlice, "ns", "web-0");
+    let mut rx = src.rx.clone();
+    wait_snapshot(&mut rx, Duration::from_secs(10), "relisted", |s| {
+        s.services[&key("ns", "web")].endpoints.len() == 1199
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(changes.load(Ordering::Relaxed), 1);
+}
+
+#[tokio::test]
 async fn headless_externalname_and_other_proxies_services_are_skipped() {
     let api = FakeApi::new().await;
     let mut headless = service("ns", "headless", "None", 80);
@@ -697,6 +737,107 @@ async fn api_restart_mid_run_keeps_open_connections_and_converges() {
     conn.write_all(b"final").await.unwrap();
     conn.read_exact(&mut buf).await.unwrap();
     assert_eq!(&buf, b"final");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undecodable_object_is_logged_by_kind_name_and_field_and_counted() {
+    let api = FakeApi::new().await;
+    api.apply(service("ns", "web", "10.96.0.10", 80));
+    api.apply(json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "broken", "namespace": "ns"},
+        "spec": {"clusterIP": "10.96.0.40", "ports": [{"name": "http", "port": "eighty"}]}
+    }));
+    let dir = tempfile::tempdir().unwrap();
+    let kc = api.kubeconfig(dir.path());
+    let metrics = free_port();
+    let mut child = Command::new(BIN)
+        .arg("--kubeconfig")
+        .arg(&kc)
+        .args([
+            "--iptables",
+            "off",
+            "--bind-address",
+            "127.0.0.1",
+            "--metrics-bind-address",
+            &format!("127.0.0.1:{metrics}"),
+            "--healthz-bind-address",
+            "127.0.0.1:0",
+            "--log-level",
+            "warn",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let _proxy = Proxy(child);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let end = Instant::now() + Duration::from_secs(10);
+    let mut logged = None;
+    while logged.is_none() && Instant::now() < end {
+        if let Ok(line) = rx.recv_timeout(Duration::from_millis(100)) {
+            if line.contains("cannot decode object") {
+                logged = Some(line);
+            }
+        }
+    }
+    let line = logged.expect("a warning for the undecodable object");
+    for part in ["Service", "ns/broken", "spec.ports[0].port"] {
+        assert!(line.contains(part), "{part} missing from {line}");
+    }
+    let mut counted = String::new();
+    for _ in 0..100 {
+        if let Some(200) = try_get(metrics, "/metrics").await {
+            let (_, body) = http(localhost(metrics), "GET", "/metrics").await;
+            if let Some(l) = body
+                .lines()
+                .find(|l| l.starts_with("kusp_discovery_decode_errors_total{kind=\"Service\"}"))
+            {
+                counted = l.to_string();
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(counted.ends_with(" 1"), "counter: {counted:?}");
+}
+
+#[test]
+fn rules_prints_the_payload_for_the_clusters_services() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let api = rt.block_on(FakeApi::new());
+    api.apply(service("ns", "web", "10.96.0.10", 80));
+    let dir = tempfile::tempdir().unwrap();
+    let kc = api.kubeconfig(dir.path());
+    let out = Command::new(BIN)
+        .arg("rules")
+        .arg("--kubeconfig")
+        .arg(&kc)
+        .args(["--bind-address", "127.0.0.1", "--log-level", "warn"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("10.96.0.10/32") && text.contains("ns/web:http"),
+        "{text}"
+    );
 }
 
 async fn read_echo(addr: SocketAddr) -> String {

@@ -478,6 +478,9 @@ pub async fn spawn(
         r = first_rx => r.map_err(|_| Error::Cancelled)?,
         _ = cancel.cancelled() => return Err(Error::Cancelled),
     }
+    // As from the manifests source: the first snapshot counts as seen.
+    let mut rx = rx;
+    rx.borrow_and_update();
     Ok(rx)
 }
 

@@ -90,6 +90,8 @@ struct Inner {
     events: broadcast::Sender<Event>,
     token: Option<String>,
     lists: AtomicUsize,
+    /// List requests with a `continue` token (pages after the first).
+    pages: AtomicUsize,
     watches: AtomicUsize,
     /// Cancelled to close every open watch (expiry), replaced after.
     watch_gen: Mutex<CancellationToken>,
@@ -254,6 +256,7 @@ impl FakeApi {
             events,
             token,
             lists: AtomicUsize::new(0),
+            pages: AtomicUsize::new(0),
             watches: AtomicUsize::new(0),
             watch_gen: Mutex::new(CancellationToken::new()),
         });
@@ -455,6 +458,11 @@ impl FakeApi {
         self.inner.lists.load(Ordering::Relaxed)
     }
 
+    /// Pages after the first served so far.
+    pub fn pages(&self) -> usize {
+        self.inner.pages.load(Ordering::Relaxed)
+    }
+
     /// Watches opened so far (all kinds).
     pub fn watches(&self) -> usize {
         self.inner.watches.load(Ordering::Relaxed)
@@ -520,19 +528,52 @@ async fn handle(
     if flag("watch") {
         watch(inner, q.clone(), kind, flag("allowWatchBookmarks"))
     } else {
-        list(&inner, kind)
+        list(&inner, kind, &q)
     }
 }
 
-fn list(inner: &Inner, kind: Kind) -> Response {
-    inner.lists.fetch_add(1, Ordering::Relaxed);
+/// Lists, in pages when `limit` is given: `continue` carries the offset and
+/// the version of the first page (every page is of that version, as long as
+/// no write happens in between; a write in between gets 410, as a real
+/// server whose continue token expired).
+fn list(inner: &Inner, kind: Kind, q: &BTreeMap<String, String>) -> Response {
     let s = inner.store.lock().unwrap();
-    let items: Vec<Value> = s
+    let (offset, rv) = match q.get("continue").filter(|c| !c.is_empty()) {
+        Some(c) => {
+            inner.pages.fetch_add(1, Ordering::Relaxed);
+            let (o, rv) = c.split_once('/').unwrap_or(("0", "0"));
+            let (o, rv): (usize, u64) = (o.parse().unwrap_or(0), rv.parse().unwrap_or(0));
+            if rv != s.rv {
+                return status(
+                    StatusCode::GONE,
+                    "Expired",
+                    "the provided continue parameter is too old",
+                );
+            }
+            (o, rv)
+        }
+        None => {
+            inner.lists.fetch_add(1, Ordering::Relaxed);
+            (0, s.rv)
+        }
+    };
+    let limit: usize = q
+        .get("limit")
+        .and_then(|l| l.parse().ok())
+        .filter(|l| *l > 0)
+        .unwrap_or(usize::MAX);
+    let all: Vec<&Value> = s
         .objects
         .iter()
         .filter(|((k, _, _), _)| *k == kind)
-        .map(|(_, o)| {
-            let mut o = o.clone();
+        .map(|(_, o)| o)
+        .collect();
+    let end = offset.saturating_add(limit).min(all.len());
+    let next = (end < all.len()).then(|| format!("{end}/{rv}"));
+    let items: Vec<Value> = all[offset.min(end)..end]
+        .iter()
+        .map(|o| {
+            let mut o = (*o).clone();
             if let Some(m) = o.as_object_mut() {
                 m.remove("apiVersion");
                 m.remove("kind");
@@ -543,7 +584,7 @@ fn list(inner: &Inner, kind: Kind) -> Response {
     let body = json!({
         "apiVersion": kind.api_version(),
         "kind": format!("{}List", kind.name()),
-        "metadata": {"resourceVersion": s.rv.to_string()},
+        "metadata": {"resourceVersion": rv.to_string(), "continue": next},
         "items": items,
     });
     (
