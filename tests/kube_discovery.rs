@@ -220,6 +220,8 @@ async fn a_burst_of_changes_is_coalesced_into_few_snapshots() {
     .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let n = changes.load(Ordering::Relaxed);
+    // One, or a few when a slow machine takes longer than MAX_DELAY (1 s)
+    // to take in the burst.
     assert!(
         (1..=3).contains(&n),
         "300 slices published as {n} snapshots"
