@@ -842,6 +842,69 @@ fn rules_prints_the_payload_for_the_clusters_services() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_service_is_served_within_a_second_and_type_changes_re_home_it() {
+    let echo = echo_backend().await;
+    let api = FakeApi::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let kc = api.kubeconfig(dir.path());
+    let _proxy = proxy_on_host(&kc, free_port(), false);
+    let (np1, np2) = (free_port(), free_port());
+    let (at1, at2) = (localhost(np1), localhost(np2));
+    // Let the proxy finish its first (empty) list.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    let t = Instant::now();
+    api.apply(node_port_service("ns", "web", "10.96.0.10", 80, np1));
+    api.apply(slice(
+        "ns",
+        "web-a",
+        "web",
+        echo.port(),
+        &[("127.0.0.1", true, None)],
+    ));
+    let mut served = false;
+    while t.elapsed() < Duration::from_secs(10) {
+        if tokio::net::TcpStream::connect(at1).await.is_ok() {
+            served = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let took = t.elapsed();
+    eprintln!("new Service + EndpointSlice served on its nodePort after {took:?}");
+    assert!(served, "nodePort listener");
+    assert!(took < Duration::from_secs(2), "took {took:?}");
+    assert_eq!(read_echo(at1).await, "fresh");
+
+    // NodePort → LoadBalancer on another nodePort: the listener moves.
+    let mut lb = node_port_service("ns", "web", "10.96.0.10", 80, np2);
+    lb["spec"]["type"] = json!("LoadBalancer");
+    lb["status"] = json!({"loadBalancer": {"ingress": [{"ip": "198.18.0.9"}]}});
+    api.apply(lb);
+    assert!(
+        eventually(Duration::from_secs(5), || std::net::TcpStream::connect(at2)
+            .is_ok())
+        .await,
+        "re-homed on the new nodePort"
+    );
+    assert_eq!(read_echo(at2).await, "fresh");
+    assert!(
+        eventually(Duration::from_secs(5), || std::net::TcpStream::connect(at1)
+            .is_err())
+        .await,
+        "old nodePort released"
+    );
+    // Back to ClusterIP: no nodePort any more.
+    api.apply(service("ns", "web", "10.96.0.10", 80));
+    assert!(
+        eventually(Duration::from_secs(5), || std::net::TcpStream::connect(at2)
+            .is_err())
+        .await,
+        "nodePort released"
+    );
+}
+
 async fn read_echo(addr: SocketAddr) -> String {
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
     s.write_all(b"fresh").await.unwrap();
