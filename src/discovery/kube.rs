@@ -534,13 +534,12 @@ impl KubeSource {
                     Err(e) => { log_error("EndpointSlice", &e); false }
                 },
                 _ = tokio::time::sleep_until(deadline), if pending.is_some() => {
+                    // Before both first lists are complete nothing is
+                    // published; the second one's InitDone re-arms.
                     if self.services.synced() && self.slices.synced() {
                         self.publish();
-                        pending = None;
-                    } else {
-                        // Wait for both lists; the InitDone re-arms.
-                        pending = None;
                     }
+                    pending = None;
                     continue;
                 }
                 else => return,
