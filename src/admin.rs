@@ -63,7 +63,9 @@ fn unix_ms(t: SystemTime) -> u64 {
 /// healthz server reports them.
 #[derive(Debug)]
 pub struct Health {
-    started_ms: u64,
+    /// Start-up, or the last moment we were still legitimately starting
+    /// (waiting for the first list): the liveness reference before any sync.
+    started_ms: AtomicU64,
     last_sync_ms: AtomicU64,
     ready: AtomicBool,
     rules: AtomicU8,
@@ -74,7 +76,7 @@ impl Health {
     /// Health for a loop that syncs at least every `period`.
     pub fn new(period: Duration) -> Self {
         Self {
-            started_ms: unix_ms(SystemTime::now()),
+            started_ms: AtomicU64::new(unix_ms(SystemTime::now())),
             last_sync_ms: AtomicU64::new(0),
             ready: AtomicBool::new(false),
             rules: AtomicU8::new(RulesState::Off as u8),
@@ -86,6 +88,14 @@ impl Health {
     pub fn synced_at(&self, at: SystemTime) {
         self.last_sync_ms.store(unix_ms(at), Relaxed);
         self.ready.store(true, Relaxed);
+    }
+
+    /// Records that the proxy is still waiting for its first snapshot (the
+    /// API server is unreachable, say) at `at`: nothing is stale yet, so
+    /// `/healthz` stays healthy, as kube-proxy's does while starting;
+    /// `/readyz` stays 503.
+    pub fn starting_at(&self, at: SystemTime) {
+        self.started_ms.store(unix_ms(at), Relaxed);
     }
 
     /// Records a completed sync now.
@@ -113,7 +123,11 @@ impl Health {
     /// and kube-proxy's JSON body.
     pub fn check(&self, now: SystemTime) -> (bool, String) {
         let last = self.last_sync_ms.load(Relaxed);
-        let reference = if last == 0 { self.started_ms } else { last };
+        let reference = if last == 0 {
+            self.started_ms.load(Relaxed)
+        } else {
+            last
+        };
         let now_ms = unix_ms(now);
         let healthy = now_ms.saturating_sub(reference) < 2 * self.period.as_millis() as u64;
         let fmt = |ms: u64| {
@@ -230,5 +244,15 @@ mod tests {
         assert!(body.contains("\"lastUpdated\"") && body.contains("\"currentTime\""));
         h.synced_at(t0 + Duration::from_secs(62));
         assert!(h.check(t0 + Duration::from_secs(63)).0, "healthy again");
+    }
+
+    #[test]
+    fn waiting_for_the_first_snapshot_is_healthy_but_not_ready() {
+        let h = Health::new(Duration::from_secs(30));
+        let t0 = SystemTime::now();
+        assert!(!h.check(t0 + Duration::from_secs(61)).0, "stuck start-up");
+        h.starting_at(t0 + Duration::from_secs(60));
+        assert!(h.check(t0 + Duration::from_secs(61)).0);
+        assert!(!h.is_ready());
     }
 }

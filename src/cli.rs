@@ -80,7 +80,8 @@ pub struct RunArgs {
     /// change). Without it and without a cluster, the embedded examples.
     #[arg(long, value_name = "DIR")]
     pub manifests: Option<PathBuf>,
-    /// Kubeconfig of the cluster to watch (Kubernetes discovery).
+    /// Kubeconfig of the cluster to watch (Kubernetes discovery). Without
+    /// it, `KUBECONFIG` or in-cluster configuration (in a pod) is used.
     #[arg(long, value_name = "PATH")]
     pub kubeconfig: Option<PathBuf>,
     /// API server URL, overriding the kubeconfig's.
@@ -89,6 +90,11 @@ pub struct RunArgs {
     /// Node name, for traffic policy Local (defaults to the hostname).
     #[arg(long)]
     pub hostname_override: Option<String>,
+    /// Services labelled `service.kubernetes.io/service-proxy-name` belong
+    /// to another proxy unless the label's value is this name. Unlabelled
+    /// services are always served.
+    #[arg(long, value_name = "NAME")]
+    pub service_proxy_name: Option<String>,
     /// Address every listener binds to.
     #[arg(long, default_value = "0.0.0.0")]
     pub bind_address: IpAddr,

@@ -2,7 +2,8 @@
 //!
 //! # Layout
 //! - [`model`]: the desired state ([`model::Snapshot`]), pure data.
-//! - [`discovery`]: Kubernetes objects → snapshot ([`discovery::manifests`]).
+//! - [`discovery`]: Kubernetes objects → snapshot ([`discovery::kube`] from
+//!   the API server, [`discovery::manifests`] from files).
 //! - [`proxy`]: the proxier and the data path (listeners, balancer, dial
 //!   with retry, splice).
 //! - [`iptables`]: the redirect of service addresses to the listeners.
@@ -109,20 +110,54 @@ pub struct RuleSync {
     pub period: Duration,
 }
 
-fn discovery_source(args: &RunArgs) -> Result<manifests::Source, ConfigError> {
-    if args.kubeconfig.is_some() || args.master.is_some() {
-        return Err(ConfigError(
-            "--kubeconfig/--master: Kubernetes discovery is not in this build yet; use --manifests DIR"
-                .into(),
-        ));
-    }
+/// Where snapshots come from, as the flags and environment choose.
+enum Source {
+    /// `--manifests DIR`, or the embedded examples.
+    Manifests(manifests::Source),
+    /// The Kubernetes API, with this node's options.
+    Kube(Box<::kube::Client>, discovery::Options),
+}
+
+/// `--manifests` wins; else the API when a kubeconfig, `--master` or
+/// in-cluster configuration is there; else the embedded manifests.
+async fn discovery_source(args: &RunArgs) -> Result<Source, ConfigError> {
     match &args.manifests {
         Some(dir) if !dir.is_dir() => Err(ConfigError(format!(
             "--manifests {}: not a directory",
             dir.display()
         ))),
-        Some(dir) => Ok(manifests::Source::Dir(dir.clone())),
-        None => Ok(manifests::Source::Embedded),
+        Some(dir) => Ok(Source::Manifests(manifests::Source::Dir(dir.clone()))),
+        None if discovery::kube::configured(args.kubeconfig.as_deref(), args.master.as_deref()) => {
+            let config =
+                discovery::kube::config(args.kubeconfig.as_deref(), args.master.as_deref())
+                    .await
+                    .map_err(|e| ConfigError(e.to_string()))?;
+            tracing::info!(server = %config.cluster_url, "Kubernetes discovery");
+            let client = discovery::kube::client(config).map_err(|e| ConfigError(e.to_string()))?;
+            Ok(Source::Kube(Box::new(client), discovery_options(args)))
+        }
+        None => Ok(Source::Manifests(manifests::Source::Embedded)),
+    }
+}
+
+/// Node name and proxy name, as kube-proxy takes them: `--hostname-override`
+/// or the hostname, lower-cased.
+fn discovery_options(args: &RunArgs) -> discovery::Options {
+    let node_name = args
+        .hostname_override
+        .clone()
+        .filter(|s| !s.trim().is_empty())
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+        .map(|s| s.trim().to_lowercase())
+        .filter(|s| !s.is_empty());
+    if node_name.is_none() {
+        tracing::warn!(
+            "no node name (--hostname-override): traffic policy Local keeps all endpoints"
+        );
+    }
+    discovery::Options {
+        node_name,
+        service_proxy_name: args.service_proxy_name.clone(),
     }
 }
 
@@ -151,7 +186,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         tracing::info!("--cleanup: iptables chains and jumps of kube-userspace-proxy removed");
         return Ok(());
     }
-    let source = discovery_source(&args)?;
+    let source = discovery_source(&args).await?;
     let fd_limit = match raise_fd_limit() {
         Ok(n) => {
             tracing::info!(limit = n, "RLIMIT_NOFILE raised to the hard limit");
@@ -168,7 +203,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         0 => tracing::info!("--max-connections 0: no connection limit"),
         n => tracing::info!(max_connections = n, "connection limit"),
     }
-    if matches!(source, manifests::Source::Embedded) {
+    if matches!(source, Source::Manifests(manifests::Source::Embedded)) {
         tracing::info!("no --manifests and no cluster: serving the embedded example manifests");
     }
     let handle = metrics::install();
@@ -211,9 +246,39 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     }
     let stop_discovery = CancellationToken::new();
-    let snapshots = manifests::spawn(source, stop_discovery.clone())
-        .await
-        .map_err(|e| ConfigError(e.to_string()))?;
+    let snapshots = match source {
+        Source::Manifests(source) => manifests::spawn(source, stop_discovery.clone())
+            .await
+            .map_err(|e| ConfigError(e.to_string()))?,
+        Source::Kube(client, options) => {
+            // The admin servers already answer: /readyz is 503 until the
+            // first complete list is applied.
+            let first = discovery::kube::spawn(*client, options, stop_discovery.clone());
+            let stop = shutdown_signal();
+            tokio::pin!(first, stop);
+            // While waiting, /healthz stays healthy (nothing is stale yet).
+            let mut alive = tokio::time::interval(
+                (args.iptables_sync_period / 2).max(Duration::from_millis(100)),
+            );
+            loop {
+                tokio::select! {
+                    r = &mut first => break r?,
+                    _ = alive.tick() => health.starting_at(std::time::SystemTime::now()),
+                    _ = &mut stop => {
+                        tracing::info!("stopped before the first list");
+                        stop_discovery.cancel();
+                        if let Some(r) = rules {
+                            if let Err(e) = r.iptables.cleanup().await {
+                                tracing::error!(error = %e, "cannot remove iptables rules; run --cleanup");
+                            }
+                        }
+                        stop_admin.cancel();
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    };
     let run_loop = Loop {
         proxier,
         rules,
@@ -255,11 +320,26 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
 
 /// `rules`: prints the payload for the discovery source, changes nothing.
 pub async fn rules(args: RunArgs) -> anyhow::Result<()> {
-    let source = discovery_source(&args)?;
-    let (snapshot, problems) = manifests::load(&source).map_err(|e| ConfigError(e.to_string()))?;
-    for p in &problems {
-        tracing::warn!("skipped: {p}");
-    }
+    let snapshot = match discovery_source(&args).await? {
+        Source::Manifests(source) => {
+            let (snapshot, problems) =
+                manifests::load(&source).map_err(|e| ConfigError(e.to_string()))?;
+            for p in &problems {
+                tracing::warn!("skipped: {p}");
+            }
+            snapshot
+        }
+        Source::Kube(client, options) => {
+            let stop = CancellationToken::new();
+            let rx = tokio::select! {
+                r = discovery::kube::spawn(*client, options, stop.clone()) => r?,
+                _ = shutdown_signal() => return Ok(()),
+            };
+            let snapshot = Snapshot::clone(&rx.borrow());
+            stop.cancel();
+            snapshot
+        }
+    };
     // Listeners live only while rendering: any fd limit will do.
     let mut proxier = Proxier::new(proxy_config(&args, 1024));
     proxier.sync(&snapshot);

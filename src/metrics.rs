@@ -35,6 +35,10 @@ pub const SERVICE_CHANGES: &str = "kubeproxy_sync_proxy_rules_service_changes_to
 pub const ENDPOINT_CHANGES: &str = "kubeproxy_sync_proxy_rules_endpoint_changes_total";
 /// Failed `iptables-restore` runs (kube-proxy's name).
 pub const RESTORE_FAILURES: &str = "kubeproxy_sync_proxy_rules_iptables_restore_failures_total";
+/// Failed lists and watches of the Kubernetes source, by `kind`.
+pub const DISCOVERY_WATCH_ERRORS: &str = "kusp_discovery_watch_errors_total";
+/// API objects skipped because they did not decode, by `kind`.
+pub const DISCOVERY_DECODE_ERRORS: &str = "kusp_discovery_decode_errors_total";
 
 /// kube-proxy's sync duration buckets: 1 ms · 2^n, 15 of them.
 fn sync_buckets() -> Vec<f64> {
@@ -87,6 +91,14 @@ fn describe() {
     describe_counter!(
         RESTORE_FAILURES,
         "Cumulative proxy iptables restore failures"
+    );
+    describe_counter!(
+        DISCOVERY_WATCH_ERRORS,
+        "Failed lists and watches of the Kubernetes API, by kind (each is retried with back-off)"
+    );
+    describe_counter!(
+        DISCOVERY_DECODE_ERRORS,
+        "API objects skipped because they did not decode, by kind"
     );
 }
 

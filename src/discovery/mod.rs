@@ -1,13 +1,18 @@
 //! Discovery turns Kubernetes objects into a [`Snapshot`].
 //!
-//! Every source (today: [`manifests`]) collects `v1 Service` and
+//! Every source ([`manifests`], [`kube`]) collects `v1 Service` and
 //! `discovery.k8s.io/v1 EndpointSlice` objects as k8s-openapi types and hands
 //! them to [`build_snapshot`], which validates them, joins slices to their
 //! service by the `kubernetes.io/service-name` label and by port name and
 //! protocol, and reports every object it had to skip as a [`Problem`] naming
 //! where it came from, the object and the field. One bad object never
 //! hides the others.
+//!
+//! [`Options`] carry what kube-proxy decides per node: which services are
+//! ours (`service.kubernetes.io/service-proxy-name`) and which endpoints are
+//! local (traffic policy `Local`).
 
+pub mod kube;
 pub mod manifests;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -26,6 +31,43 @@ use crate::model::{
 
 /// Label joining an EndpointSlice to its Service.
 pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
+
+/// A Service (or its slices) carrying this label belongs to another proxy,
+/// unless the label's value is our `--service-proxy-name`.
+pub const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
+
+/// Set by the endpoints controllers on the objects of headless services:
+/// nothing to proxy.
+pub const LABEL_HEADLESS: &str = "service.kubernetes.io/headless";
+
+/// Per-node choices of what to serve, as kube-proxy makes them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Options {
+    /// This node's name (`--hostname-override`, else the hostname): with
+    /// traffic policy `Local`, only endpoints whose `nodeName` is this one
+    /// are kept. `None` keeps every endpoint (no node to compare with).
+    pub node_name: Option<String>,
+    /// `--service-proxy-name`: services labelled
+    /// `service.kubernetes.io/service-proxy-name` with this value are ours;
+    /// services labelled with any other value (or any value, when `None`)
+    /// are left to that other proxy. Unlabelled services are always ours.
+    pub service_proxy_name: Option<String>,
+}
+
+impl Options {
+    /// Whether an object with these labels is ours to serve: not claimed by
+    /// another proxy, not headless.
+    pub fn is_ours(&self, labels: Option<&BTreeMap<String, String>>) -> bool {
+        let Some(labels) = labels else { return true };
+        if labels.contains_key(LABEL_HEADLESS) {
+            return false;
+        }
+        match labels.get(LABEL_SERVICE_PROXY_NAME) {
+            None => true,
+            Some(v) => self.service_proxy_name.as_deref() == Some(v.as_str()),
+        }
+    }
+}
 
 /// An object that was skipped, and why: what an operator needs to fix it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -63,12 +105,33 @@ pub struct Sourced<T> {
 /// objects come back as problems, in input order. A service whose Service or
 /// one of whose EndpointSlices is invalid keeps its entries from `previous`
 /// (the last good state keeps serving); with no previous entry, only the
-/// invalid object is left out.
+/// invalid object is left out. Default [`Options`]: every endpoint kept,
+/// services claimed by another proxy skipped.
 pub fn build_snapshot(
     services: &[Sourced<Service>],
     slices: &[Sourced<EndpointSlice>],
     previous: &Snapshot,
 ) -> (Snapshot, Vec<Problem>) {
+    build_snapshot_with(services, slices, previous, &Options::default())
+}
+
+/// [`build_snapshot`] with per-node [`Options`]: services and slices that are
+/// not ours (other proxy, headless) are left out silently, and ports with
+/// traffic policy `Local` keep only this node's endpoints.
+pub fn build_snapshot_with(
+    services: &[Sourced<Service>],
+    slices: &[Sourced<EndpointSlice>],
+    previous: &Snapshot,
+    options: &Options,
+) -> (Snapshot, Vec<Problem>) {
+    let services: Vec<&Sourced<Service>> = services
+        .iter()
+        .filter(|s| options.is_ours(s.object.metadata.labels.as_ref()))
+        .collect();
+    let slices: Vec<&Sourced<EndpointSlice>> = slices
+        .iter()
+        .filter(|s| options.is_ours(s.object.metadata.labels.as_ref()))
+        .collect();
     let mut problems = Vec::new();
     // Services with an invalid object: served from `previous` if possible.
     let mut broken: BTreeSet<(String, String)> = BTreeSet::new();
@@ -116,7 +179,7 @@ pub fn build_snapshot(
     // Broken services that served before keep their last good entries;
     // others are built from whatever is valid.
     broken.retain(|k| present.contains(k) && in_previous(k));
-    for s in services {
+    for s in services.iter().copied() {
         let object = describe("Service", &s.object.metadata);
         let ports = match service_ports(&s.object) {
             Ok(p) => p,
@@ -149,8 +212,14 @@ pub fn build_snapshot(
             continue;
         }
         let slices = by_service.get(&key).map(Vec::as_slice).unwrap_or(&[]);
+        let families = ip_families(&s.object);
         for (name, port) in ports {
-            let endpoints = join_endpoints(slices, &name.port_name, name.protocol);
+            let mut endpoints = join_endpoints(slices, &name.port_name, name.protocol, families);
+            if let Some(node) = options.node_name.as_deref() {
+                if local_only(&port) {
+                    endpoints.retain(|e| e.node_name.as_deref() == Some(node));
+                }
+            }
             order.push((name.clone(), s.origin.clone()));
             snapshot
                 .services
@@ -219,6 +288,43 @@ fn resolve_node_port_conflicts(
             entry.port.node_port = None;
         }
     }
+}
+
+/// Whether a port's listener must use this node's endpoints only. One
+/// listener carries both the port's internal (cluster IP) and external
+/// (nodePort, external IP, load-balancer IP) traffic and cannot tell them
+/// apart, so the stricter policy wins: `internalTrafficPolicy: Local`, or
+/// `externalTrafficPolicy: Local` on a port that receives external traffic.
+pub fn local_only(port: &ServicePort) -> bool {
+    let external = port.node_port.is_some()
+        || !port.external_ips.is_empty()
+        || !port.load_balancer_ips.is_empty();
+    port.internal_local || (port.external_local && external)
+}
+
+/// IP families a service wants endpoints of: `(IPv4, IPv6)`. From
+/// `spec.ipFamilies`, else its cluster IPs, else both.
+fn ip_families(svc: &Service) -> (bool, bool) {
+    let Some(spec) = svc.spec.as_ref() else {
+        return (true, true);
+    };
+    if let Some(f) = spec.ip_families.as_ref().filter(|f| !f.is_empty()) {
+        return (f.iter().any(|f| f == "IPv4"), f.iter().any(|f| f == "IPv6"));
+    }
+    let ips: Vec<IpAddr> = spec
+        .cluster_ips
+        .iter()
+        .flatten()
+        .chain(spec.cluster_ip.iter())
+        .filter_map(|s| s.parse().ok())
+        .collect();
+    if ips.is_empty() {
+        return (true, true);
+    }
+    (
+        ips.iter().any(IpAddr::is_ipv4),
+        ips.iter().any(IpAddr::is_ipv6),
+    )
 }
 
 fn key_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> (String, String) {
@@ -435,6 +541,8 @@ fn annotation<T>(
 struct SliceData {
     namespace: String,
     service: String,
+    /// `addressType: IPv6`.
+    ipv6: bool,
     /// (port name, protocol, port number)
     ports: Vec<(String, Protocol, u16)>,
     /// Endpoints with port 0: the port comes from `ports` when joined.
@@ -506,6 +614,7 @@ fn slice_data(slice: &EndpointSlice) -> Result<Option<SliceData>, FieldError> {
     Ok(Some(SliceData {
         namespace: namespace_of(meta),
         service,
+        ipv6: want_v6,
         ports,
         endpoints,
     }))
@@ -513,9 +622,17 @@ fn slice_data(slice: &EndpointSlice) -> Result<Option<SliceData>, FieldError> {
 
 /// Endpoints of one service port across all its slices, deduplicated by
 /// address (a copy that is ready wins) and sorted.
-fn join_endpoints(slices: &[SliceData], port_name: &str, protocol: Protocol) -> Vec<Endpoint> {
+fn join_endpoints(
+    slices: &[SliceData],
+    port_name: &str,
+    protocol: Protocol,
+    (v4, v6): (bool, bool),
+) -> Vec<Endpoint> {
     let mut by_addr: BTreeMap<SocketAddr, Endpoint> = BTreeMap::new();
     for s in slices {
+        if !(if s.ipv6 { v6 } else { v4 }) {
+            continue; // a family the service does not have
+        }
         for (_, _, port) in s
             .ports
             .iter()
@@ -539,4 +656,74 @@ fn join_endpoints(slices: &[SliceData], port_name: &str, protocol: Protocol) -> 
         }
     }
     by_addr.into_values().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn svc(yaml: &str) -> Sourced<Service> {
+        Sourced {
+            origin: "test".into(),
+            object: serde_yaml::from_str(yaml).unwrap(),
+        }
+    }
+
+    fn eps(yaml: &str) -> Sourced<EndpointSlice> {
+        Sourced {
+            origin: "test".into(),
+            object: serde_yaml::from_str(yaml).unwrap(),
+        }
+    }
+
+    #[test]
+    fn labels_decide_whose_a_service_is() {
+        let labels = |k: &str, v: &str| Some(BTreeMap::from([(k.to_string(), v.to_string())]));
+        let none = Options::default();
+        let kusp = Options {
+            service_proxy_name: Some("kusp".into()),
+            ..Options::default()
+        };
+        assert!(none.is_ours(None));
+        assert!(!none.is_ours(labels(LABEL_SERVICE_PROXY_NAME, "kusp").as_ref()));
+        assert!(kusp.is_ours(labels(LABEL_SERVICE_PROXY_NAME, "kusp").as_ref()));
+        assert!(!kusp.is_ours(labels(LABEL_SERVICE_PROXY_NAME, "other").as_ref()));
+        assert!(!kusp.is_ours(labels(LABEL_HEADLESS, "").as_ref()));
+        assert!(kusp.is_ours(labels("app", "web").as_ref()));
+    }
+
+    #[test]
+    fn dual_stack_slices_join_only_the_services_families() {
+        let slices = [
+            eps("metadata: {name: a, namespace: ns, labels: {kubernetes.io/service-name: web}}\naddressType: IPv4\nports: [{name: http, port: 80}]\nendpoints: [{addresses: [10.0.0.1]}]\n"),
+            eps("metadata: {name: b, namespace: ns, labels: {kubernetes.io/service-name: web}}\naddressType: IPv6\nports: [{name: http, port: 80}]\nendpoints: [{addresses: [\"fd00::1\"]}]\n"),
+        ];
+        let count = |families: &str| {
+            let s = svc(&format!("metadata: {{name: web, namespace: ns}}\nspec:\n  ipFamilies: {families}\n  ports: [{{name: http, port: 80}}]\n"));
+            let (snap, problems) = build_snapshot(&[s], &slices, &Snapshot::default());
+            assert!(problems.is_empty(), "{problems:?}");
+            snap.services.values().next().unwrap().endpoints.len()
+        };
+        assert_eq!(count("[IPv4]"), 1);
+        assert_eq!(count("[IPv6]"), 1);
+        assert_eq!(count("[IPv4, IPv6]"), 2);
+    }
+
+    #[test]
+    fn local_policy_applies_to_the_traffic_the_listener_carries() {
+        let port = |itp: bool, etp: bool, node_port: Option<u16>| ServicePort {
+            port: 80,
+            node_port,
+            internal_local: itp,
+            external_local: etp,
+            ..ServicePort::default()
+        };
+        assert!(!local_only(&port(false, false, Some(30000))));
+        assert!(local_only(&port(true, false, None)));
+        assert!(local_only(&port(false, true, Some(30000))));
+        assert!(
+            !local_only(&port(false, true, None)),
+            "no external traffic to restrict"
+        );
+    }
 }

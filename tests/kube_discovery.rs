@@ -1,0 +1,1084 @@
+//! Kubernetes discovery against an in-process fake API server speaking the
+//! real list/watch protocol, driven by the real `kube::Client` through a
+//! kubeconfig (bearer token): initial list, add/modify/delete, slice merge,
+//! skipping, traffic policy, debouncing, 410 relists, undecodable objects,
+//! API server down at start and restarted mid-run, `/readyz`, and one
+//! end-to-end run with backends in a network namespace.
+
+mod common;
+#[path = "common/fake_api.rs"]
+mod fake_api;
+
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::netns::{require_root, veth, Netns};
+use common::*;
+use fake_api::{node_port_service, service, slice, FakeApi, Kind, Trust};
+use kube_userspace_proxy::discovery::{self, Options};
+use kube_userspace_proxy::model::{Protocol, ServicePortName, Snapshot};
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+const BIN: &str = env!("CARGO_BIN_EXE_kube-userspace-proxy");
+
+fn key(ns: &str, name: &str) -> ServicePortName {
+    ServicePortName {
+        namespace: ns.into(),
+        name: name.into(),
+        port_name: "http".into(),
+        protocol: Protocol::Tcp,
+    }
+}
+
+/// A running Kubernetes source against `api`.
+struct Source {
+    rx: watch::Receiver<Arc<Snapshot>>,
+    cancel: CancellationToken,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Source {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+async fn client_for(api: &FakeApi, dir: &tempfile::TempDir) -> kube::Client {
+    let kc = api.kubeconfig(dir.path());
+    let config = discovery::kube::config(Some(&kc), None).await.unwrap();
+    discovery::kube::client(config).unwrap()
+}
+
+async fn source(api: &FakeApi, options: Options) -> Source {
+    let dir = tempfile::tempdir().unwrap();
+    let client = client_for(api, &dir).await;
+    let cancel = CancellationToken::new();
+    let rx = tokio::time::timeout(
+        Duration::from_secs(10),
+        discovery::kube::spawn(client, options, cancel.clone()),
+    )
+    .await
+    .expect("first snapshot within 10 s")
+    .unwrap();
+    Source {
+        rx,
+        cancel,
+        _dir: dir,
+    }
+}
+
+/// Waits (at most `timeout`) for a snapshot satisfying `f`; returns it.
+async fn wait_snapshot(
+    rx: &mut watch::Receiver<Arc<Snapshot>>,
+    timeout: Duration,
+    what: &str,
+    f: impl Fn(&Snapshot) -> bool,
+) -> Arc<Snapshot> {
+    let end = tokio::time::Instant::now() + timeout;
+    loop {
+        let cur = rx.borrow_and_update().clone();
+        if f(&cur) {
+            return cur;
+        }
+        match tokio::time::timeout_at(end, rx.changed()).await {
+            Ok(Ok(())) => {}
+            _ => panic!(
+                "timed out waiting for {what}; last snapshot: {:#?}",
+                cur.services.keys()
+            ),
+        }
+    }
+}
+
+fn addrs(s: &Snapshot, k: &ServicePortName) -> Vec<String> {
+    s.services[k]
+        .endpoints
+        .iter()
+        .map(|e| e.addr.to_string())
+        .collect()
+}
+
+#[tokio::test]
+async fn initial_list_then_add_modify_delete_with_slices_merged() {
+    let api = FakeApi::new().await;
+    api.apply(service("ns", "web", "10.96.0.10", 80));
+    api.apply(slice(
+        "ns",
+        "web-a",
+        "web",
+        8080,
+        &[("10.1.0.1", true, None), ("10.1.0.2", true, None)],
+    ));
+    api.apply(slice(
+        "ns",
+        "web-b",
+        "web",
+        8080,
+        &[("10.1.0.2", true, None), ("10.1.0.3", false, None)],
+    ));
+    let mut src = source(&api, Options::default()).await;
+
+    // Initial list: the two slices merged, the shared endpoint once.
+    let snap = src.rx.borrow_and_update().clone();
+    assert_eq!(
+        addrs(&snap, &key("ns", "web")),
+        ["10.1.0.1:8080", "10.1.0.2:8080", "10.1.0.3:8080"]
+    );
+    let e3 = &snap.services[&key("ns", "web")].endpoints[2];
+    assert!(!e3.ready && !e3.serving, "conditions carried");
+    assert_eq!(snap.services[&key("ns", "web")].port.port, 80);
+
+    // Add: a new Service and its slice are published promptly.
+    let t = Instant::now();
+    api.apply(service("ns", "db", "10.96.0.11", 5432));
+    api.apply(slice("ns", "db-a", "db", 5432, &[("10.1.1.1", true, None)]));
+    wait_snapshot(&mut src.rx, Duration::from_secs(5), "db added", |s| {
+        s.services
+            .get(&key("ns", "db"))
+            .is_some_and(|e| e.endpoints.len() == 1)
+    })
+    .await;
+    let took = t.elapsed();
+    eprintln!("a new Service + EndpointSlice was published after {took:?}");
+    assert!(took < Duration::from_secs(2), "took {took:?}");
+
+    // Modify a slice: the endpoint leaves.
+    api.apply(slice(
+        "ns",
+        "web-b",
+        "web",
+        8080,
+        &[("10.1.0.2", true, None)],
+    ));
+    wait_snapshot(&mut src.rx, Duration::from_secs(5), "web-b modified", |s| {
+        addrs(s, &key("ns", "web")) == ["10.1.0.1:8080", "10.1.0.2:8080"]
+    })
+    .await;
+
+    // Service type change: ClusterIP → NodePort → ClusterIP.
+    api.apply(node_port_service("ns", "web", "10.96.0.10", 80, 30080));
+    wait_snapshot(&mut src.rx, Duration::from_secs(5), "nodePort", |s| {
+        s.services[&key("ns", "web")].port.node_port == Some(30080)
+    })
+    .await;
+    api.apply(service("ns", "web", "10.96.0.10", 80));
+    wait_snapshot(
+        &mut src.rx,
+        Duration::from_secs(5),
+        "back to ClusterIP",
+        |s| s.services[&key("ns", "web")].port.node_port.is_none(),
+    )
+    .await;
+
+    // Delete: the Service goes, then its slice (no error either way).
+    assert!(api.delete(Kind::Service, "ns", "db"));
+    wait_snapshot(&mut src.rx, Duration::from_secs(5), "db deleted", |s| {
+        !s.services.contains_key(&key("ns", "db"))
+    })
+    .await;
+    assert!(api.delete(Kind::EndpointSlice, "ns", "web-a"));
+    wait_snapshot(&mut src.rx, Duration::from_secs(5), "web-a deleted", |s| {
+        addrs(s, &key("ns", "web")) == ["10.1.0.2:8080"]
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_burst_of_changes_is_coalesced_into_few_snapshots() {
+    let api = FakeApi::new().await;
+    api.apply(service("ns", "web", "10.96.0.10", 80));
+    let src = source(&api, Options::default()).await;
+    let mut rx = src.rx.clone();
+    let changes = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&changes);
+    let mut counting = src.rx.clone();
+    tokio::spawn(async move {
+        while counting.changed().await.is_ok() {
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
+    });
+    for i in 0..300u32 {
+        let ip = format!("10.2.{}.{}", i / 200, i % 200 + 1);
+        api.apply(slice(
+            "ns",
+            &format!("web-{i}"),
+            "web",
+            8080,
+            &[(&ip, true, None)],
+        ));
+    }
+    wait_snapshot(&mut rx, Duration::from_secs(10), "300 endpoints", |s| {
+        s.services[&key("ns", "web")].endpoints.len() == 300
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let n = changes.load(Ordering::Relaxed);
+    // One, or a few when a slow machine takes longer than MAX_DELAY (1 s)
+    // to take in the burst.
+    assert!(
+        (1..=3).contains(&n),
+        "300 slices published as {n} snapshots"
+    );
+}
+
+#[tokio::test]
+async fn a_paged_relist_of_thousands_of_objects_is_one_snapshot() {
+    let api = FakeApi::new().await;
+    api.apply(service("ns", "web", "10.96.0.10", 80));
+    for i in 0..1200u32 {
+        let ip = format!("10.5.{}.{}", i / 200, i % 200 + 1);
+        api.apply(slice(
+            "ns",
+            &format!("web-{i}"),
+            "web",
+            8080,
+            &[(&ip, true, None)],
+        ));
+    }
+    // The watcher lists 500 per page: three pages, one snapshot.
+    let src = source(&api, Options::default()).await;
+    assert_eq!(
+        src.rx.borrow().services[&key("ns", "web")].endpoints.len(),
+        1200
+    );
+    let changes = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&changes);
+    let mut counting = src.rx.clone();
+    tokio::spawn(async move {
+        while counting.changed().await.is_ok() {
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
+    });
+    // A relist with one change in it: one more snapshot, not 1,200.
+    api.expire();
+    api.delete(Kind::EndpointSlice, "ns", "web-0");
+    let mut rx = src.rx.clone();
+    wait_snapshot(&mut rx, Duration::from_secs(10), "relisted", |s| {
+        s.services[&key("ns", "web")].endpoints.len() == 1199
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(changes.load(Ordering::Relaxed), 1);
+}
+
+#[tokio::test]
+async fn headless_externalname_and_other_proxies_services_are_skipped() {
+    let api = FakeApi::new().await;
+    let mut headless = service("ns", "headless", "None", 80);
+    headless["spec"]["clusterIPs"] = json!(["None"]);
+    api.apply(headless);
+    api.apply(json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "external", "namespace": "ns"},
+        "spec": {"type": "ExternalName", "externalName": "example.com", "ports": [{"name": "http", "port": 80}]}
+    }));
+    let mut other = service("ns", "other", "10.96.0.20", 80);
+    other["metadata"]["labels"] =
+        json!({"service.kubernetes.io/service-proxy-name": "someone-else"});
+    api.apply(other);
+    let mut mine = service("ns", "mine", "10.96.0.21", 80);
+    mine["metadata"]["labels"] = json!({"service.kubernetes.io/service-proxy-name": "kusp"});
+    api.apply(mine);
+    api.apply(service("ns", "plain", "10.96.0.22", 80));
+    api.apply(slice(
+        "ns",
+        "plain-1",
+        "plain",
+        8080,
+        &[("10.3.0.1", true, None)],
+    ));
+    let mut hl = slice("ns", "plain-2", "plain", 8080, &[("10.3.0.2", true, None)]);
+    hl["metadata"]["labels"]["service.kubernetes.io/headless"] = json!("");
+    api.apply(hl);
+
+    let src = source(
+        &api,
+        Options {
+            node_name: None,
+            service_proxy_name: Some("kusp".into()),
+        },
+    )
+    .await;
+    let snap = src.rx.borrow().clone();
+    let names: Vec<&str> = snap.services.keys().map(|k| k.name.as_str()).collect();
+    assert_eq!(names, ["mine", "plain"]);
+    assert_eq!(addrs(&snap, &key("ns", "plain")), ["10.3.0.1:8080"]);
+
+    // Without --service-proxy-name, a labelled service is never ours.
+    let src = source(&api, Options::default()).await;
+    let names: Vec<String> = src
+        .rx
+        .borrow()
+        .services
+        .keys()
+        .map(|k| k.name.clone())
+        .collect();
+    assert_eq!(names, ["plain"]);
+}
+
+#[tokio::test]
+async fn traffic_policy_local_keeps_only_this_nodes_endpoints() {
+    let api = FakeApi::new().await;
+    let eps = [
+        ("10.4.0.1", true, Some("node-a")),
+        ("10.4.0.2", true, Some("node-b")),
+    ];
+    let mut itp = service("ns", "itp", "10.96.0.30", 80);
+    itp["spec"]["internalTrafficPolicy"] = json!("Local");
+    api.apply(itp);
+    api.apply(slice("ns", "itp-1", "itp", 8080, &eps));
+    let mut etp = node_port_service("ns", "etp", "10.96.0.31", 80, 30031);
+    etp["spec"]["externalTrafficPolicy"] = json!("Local");
+    api.apply(etp);
+    api.apply(slice("ns", "etp-1", "etp", 8080, &eps));
+    let mut cluster = node_port_service("ns", "cluster", "10.96.0.32", 80, 30032);
+    cluster["spec"]["externalTrafficPolicy"] = json!("Cluster");
+    api.apply(cluster);
+    api.apply(slice("ns", "cluster-1", "cluster", 8080, &eps));
+
+    let src = source(
+        &api,
+        Options {
+            node_name: Some("node-a".into()),
+            service_proxy_name: None,
+        },
+    )
+    .await;
+    let snap = src.rx.borrow().clone();
+    assert_eq!(addrs(&snap, &key("ns", "itp")), ["10.4.0.1:8080"]);
+    assert_eq!(addrs(&snap, &key("ns", "etp")), ["10.4.0.1:8080"]);
+    assert_eq!(
+        addrs(&snap, &key("ns", "cluster")),
+        ["10.4.0.1:8080", "10.4.0.2:8080"]
+    );
+}
+
+#[tokio::test]
+async fn watch_expiry_410_relists_converges_and_never_drops_live_services() {
+    let api = FakeApi::new().await;
+    api.apply(service("ns", "web", "10.96.0.10", 80));
+    api.apply(slice(
+        "ns",
+        "web-a",
+        "web",
+        8080,
+        &[("10.1.0.1", true, None)],
+    ));
+    api.apply(service("ns", "db", "10.96.0.11", 5432));
+    let src = source(&api, Options::default()).await;
+    let mut rx = src.rx.clone();
+
+    // Every snapshot published from now on must still have web.
+    let dropped = Arc::new(AtomicBool::new(false));
+    let flag = Arc::clone(&dropped);
+    let mut watcher = src.rx.clone();
+    tokio::spawn(async move {
+        while watcher.changed().await.is_ok() {
+            if !watcher.borrow().services.contains_key(&key("ns", "web")) {
+                flag.store(true, Ordering::Relaxed);
+            }
+        }
+    });
+
+    let lists = api.lists();
+    // Watches close and history is compacted; meanwhile the cluster changes.
+    api.expire();
+    assert!(api.delete(Kind::Service, "ns", "db"));
+    api.apply(service("ns", "cache", "10.96.0.12", 6379));
+    wait_snapshot(&mut rx, Duration::from_secs(10), "relist converged", |s| {
+        !s.services.contains_key(&key("ns", "db")) && s.services.contains_key(&key("ns", "cache"))
+    })
+    .await;
+    // Both kinds were listed again (410 on re-watch → relist).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while api.lists() < lists + 2 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        api.lists() >= lists + 2,
+        "relisted: {} → {}",
+        lists,
+        api.lists()
+    );
+    assert_eq!(addrs(&rx.borrow(), &key("ns", "web")), ["10.1.0.1:8080"]);
+    assert!(
+        !dropped.load(Ordering::Relaxed),
+        "a snapshot lacked web during the relist"
+    );
+}
+
+#[tokio::test]
+async fn an_undecodable_object_is_skipped_and_never_blocks_the_others() {
+    let api = FakeApi::new().await;
+    // Fails to decode: a port that is not a number.
+    api.apply(json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "broken", "namespace": "ns"},
+        "spec": {"clusterIP": "10.96.0.40", "ports": [{"name": "http", "port": "eighty"}]}
+    }));
+    // Fails to decode in its metadata.
+    api.apply(json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "badmeta", "namespace": "ns", "labels": 7},
+        "spec": {"clusterIP": "10.96.0.41", "ports": [{"name": "http", "port": 80}]}
+    }));
+    api.apply(service("ns", "web", "10.96.0.10", 80));
+    api.apply(slice(
+        "ns",
+        "web-a",
+        "web",
+        8080,
+        &[("10.1.0.1", true, None)],
+    ));
+    let mut bad_slice = slice("ns", "web-bad", "web", 8080, &[]);
+    bad_slice["endpoints"] = json!([{"addresses": "10.1.0.9"}]);
+    api.apply(bad_slice);
+
+    let mut src = source(&api, Options::default()).await;
+    let snap = src.rx.borrow_and_update().clone();
+    let names: Vec<&str> = snap.services.keys().map(|k| k.name.as_str()).collect();
+    assert_eq!(names, ["web"], "only the decodable service");
+    assert_eq!(addrs(&snap, &key("ns", "web")), ["10.1.0.1:8080"]);
+
+    // A watch event that does not decode keeps the last good version...
+    let mut bad_web = service("ns", "web", "10.96.0.10", 80);
+    bad_web["spec"]["ports"][0]["port"] = json!({"nested": true});
+    api.apply(bad_web);
+    // ...and the next good event still applies (the watch went on).
+    api.apply(service("ns", "other", "10.96.0.12", 81));
+    let snap = wait_snapshot(&mut src.rx, Duration::from_secs(5), "other added", |s| {
+        s.services.contains_key(&key("ns", "other"))
+    })
+    .await;
+    assert_eq!(snap.services[&key("ns", "web")].port.port, 80);
+    api.apply(service("ns", "web", "10.96.0.10", 8081));
+    wait_snapshot(&mut src.rx, Duration::from_secs(5), "web fixed", |s| {
+        s.services[&key("ns", "web")].port.port == 8081
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn api_down_at_start_is_retried_until_it_answers() {
+    let api = FakeApi::down().await;
+    api.apply(service("ns", "web", "10.96.0.10", 80));
+    let dir = tempfile::tempdir().unwrap();
+    let client = client_for(&api, &dir).await;
+    let cancel = CancellationToken::new();
+    let first = tokio::spawn(discovery::kube::spawn(
+        client,
+        Options::default(),
+        cancel.clone(),
+    ));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(!first.is_finished(), "no snapshot without an API server");
+    api.start().await;
+    let rx = tokio::time::timeout(Duration::from_secs(20), first)
+        .await
+        .expect("first snapshot after the API server came up")
+        .unwrap()
+        .unwrap();
+    assert!(rx.borrow().services.contains_key(&key("ns", "web")));
+    cancel.cancel();
+}
+
+#[tokio::test]
+async fn master_alone_is_a_complete_configuration() {
+    let api = FakeApi::with_token(None).await;
+    api.apply(service("ns", "web", "10.96.0.10", 80));
+    let config = discovery::kube::config(None, Some(&api.url()))
+        .await
+        .unwrap();
+    let client = discovery::kube::client(config).unwrap();
+    let cancel = CancellationToken::new();
+    let rx = tokio::time::timeout(
+        Duration::from_secs(10),
+        discovery::kube::spawn(client, Options::default(), cancel.clone()),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert!(rx.borrow().services.contains_key(&key("ns", "web")));
+    cancel.cancel();
+}
+
+#[tokio::test]
+async fn a_wrong_token_is_not_served() {
+    let api = FakeApi::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let kc = api.kubeconfig(dir.path());
+    let text = std::fs::read_to_string(&kc)
+        .unwrap()
+        .replace(fake_api::TOKEN, "wrong");
+    std::fs::write(&kc, text).unwrap();
+    let config = discovery::kube::config(Some(&kc), None).await.unwrap();
+    let client = discovery::kube::client(config).unwrap();
+    let cancel = CancellationToken::new();
+    let r = tokio::time::timeout(
+        Duration::from_millis(1500),
+        discovery::kube::spawn(client, Options::default(), cancel.clone()),
+    )
+    .await;
+    assert!(r.is_err(), "401 must not count as a list");
+    cancel.cancel();
+}
+
+#[tokio::test]
+async fn tls_with_the_kubeconfigs_ca_or_insecure_skip_verify_and_a_token() {
+    let api = FakeApi::tls().await;
+    api.apply(service("ns", "web", "10.96.0.10", 80));
+    for trust in [Trust::Ca, Trust::Insecure] {
+        let dir = tempfile::tempdir().unwrap();
+        let kc = api.kubeconfig_with(dir.path(), trust);
+        let config = discovery::kube::config(Some(&kc), None).await.unwrap();
+        let client = discovery::kube::client(config).unwrap();
+        let cancel = CancellationToken::new();
+        let rx = tokio::time::timeout(
+            Duration::from_secs(10),
+            discovery::kube::spawn(client, Options::default(), cancel.clone()),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("{trust:?}: no snapshot over TLS"))
+        .unwrap();
+        assert!(rx.borrow().services.contains_key(&key("ns", "web")));
+        cancel.cancel();
+    }
+    // An unknown CA is refused: no snapshot.
+    let dir = tempfile::tempdir().unwrap();
+    let kc = api.kubeconfig_with(dir.path(), Trust::Nothing);
+    let config = discovery::kube::config(Some(&kc), None).await.unwrap();
+    let client = discovery::kube::client(config).unwrap();
+    let cancel = CancellationToken::new();
+    let r = tokio::time::timeout(
+        Duration::from_millis(1500),
+        discovery::kube::spawn(client, Options::default(), cancel.clone()),
+    )
+    .await;
+    assert!(
+        r.is_err(),
+        "a server certificate from an unknown CA was accepted"
+    );
+    cancel.cancel();
+}
+
+// === the binary ===
+
+/// The proxy binary; killed on drop.
+struct Proxy(Child);
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    refusing_addr().port()
+}
+
+/// Starts the binary on the host: loopback only, no iptables.
+fn proxy_on_host(kubeconfig: &std::path::Path, healthz: u16, via_env: bool) -> Proxy {
+    proxy_on_host_with(kubeconfig, healthz, via_env, &[])
+}
+
+fn proxy_on_host_with(
+    kubeconfig: &std::path::Path,
+    healthz: u16,
+    via_env: bool,
+    extra: &[&str],
+) -> Proxy {
+    let mut cmd = Command::new(BIN);
+    if via_env {
+        cmd.env("KUBECONFIG", kubeconfig);
+    } else {
+        cmd.arg("--kubeconfig").arg(kubeconfig);
+    }
+    cmd.env_remove("KUBERNETES_SERVICE_HOST")
+        .args([
+            "--iptables",
+            "off",
+            "--bind-address",
+            "127.0.0.1",
+            "--metrics-bind-address",
+            "127.0.0.1:0",
+            "--healthz-bind-address",
+            &format!("127.0.0.1:{healthz}"),
+            "--hostname-override",
+            "node-a",
+            "--log-level",
+            "warn",
+        ])
+        .args(extra)
+        .stdout(Stdio::null());
+    Proxy(cmd.spawn().unwrap())
+}
+
+/// GET `path` on 127.0.0.1:`port`; None while nothing listens.
+async fn try_get(port: u16, path: &str) -> Option<u16> {
+    tokio::net::TcpStream::connect(localhost(port)).await.ok()?;
+    Some(http(localhost(port), "GET", path).await.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_is_503_until_the_first_list_then_200() {
+    let api = FakeApi::down().await;
+    api.apply(service("ns", "web", "10.96.0.10", 80));
+    let dir = tempfile::tempdir().unwrap();
+    let kc = api.kubeconfig(dir.path());
+    let healthz = free_port();
+    // KUBECONFIG alone selects Kubernetes discovery. A short sync period:
+    // /healthz would turn 503 after two of them if waiting counted as stale.
+    let _proxy = proxy_on_host_with(&kc, healthz, true, &["--iptables-sync-period", "1s"]);
+    let mut code = None;
+    for _ in 0..200 {
+        code = try_get(healthz, "/readyz").await;
+        if code.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(code, Some(503), "not ready while the API server is down");
+    assert_eq!(try_get(healthz, "/livez").await, Some(200));
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(try_get(healthz, "/readyz").await, Some(503));
+    assert_eq!(
+        try_get(healthz, "/healthz").await,
+        Some(200),
+        "alive while waiting for the API server"
+    );
+    api.start().await;
+    let mut ready = false;
+    for _ in 0..200 {
+        if try_get(healthz, "/readyz").await == Some(200) {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(ready, "/readyz 200 after the first list");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_restart_mid_run_keeps_open_connections_and_converges() {
+    let echo = echo_backend().await;
+    let api = FakeApi::new().await;
+    let (np1, np2) = (free_port(), free_port());
+    api.apply(node_port_service("ns", "web", "10.96.0.10", 80, np1));
+    api.apply(slice(
+        "ns",
+        "web-a",
+        "web",
+        echo.port(),
+        &[("127.0.0.1", true, None)],
+    ));
+    let dir = tempfile::tempdir().unwrap();
+    let kc = api.kubeconfig(dir.path());
+    let _proxy = proxy_on_host(&kc, free_port(), false);
+
+    let web = localhost(np1);
+    assert!(
+        eventually(Duration::from_secs(10), || std::net::TcpStream::connect(
+            web
+        )
+        .is_ok())
+        .await,
+        "listener on the nodePort"
+    );
+    let mut conn = tokio::net::TcpStream::connect(web).await.unwrap();
+    let mut buf = [0u8; 5];
+    conn.write_all(b"hello").await.unwrap();
+    conn.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"hello");
+
+    // The API server crashes; the cluster changes while it is down.
+    api.stop();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    conn.write_all(b"still").await.unwrap();
+    conn.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"still", "open connection survives the API outage");
+    api.apply(node_port_service("ns", "db", "10.96.0.11", 80, np2));
+    api.apply(slice(
+        "ns",
+        "db-a",
+        "db",
+        echo.port(),
+        &[("127.0.0.1", true, None)],
+    ));
+    api.start().await;
+
+    let db = localhost(np2);
+    assert!(
+        eventually(Duration::from_secs(20), || std::net::TcpStream::connect(db)
+            .is_ok())
+        .await,
+        "change made during the outage applied after the restart"
+    );
+    conn.write_all(b"again").await.unwrap();
+    conn.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"again", "connection survives the relist");
+    assert_eq!(read_echo(web).await, "fresh", "web still served");
+
+    // A relist that no longer has a service removes it.
+    api.stop();
+    assert!(api.delete(Kind::Service, "ns", "db"));
+    api.start().await;
+    assert!(
+        eventually(Duration::from_secs(20), || std::net::TcpStream::connect(db)
+            .is_err())
+        .await,
+        "deleted service's listener closed"
+    );
+    conn.write_all(b"final").await.unwrap();
+    conn.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"final");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undecodable_object_is_logged_by_kind_name_and_field_and_counted() {
+    let api = FakeApi::new().await;
+    api.apply(service("ns", "web", "10.96.0.10", 80));
+    api.apply(json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "broken", "namespace": "ns"},
+        "spec": {"clusterIP": "10.96.0.40", "ports": [{"name": "http", "port": "eighty"}]}
+    }));
+    let dir = tempfile::tempdir().unwrap();
+    let kc = api.kubeconfig(dir.path());
+    let metrics = free_port();
+    let mut child = Command::new(BIN)
+        .arg("--kubeconfig")
+        .arg(&kc)
+        .args([
+            "--iptables",
+            "off",
+            "--bind-address",
+            "127.0.0.1",
+            "--metrics-bind-address",
+            &format!("127.0.0.1:{metrics}"),
+            "--healthz-bind-address",
+            "127.0.0.1:0",
+            "--log-level",
+            "warn",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let _proxy = Proxy(child);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let end = Instant::now() + Duration::from_secs(10);
+    let mut logged = None;
+    while logged.is_none() && Instant::now() < end {
+        if let Ok(line) = rx.recv_timeout(Duration::from_millis(100)) {
+            if line.contains("cannot decode object") {
+                logged = Some(line);
+            }
+        }
+    }
+    let line = logged.expect("a warning for the undecodable object");
+    for part in ["Service", "ns/broken", "spec.ports[0].port"] {
+        assert!(line.contains(part), "{part} missing from {line}");
+    }
+    let mut counted = String::new();
+    for _ in 0..100 {
+        if let Some(200) = try_get(metrics, "/metrics").await {
+            let (_, body) = http(localhost(metrics), "GET", "/metrics").await;
+            if let Some(l) = body
+                .lines()
+                .find(|l| l.starts_with("kusp_discovery_decode_errors_total{kind=\"Service\"}"))
+            {
+                counted = l.to_string();
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(counted.ends_with(" 1"), "counter: {counted:?}");
+}
+
+#[test]
+fn rules_prints_the_payload_for_the_clusters_services() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let api = rt.block_on(FakeApi::new());
+    api.apply(service("ns", "web", "10.96.0.10", 80));
+    let dir = tempfile::tempdir().unwrap();
+    let kc = api.kubeconfig(dir.path());
+    let out = Command::new(BIN)
+        .arg("rules")
+        .arg("--kubeconfig")
+        .arg(&kc)
+        .args(["--bind-address", "127.0.0.1", "--log-level", "warn"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("10.96.0.10/32") && text.contains("ns/web:http"),
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_service_is_served_within_a_second_and_type_changes_re_home_it() {
+    let echo = echo_backend().await;
+    let api = FakeApi::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let kc = api.kubeconfig(dir.path());
+    let _proxy = proxy_on_host(&kc, free_port(), false);
+    let (np1, np2) = (free_port(), free_port());
+    let (at1, at2) = (localhost(np1), localhost(np2));
+    // Let the proxy finish its first (empty) list.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    let t = Instant::now();
+    api.apply(node_port_service("ns", "web", "10.96.0.10", 80, np1));
+    api.apply(slice(
+        "ns",
+        "web-a",
+        "web",
+        echo.port(),
+        &[("127.0.0.1", true, None)],
+    ));
+    let mut served = false;
+    while t.elapsed() < Duration::from_secs(10) {
+        if tokio::net::TcpStream::connect(at1).await.is_ok() {
+            served = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let took = t.elapsed();
+    eprintln!("new Service + EndpointSlice served on its nodePort after {took:?}");
+    assert!(served, "nodePort listener");
+    assert!(took < Duration::from_secs(2), "took {took:?}");
+    assert_eq!(read_echo(at1).await, "fresh");
+
+    // NodePort → LoadBalancer on another nodePort: the listener moves.
+    let mut lb = node_port_service("ns", "web", "10.96.0.10", 80, np2);
+    lb["spec"]["type"] = json!("LoadBalancer");
+    lb["status"] = json!({"loadBalancer": {"ingress": [{"ip": "198.18.0.9"}]}});
+    api.apply(lb);
+    assert!(
+        eventually(Duration::from_secs(5), || std::net::TcpStream::connect(at2)
+            .is_ok())
+        .await,
+        "re-homed on the new nodePort"
+    );
+    assert_eq!(read_echo(at2).await, "fresh");
+    assert!(
+        eventually(Duration::from_secs(5), || std::net::TcpStream::connect(at1)
+            .is_err())
+        .await,
+        "old nodePort released"
+    );
+    // Back to ClusterIP: no nodePort any more.
+    api.apply(service("ns", "web", "10.96.0.10", 80));
+    assert!(
+        eventually(Duration::from_secs(5), || std::net::TcpStream::connect(at2)
+            .is_err())
+        .await,
+        "nodePort released"
+    );
+}
+
+async fn read_echo(addr: SocketAddr) -> String {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"fresh").await.unwrap();
+    s.shutdown().await.unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
+
+// === end to end, in network namespaces ===
+
+/// A backend answering "NAME\n" to every connection, in `ns` on `addr`.
+fn ns_backend(ns: &Netns, addr: SocketAddr, name: &'static str) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    ns.spawn(move || {
+        let l = std::net::TcpListener::bind(addr).unwrap();
+        tx.send(()).unwrap();
+        for s in l.incoming().take(1000) {
+            let Ok(mut s) = s else { continue };
+            let _ = s.write_all(format!("{name}\n").as_bytes());
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(5)).unwrap();
+}
+
+/// Connects from inside `ns` and returns what the server sent.
+fn ns_fetch(ns: &Netns, addr: SocketAddr) -> std::io::Result<String> {
+    ns.spawn(move || {
+        let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
+        s.set_read_timeout(Some(Duration::from_secs(3)))?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        Ok(out)
+    })
+    .join()
+    .unwrap()
+}
+
+/// The fake API server running on its own runtime inside `ns` (its
+/// 127.0.0.1 is the namespace's); stops when dropped.
+struct NsApi {
+    api: Arc<FakeApi>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl NsApi {
+    fn start(ns: &Netns) -> Self {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        ns.spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let api = Arc::new(FakeApi::new().await);
+                tx.send(Arc::clone(&api)).unwrap();
+                let _ = stop_rx.await;
+                api.stop();
+            });
+        });
+        let api = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        NsApi {
+            api,
+            stop: Some(stop_tx),
+        }
+    }
+}
+
+impl Drop for NsApi {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+    }
+}
+
+fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let end = Instant::now() + timeout;
+    while Instant::now() < end {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(f(), "timed out waiting for {what}");
+}
+
+#[test]
+fn backends_on_veth_addresses_in_another_namespace_are_reached_through_the_proxy() {
+    let test = "backends_on_veth_addresses_in_another_namespace_are_reached_through_the_proxy";
+    if !require_root(test) {
+        return;
+    }
+    // node: the proxy and the API server; pods: the backends. Linked by a
+    // veth made inside the two namespaces; the host is never touched.
+    let node = Netns::new("knode");
+    let pods = Netns::new("kpods");
+    let (node_if, pods_if) = veth(&node, "10.252.7.1/24", &pods, "10.252.7.2/24");
+    pods.run(&["ip", "addr", "add", "10.252.7.3/24", "dev", &pods_if]);
+    pods.run(&["ip", "route", "add", "default", "via", "10.252.7.1"]);
+    // The node's route towards the service range, as a real node's default route.
+    node.run(&["ip", "route", "add", "10.96.0.0/16", "dev", &node_if]);
+    let a: SocketAddr = "10.252.7.2:8080".parse().unwrap();
+    let b: SocketAddr = "10.252.7.3:8080".parse().unwrap();
+    ns_backend(&pods, a, "pod-a");
+    ns_backend(&pods, b, "pod-b");
+
+    let api = NsApi::start(&node);
+    let node_port = 30777;
+    api.api
+        .apply(node_port_service("ns", "web", "10.96.7.10", 80, node_port));
+    api.api.apply(slice(
+        "ns",
+        "web-a",
+        "web",
+        8080,
+        &[
+            ("10.252.7.2", true, Some("n1")),
+            ("10.252.7.3", true, Some("n1")),
+        ],
+    ));
+    let dir = tempfile::tempdir().unwrap();
+    let kc = api.api.kubeconfig(dir.path());
+    let child = node
+        .command(&[BIN])
+        .arg("--kubeconfig")
+        .arg(&kc)
+        .args([
+            "--iptables",
+            "on",
+            "--iptables-min-sync-period",
+            "100ms",
+            "--hostname-override",
+            "n1",
+            "--log-level",
+            "warn",
+        ])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _proxy = Proxy(child);
+
+    // Through the nodePort, round-robin over both pods.
+    let via_node_port: SocketAddr = format!("127.0.0.1:{node_port}").parse().unwrap();
+    wait_for("the nodePort listener", Duration::from_secs(15), || {
+        ns_fetch(&node, via_node_port).is_ok()
+    });
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..4 {
+        seen.insert(ns_fetch(&node, via_node_port).unwrap());
+    }
+    assert_eq!(seen.into_iter().collect::<Vec<_>>(), ["pod-a\n", "pod-b\n"]);
+
+    // Through the cluster IP (iptables REDIRECT inside the node namespace),
+    // from the node and from a pod.
+    let via_cluster_ip: SocketAddr = "10.96.7.10:80".parse().unwrap();
+    wait_for("the cluster IP redirect", Duration::from_secs(15), || {
+        ns_fetch(&node, via_cluster_ip).is_ok_and(|s| s.starts_with("pod-"))
+    });
+    assert!(
+        ns_fetch(&pods, via_cluster_ip).unwrap().starts_with("pod-"),
+        "pod → ClusterIP"
+    );
+
+    // An endpoint change through the API is followed.
+    api.api.apply(slice(
+        "ns",
+        "web-a",
+        "web",
+        8080,
+        &[("10.252.7.3", true, Some("n1"))],
+    ));
+    wait_for("only pod-b", Duration::from_secs(10), || {
+        (0..3).all(|_| ns_fetch(&node, via_node_port).is_ok_and(|s| s == "pod-b\n"))
+    });
+}
