@@ -19,6 +19,7 @@ pub mod discovery;
 pub mod iptables;
 pub mod metrics;
 pub mod model;
+pub mod privileges;
 pub mod proxy;
 pub mod status;
 
@@ -181,6 +182,10 @@ fn proxy_config(args: &RunArgs, fd_limit: u64) -> ProxyConfig {
 /// open connections drain for `--shutdown-grace`; a second signal exits at
 /// once. With `--cleanup`, only removes rules.
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        let passed = privileges::pass_to_children();
+        tracing::info!(uid = %nix::unistd::geteuid(), capabilities = ?passed, "not root: capabilities passed on to iptables");
+    }
     if args.cleanup {
         iptables::cleanup_all(args.iptables_backend).await?;
         tracing::info!("--cleanup: iptables chains and jumps of kube-userspace-proxy removed");

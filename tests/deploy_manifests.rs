@@ -314,7 +314,11 @@ fn daemonset_and_sidecar_args_parse_with_the_real_cli() {
         Some(&["NET_ADMIN".to_string(), "NET_BIND_SERVICE".to_string()][..])
     );
     assert_eq!(sc.read_only_root_filesystem, Some(true));
-    assert_eq!(sc.allow_privilege_escalation, Some(false));
+    // Non-root; privilege escalation only so the binary's file capabilities
+    // (bounded by the two above) apply: see tests/nonroot.rs.
+    assert_eq!(sc.run_as_non_root, Some(true));
+    assert!(sc.run_as_user.is_some_and(|u| u != 0));
+    assert_eq!(sc.allow_privilege_escalation, Some(true));
     assert_ne!(sc.privileged, Some(true));
 
     // The sidecar: manifests from its ConfigMap, no iptables, non-root.
