@@ -45,7 +45,10 @@ fn runs_as_non_root_with_exactly_net_admin_and_net_bind_service() {
             .output()
             .map(|o| o.status.success())
             .unwrap_or(false);
-        assert!(found, "`{tool}` is missing (install libcap2-bin and util-linux)");
+        assert!(
+            found,
+            "`{tool}` is missing (install libcap2-bin and util-linux)"
+        );
     }
     // A world-readable copy of the binary with file capabilities, as the
     // container image has it.
@@ -54,7 +57,11 @@ fn runs_as_non_root_with_exactly_net_admin_and_net_bind_service() {
     let bin = dir.path().join("kube-userspace-proxy");
     std::fs::copy(BIN, &bin).unwrap();
     std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
-    sh(&["setcap", "cap_net_admin,cap_net_bind_service+ep", bin.to_str().unwrap()]);
+    sh(&[
+        "setcap",
+        "cap_net_admin,cap_net_bind_service+ep",
+        bin.to_str().unwrap(),
+    ]);
     let manifests = dir.path().join("manifests");
     std::fs::create_dir(&manifests).unwrap();
     std::fs::set_permissions(&manifests, std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -68,7 +75,11 @@ fn runs_as_non_root_with_exactly_net_admin_and_net_bind_service() {
          addressType: IPv4\nports: [{name: http, port: 8080}]\nendpoints: [{addresses: [\"127.0.0.1\"]}]\n",
     )
     .unwrap();
-    std::fs::set_permissions(manifests.join("web.yaml"), std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::fs::set_permissions(
+        manifests.join("web.yaml"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
 
     let ns = Netns::new("nonroot");
     let mut child = ns
@@ -97,12 +108,24 @@ fn runs_as_non_root_with_exactly_net_admin_and_net_bind_service() {
     // `ip netns exec` execs setpriv, which execs the proxy: same pid.
     let pid = child.id();
     wait_for("the rules", Duration::from_secs(10), || {
-        ns.nat().contains("-d 10.96.0.10/32 -p tcp -m tcp --dport 80")
+        ns.nat()
+            .contains("-d 10.96.0.10/32 -p tcp -m tcp --dport 80")
     });
-    assert!(status_field(pid, "Uid:").starts_with("65532"), "runs as 65532");
+    assert!(
+        status_field(pid, "Uid:").starts_with("65532"),
+        "runs as 65532"
+    );
     // CAP_NET_BIND_SERVICE is bit 10, CAP_NET_ADMIN bit 12.
-    assert_eq!(status_field(pid, "CapEff:"), "0000000000001400", "exactly the two capabilities");
-    assert_eq!(status_field(pid, "CapAmb:"), "0000000000001000", "NET_ADMIN passed on to iptables");
+    assert_eq!(
+        status_field(pid, "CapEff:"),
+        "0000000000001400",
+        "exactly the two capabilities"
+    );
+    assert_eq!(
+        status_field(pid, "CapAmb:"),
+        "0000000000001000",
+        "NET_ADMIN passed on to iptables"
+    );
     // Port 80 is below 1024: NET_BIND_SERVICE at work.
     let listening = ns.run(&["ss", "-Htln", "sport = :80"]);
     assert!(listening.contains(":80"), "{listening}");
@@ -115,5 +138,8 @@ fn runs_as_non_root_with_exactly_net_admin_and_net_bind_service() {
     wait_for("exit", Duration::from_secs(15), || {
         child.try_wait().unwrap().is_some()
     });
-    assert!(!ns.nat().contains("10.96.0.10"), "rules removed as non-root too");
+    assert!(
+        !ns.nat().contains("10.96.0.10"),
+        "rules removed as non-root too"
+    );
 }
