@@ -242,7 +242,7 @@ async fn pump(
     };
     // Copy mode's buffer, allocated at the first byte.
     let mut buf = Vec::new();
-    loop {
+    'pump: loop {
         src.readable().await?;
         let pipe = match mode {
             CopyMode::Splice => pool.take(),
@@ -253,7 +253,7 @@ async fn pump(
                 pool.fallbacks.fetch_add(1, Relaxed);
             }
             match copy_chunk(src, dst, &mut buf).await? {
-                0 => break,
+                0 => break 'pump,
                 m => {
                     count(m);
                     continue;
@@ -272,10 +272,7 @@ async fn pump(
             let n = match src.try_io(Interest::READABLE, || {
                 splice_io(src, &pipe.w, PIPE_SIZE, false)
             }) {
-                Ok(0) => {
-                    half_close(dst);
-                    return Ok(progress.load(Relaxed));
-                }
+                Ok(0) => break 'pump,
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) => return Err(e),

@@ -80,21 +80,17 @@ async fn accept_loop(
         let permit = match &ctx.connection_limit {
             None => None,
             Some(limit) => {
-                let permit = match Arc::clone(limit).try_acquire_owned() {
-                    Ok(p) => p,
-                    Err(_) => {
-                        ctx.limit_waits.fetch_add(1, Relaxed);
-                        tokio::select! {
-                            biased;
-                            _ = stop.cancelled() => break,
-                            p = Arc::clone(limit).acquire_owned() => match p {
-                                Ok(p) => p,
-                                Err(_) => break, // closed: shutting down
-                            },
-                        }
-                    }
-                };
-                Some(permit)
+                if limit.available_permits() == 0 {
+                    ctx.limit_waits.fetch_add(1, Relaxed);
+                }
+                tokio::select! {
+                    biased;
+                    _ = stop.cancelled() => break,
+                    p = Arc::clone(limit).acquire_owned() => match p {
+                        Ok(p) => Some(p),
+                        Err(_) => break, // closed: shutting down
+                    },
+                }
             }
         };
         let accepted = tokio::select! {
