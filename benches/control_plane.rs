@@ -46,7 +46,14 @@ fn snapshot(bump: usize) -> Snapshot {
             port: 80,
             ..ServicePort::default()
         };
-        services.insert(name, ServiceEntry { port, endpoints });
+        services.insert(
+            name,
+            ServiceEntry {
+                port,
+                endpoints,
+                external_endpoints: None,
+            },
+        );
     }
     Snapshot { services }
 }

@@ -88,16 +88,8 @@ fn main() {
             name.clone(),
             ServiceEntry {
                 port: ServicePort {
-                    cluster_ips: vec![],
                     port: 53,
-                    node_port: None,
-                    external_ips: vec![],
-                    load_balancer_ips: vec![],
-                    affinity: None,
-                    internal_local: false,
-                    external_local: false,
-                    scheduler: Default::default(),
-                    proxy_protocol: Default::default(),
+                    ..ServicePort::default()
                 },
                 endpoints: vec![Endpoint {
                     addr: backend,
@@ -107,6 +99,7 @@ fn main() {
                     node_name: None,
                     zone: None,
                 }],
+                external_endpoints: None,
             },
         );
         let mut p = Proxier::new(ProxyConfig {

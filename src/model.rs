@@ -254,12 +254,18 @@ pub struct Endpoint {
 }
 
 /// A service port and the endpoints behind it.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct ServiceEntry {
     /// The port's specification.
     pub port: ServicePort,
-    /// Endpoints, sorted by address and deduplicated.
+    /// Endpoints, sorted by address and deduplicated; for ClusterIP
+    /// traffic (`internalTrafficPolicy` applied), and all traffic unless
+    /// `external_endpoints` is set.
     pub endpoints: Vec<Endpoint>,
+    /// Endpoints for external traffic (nodePort, external IPs, LB IPs)
+    /// when `externalTrafficPolicy` gives it another set than `endpoints`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub external_endpoints: Option<Vec<Endpoint>>,
 }
 
 /// The full desired state at one moment: what discovery publishes.

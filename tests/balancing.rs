@@ -167,3 +167,25 @@ async fn unbindable_node_port_is_reported_and_retried() {
     assert_eq!(p.listener_port(&svc_name("np")), Some(taken.port()));
     assert_eq!(read_all(localhost(taken.port())).await.unwrap(), "a");
 }
+
+/// With its own set for external traffic (`externalTrafficPolicy`), a client
+/// that dialled the listener itself (nodePort traffic, not REDIRECTed from
+/// the ClusterIP) is served from that set; without it, from the one set.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn external_traffic_uses_the_external_endpoint_set() {
+    let internal = named_backend("internal").await;
+    let external = named_backend("external").await;
+    let mut p = proxier(CopyMode::Splice);
+    let mut snap = snapshot("split", &[internal], None);
+    for e in snap.services.values_mut() {
+        e.external_endpoints = Some(vec![endpoint(external)]);
+    }
+    let addr = serve(&mut p, &snap, "split");
+    for _ in 0..5 {
+        assert_eq!(read_all(addr).await.unwrap(), "external");
+    }
+    let addr = serve(&mut p, &snapshot("split", &[internal], None), "split");
+    for _ in 0..5 {
+        assert_eq!(read_all(addr).await.unwrap(), "internal");
+    }
+}

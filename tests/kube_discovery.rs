@@ -352,12 +352,29 @@ async fn traffic_policy_local_keeps_only_this_nodes_endpoints() {
     )
     .await;
     let snap = src.rx.borrow().clone();
+    let external = |k: &ServicePortName| -> Option<Vec<String>> {
+        snap.services[k]
+            .external_endpoints
+            .as_ref()
+            .map(|eps| eps.iter().map(|e| e.addr.to_string()).collect())
+    };
     assert_eq!(addrs(&snap, &key("ns", "itp")), ["10.4.0.1:8080"]);
-    assert_eq!(addrs(&snap, &key("ns", "etp")), ["10.4.0.1:8080"]);
+    assert_eq!(external(&key("ns", "itp")), None);
+    // eTP Local: external traffic to this node's endpoints only, ClusterIP
+    // traffic to all of them, as kube-proxy.
+    assert_eq!(
+        addrs(&snap, &key("ns", "etp")),
+        ["10.4.0.1:8080", "10.4.0.2:8080"]
+    );
+    assert_eq!(
+        external(&key("ns", "etp")),
+        Some(vec!["10.4.0.1:8080".to_string()])
+    );
     assert_eq!(
         addrs(&snap, &key("ns", "cluster")),
         ["10.4.0.1:8080", "10.4.0.2:8080"]
     );
+    assert_eq!(external(&key("ns", "cluster")), None);
 }
 
 #[tokio::test]

@@ -214,16 +214,18 @@ pub fn build_snapshot_with(
         let slices = by_service.get(&key).map(Vec::as_slice).unwrap_or(&[]);
         let families = ip_families(&s.object);
         for (name, port) in ports {
-            let mut endpoints = join_endpoints(slices, &name.port_name, name.protocol, families);
-            if let Some(node) = options.node_name.as_deref() {
-                if local_only(&port) {
-                    endpoints.retain(|e| e.node_name.as_deref() == Some(node));
-                }
-            }
+            let all = join_endpoints(slices, &name.port_name, name.protocol, families);
+            let (endpoints, external_endpoints) =
+                traffic_views(&port, all, options.node_name.as_deref());
             order.push((name.clone(), s.origin.clone()));
-            snapshot
-                .services
-                .insert(name, ServiceEntry { port, endpoints });
+            snapshot.services.insert(
+                name,
+                ServiceEntry {
+                    port,
+                    endpoints,
+                    external_endpoints,
+                },
+            );
         }
     }
     for (ns, name) in &broken {
@@ -290,16 +292,40 @@ fn resolve_node_port_conflicts(
     }
 }
 
-/// Whether a port's listener must use this node's endpoints only. One
-/// listener carries both the port's internal (cluster IP) and external
-/// (nodePort, external IP, load-balancer IP) traffic and cannot tell them
-/// apart, so the stricter policy wins: `internalTrafficPolicy: Local`, or
-/// `externalTrafficPolicy: Local` on a port that receives external traffic.
-pub fn local_only(port: &ServicePort) -> bool {
-    let external = port.node_port.is_some()
+/// The endpoints of a port for ClusterIP traffic and, when
+/// `externalTrafficPolicy` makes them differ, for external traffic
+/// (nodePort, external IPs, LB IPs), as kube-proxy: a `Local` policy keeps
+/// only the endpoints on `node`. Without a node name no policy applies.
+pub fn traffic_views(
+    port: &ServicePort,
+    all: Vec<Endpoint>,
+    node: Option<&str>,
+) -> (Vec<Endpoint>, Option<Vec<Endpoint>>) {
+    let Some(node) = node else {
+        return (all, None);
+    };
+    let local = |eps: &[Endpoint]| -> Vec<Endpoint> {
+        eps.iter()
+            .filter(|e| e.node_name.as_deref() == Some(node))
+            .cloned()
+            .collect()
+    };
+    let external_traffic = port.node_port.is_some()
         || !port.external_ips.is_empty()
         || !port.load_balancer_ips.is_empty();
-    port.internal_local || (port.external_local && external)
+    let external = (external_traffic && port.external_local != port.internal_local).then(|| {
+        if port.external_local {
+            local(&all)
+        } else {
+            all.clone()
+        }
+    });
+    let internal = if port.internal_local {
+        local(&all)
+    } else {
+        all
+    };
+    (internal, external)
 }
 
 /// IP families a service wants endpoints of: `(IPv4, IPv6)`. From
@@ -710,7 +736,7 @@ mod tests {
     }
 
     #[test]
-    fn local_policy_applies_to_the_traffic_the_listener_carries() {
+    fn local_policies_apply_each_to_its_own_traffic() {
         let port = |itp: bool, etp: bool, node_port: Option<u16>| ServicePort {
             port: 80,
             node_port,
@@ -718,12 +744,38 @@ mod tests {
             external_local: etp,
             ..ServicePort::default()
         };
-        assert!(!local_only(&port(false, false, Some(30000))));
-        assert!(local_only(&port(true, false, None)));
-        assert!(local_only(&port(false, true, Some(30000))));
-        assert!(
-            !local_only(&port(false, true, None)),
-            "no external traffic to restrict"
+        let ep = |ip: [u8; 4], node: &str| Endpoint {
+            addr: SocketAddr::from((ip, 8080)),
+            ready: true,
+            serving: true,
+            terminating: false,
+            node_name: Some(node.into()),
+            zone: None,
+        };
+        let all = vec![ep([10, 0, 0, 1], "a"), ep([10, 0, 0, 2], "b")];
+        let here = vec![all[0].clone()];
+        let views = |itp, etp, np| traffic_views(&port(itp, etp, np), all.clone(), Some("a"));
+        assert_eq!(views(false, false, Some(30000)), (all.clone(), None));
+        assert_eq!(views(true, false, None), (here.clone(), None));
+        // eTP Local: ClusterIP traffic still reaches every endpoint.
+        assert_eq!(
+            views(false, true, Some(30000)),
+            (all.clone(), Some(here.clone()))
+        );
+        assert_eq!(
+            views(true, false, Some(30000)),
+            (here.clone(), Some(all.clone()))
+        );
+        assert_eq!(views(true, true, Some(30000)), (here.clone(), None));
+        assert_eq!(
+            views(false, true, None),
+            (all.clone(), None),
+            "no external traffic"
+        );
+        assert_eq!(
+            traffic_views(&port(true, true, Some(1)), all.clone(), None),
+            (all, None),
+            "no node name: no policy"
         );
     }
 }

@@ -189,6 +189,14 @@ pub struct Service {
     pub name: ServicePortName,
     /// Its endpoints and how to choose among them.
     pub balancer: Balancer,
+    /// The endpoints for external traffic (nodePort, external IPs, LB IPs)
+    /// when `externalTrafficPolicy` gives it its own set (see
+    /// [`crate::model::ServiceEntry::external_endpoints`]).
+    pub external: Balancer,
+    /// Whether `external` is in use.
+    split: std::sync::atomic::AtomicBool,
+    /// ClusterIPs: a connection REDIRECTed from one of them is internal.
+    cluster_ips: ArcSwap<Vec<IpAddr>>,
     /// Its counters.
     pub stats: ServiceStats,
     /// PROXY protocol header for backends: 0 off, 1 v1, 2 v2; switched in
@@ -204,6 +212,9 @@ impl Service {
         Self {
             name,
             balancer: Balancer::default(),
+            external: Balancer::default(),
+            split: std::sync::atomic::AtomicBool::new(false),
+            cluster_ips: ArcSwap::from_pointee(Vec::new()),
             stats: ServiceStats::default(),
             proxy_protocol: AtomicU8::new(0),
         }
@@ -228,6 +239,33 @@ impl Service {
         self.proxy_protocol.store(n, Relaxed);
     }
 
+    /// The balancer for a client connection: the external one when the
+    /// service has one and the client did not come REDIRECTed from a
+    /// ClusterIP (it dialled the nodePort, an external IP or an LB IP).
+    pub fn balancer_for(&self, client: &tokio::net::TcpStream) -> &Balancer {
+        if !self.split.load(Relaxed) {
+            return &self.balancer;
+        }
+        let internal = proxy_protocol::original_dst(client)
+            .is_ok_and(|dst| self.cluster_ips.load().contains(&dst.ip().to_canonical()));
+        if internal {
+            &self.balancer
+        } else {
+            &self.external
+        }
+    }
+
+    /// Swaps in the endpoints of `entry` (both traffic views); true when
+    /// they changed.
+    fn update_endpoints(&self, entry: &crate::model::ServiceEntry) -> bool {
+        let affinity = entry.port.affinity;
+        let external = entry.external_endpoints.as_deref();
+        let changed = self.balancer.update(&entry.endpoints, affinity);
+        let external_changed = self.external.update(external.unwrap_or(&[]), affinity);
+        self.split.store(external.is_some(), Relaxed);
+        changed || external_changed
+    }
+
     /// Applies the annotation settings of `spec` in place (`default`: the
     /// `--scheduler` flag). Unknown values are logged and counted, and the
     /// default applies; the service is served either way.
@@ -243,6 +281,8 @@ impl Service {
                 "unknown PROXY protocol version (want v1, v2 or off); no header is sent");
         }
         let scheduler = spec.scheduler.or(default);
+        self.cluster_ips.store(Arc::new(spec.cluster_ips.clone()));
+        self.external.set_scheduler(scheduler);
         if self.balancer.set_scheduler(scheduler) {
             tracing::info!(service = %self.name, scheduler = %scheduler, "scheduler in force");
         }
@@ -497,11 +537,7 @@ impl Proxier {
                     .service
                     .apply_settings(&entry.port, self.ctx.config.scheduler);
             }
-            if served
-                .service
-                .balancer
-                .update(&entry.endpoints, entry.port.affinity)
-            {
+            if served.service.update_endpoints(entry) {
                 report.endpoints_changed += 1;
             }
         }

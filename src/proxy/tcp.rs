@@ -132,7 +132,7 @@ async fn serve(client: TcpStream, peer: SocketAddr, service: Arc<Service>, ctx: 
     stats.active.fetch_add(1, Relaxed);
     let _ = client.set_nodelay(true);
     let dialed = connect::dial(
-        &service.balancer,
+        service.balancer_for(&client),
         stats,
         peer.ip(),
         &ctx.config.dial_timeouts,

@@ -256,6 +256,7 @@ pub fn snapshot(name: &str, endpoints: &[SocketAddr], affinity: Option<Affinity>
                 proxy_protocol: Default::default(),
             },
             endpoints: endpoints.iter().copied().map(endpoint).collect(),
+            external_endpoints: None,
         },
     );
     Snapshot { services }
