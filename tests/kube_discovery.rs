@@ -1098,4 +1098,34 @@ fn backends_on_veth_addresses_in_another_namespace_are_reached_through_the_proxy
     wait_for("only pod-b", Duration::from_secs(10), || {
         (0..3).all(|_| ns_fetch(&node, via_node_port).is_ok_and(|s| s == "pod-b\n"))
     });
+
+    // externalTrafficPolicy: Local with pod-b on another node: nodePort
+    // traffic reaches only this node's pod-a, ClusterIP traffic both.
+    let mut local = node_port_service("ns", "web", "10.96.7.10", 80, node_port);
+    local["spec"]["externalTrafficPolicy"] = json!("Local");
+    api.api.apply(local);
+    api.api.apply(slice(
+        "ns",
+        "web-a",
+        "web",
+        8080,
+        &[
+            ("10.252.7.2", true, Some("n1")),
+            ("10.252.7.3", true, Some("n2")),
+        ],
+    ));
+    wait_for(
+        "nodePort: only the local pod-a",
+        Duration::from_secs(10),
+        || (0..4).all(|_| ns_fetch(&node, via_node_port).is_ok_and(|s| s == "pod-a\n")),
+    );
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..6 {
+        seen.insert(ns_fetch(&pods, via_cluster_ip).unwrap());
+    }
+    assert_eq!(
+        seen.into_iter().collect::<Vec<_>>(),
+        ["pod-a\n", "pod-b\n"],
+        "ClusterIP traffic is not restricted by externalTrafficPolicy"
+    );
 }
