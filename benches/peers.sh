@@ -49,9 +49,11 @@ YAML
 }
 manifests "$work/splice" 28090
 manifests "$work/copy" 28092
+manifests "$work/splice1" 28094
 common="--bind-address 127.0.0.1 --iptables off --metrics-bind-address 127.0.0.1:0 --healthz-bind-address 127.0.0.1:0 --log-level warn"
 
 echo "# $(date -u +%F) $(nproc) cpus, $(uname -r); kube-userspace-proxy $(git rev-parse --short HEAD)"
 python3 "$peers_py" \
   "kusp-splice=28090=$bin --manifests $work/splice --copy-mode splice $common" \
-  "kusp-copy=28092=$bin --manifests $work/copy --copy-mode copy $common"
+  "kusp-copy=28092=$bin --manifests $work/copy --copy-mode copy $common" \
+  "kusp-splice-1t=28094=$bin --manifests $work/splice1 --copy-mode splice --worker-threads 1 $common"

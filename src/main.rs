@@ -18,7 +18,16 @@ fn main() -> ExitCode {
         eprintln!("error: {e}");
         return ExitCode::from(64);
     }
-    let rt = match tokio::runtime::Runtime::new() {
+    let workers = match &cli.command {
+        None => cli.run.worker_threads,
+        Some(Command::Run(a)) => a.worker_threads,
+        Some(_) => None,
+    };
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = workers {
+        builder.worker_threads(n.into());
+    }
+    let rt = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
