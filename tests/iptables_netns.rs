@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use common::netns::{require_root, sh, veth, Netns};
+use common::netns::{require_root, sh, veth, wait_for, Netns};
 
 const BIN: &str = env!("CARGO_BIN_EXE_kube-userspace-proxy");
 
@@ -76,17 +76,6 @@ impl Drop for Proxy {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let end = Instant::now() + timeout;
-    while Instant::now() < end {
-        if f() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(25));
-    }
-    assert!(f(), "timed out waiting for {what}");
 }
 
 /// A backend answering "NAME\n" to every connection, in `ns` on `addr`.

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::netns::{require_root, veth, Netns};
+use common::netns::{require_root, veth, wait_for, Netns};
 use common::*;
 use fake_api::{node_port_service, service, slice, FakeApi, Kind, Trust};
 use kube_userspace_proxy::discovery::{self, Options};
@@ -997,17 +997,6 @@ impl Drop for NsApi {
             let _ = s.send(());
         }
     }
-}
-
-fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let end = Instant::now() + timeout;
-    while Instant::now() < end {
-        if f() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    assert!(f(), "timed out waiting for {what}");
 }
 
 #[test]

@@ -8,23 +8,12 @@
 mod common;
 
 use std::os::unix::fs::PermissionsExt;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Stdio;
+use std::time::Duration;
 
-use common::netns::{require_root, sh, Netns};
+use common::netns::{require_root, require_tools, sh, wait_for, Netns};
 
 const BIN: &str = env!("CARGO_BIN_EXE_kube-userspace-proxy");
-
-fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let end = Instant::now() + timeout;
-    while Instant::now() < end {
-        if f() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(25));
-    }
-    assert!(f(), "timed out waiting for {what}");
-}
 
 fn status_field(pid: u32, field: &str) -> String {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -39,17 +28,11 @@ fn runs_as_non_root_with_exactly_net_admin_and_net_bind_service() {
     if !require_root("runs_as_non_root_with_exactly_net_admin_and_net_bind_service") {
         return;
     }
-    for tool in ["setcap", "setpriv"] {
-        let found = Command::new("sh")
-            .args(["-c", &format!("command -v {tool}")])
-            .output()
-            .map(|o| o.status.success())
-            .unwrap_or(false);
-        assert!(
-            found,
-            "`{tool}` is missing (install libcap2-bin and util-linux)"
-        );
-    }
+    require_tools(
+        "runs_as_non_root",
+        &["setcap", "setpriv", "ss"],
+        "libcap2-bin, util-linux and iproute2",
+    );
     // A world-readable copy of the binary with file capabilities, as the
     // container image has it.
     let dir = tempfile::tempdir().unwrap();

@@ -11,17 +11,11 @@ static NEXT: AtomicUsize = AtomicUsize::new(0);
 /// test must run there), skips with a printed reason locally.
 pub fn require_root(test: &str) -> bool {
     if nix::unistd::Uid::effective().is_root() {
-        for tool in ["ip", "iptables-save", "iptables-restore"] {
-            let found = Command::new("sh")
-                .args(["-c", &format!("command -v {tool}")])
-                .output()
-                .map(|o| o.status.success())
-                .unwrap_or(false);
-            assert!(
-                found,
-                "{test}: `{tool}` is missing (install iproute2 and iptables)"
-            );
-        }
+        require_tools(
+            test,
+            &["ip", "iptables-save", "iptables-restore"],
+            "iproute2 and iptables",
+        );
         return true;
     }
     if std::env::var_os("CI").is_some() {
@@ -29,6 +23,31 @@ pub fn require_root(test: &str) -> bool {
     }
     eprintln!("SKIPPED {test}: needs root for network namespaces");
     false
+}
+
+/// Panics unless every one of `tools` is on PATH (`packages` say where
+/// they come from).
+pub fn require_tools(test: &str, tools: &[&str], packages: &str) {
+    for tool in tools {
+        let found = Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false);
+        assert!(found, "{test}: `{tool}` is missing (install {packages})");
+    }
+}
+
+/// Polls `f` until it holds; panics naming `what` after `timeout`.
+pub fn wait_for(what: &str, timeout: std::time::Duration, mut f: impl FnMut() -> bool) {
+    let end = std::time::Instant::now() + timeout;
+    while std::time::Instant::now() < end {
+        if f() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(25));
+    }
+    assert!(f(), "timed out waiting for {what}");
 }
 
 /// Runs a command and panics with its output when it fails.
