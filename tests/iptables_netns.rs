@@ -4,13 +4,13 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::io::Write;
+use std::net::{SocketAddr, TcpListener};
 use std::path::Path;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use common::netns::{require_root, sh, veth, wait_for, Netns};
+use common::netns::{node_and_pod, require_root, sh, wait_for, Netns};
 
 const BIN: &str = env!("CARGO_BIN_EXE_kube-userspace-proxy");
 
@@ -127,19 +127,6 @@ fn ask_udp(ns: &Netns, addr: SocketAddr) -> std::io::Result<String> {
     .unwrap()
 }
 
-/// Connects from inside `ns` and returns what the server sent.
-fn fetch(ns: &Netns, addr: SocketAddr) -> std::io::Result<String> {
-    ns.spawn(move || {
-        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
-        s.set_read_timeout(Some(Duration::from_secs(3)))?;
-        let mut out = String::new();
-        s.read_to_string(&mut out)?;
-        Ok(out)
-    })
-    .join()
-    .unwrap()
-}
-
 /// Splits an iptables-save rule into arguments, honouring double quotes.
 fn shell_words(s: &str) -> Vec<String> {
     let mut out = Vec::new();
@@ -171,30 +158,7 @@ fn cluster_ip_is_reached_from_a_pod_and_from_the_node_and_follows_the_service() 
     if !require_root("cluster_ip_is_reached_from_a_pod_and_from_the_node") {
         return;
     }
-    let node = Netns::new("node");
-    let pod = Netns::new("pod");
-    let (node_if, _) = veth(&node, "10.234.1.1/24", &pod, "10.234.1.2/24");
-    sh(&[
-        "ip",
-        "-n",
-        &pod.name,
-        "route",
-        "add",
-        "default",
-        "via",
-        "10.234.1.1",
-    ]);
-    // The node's route towards the service range, as a real node's default route.
-    sh(&[
-        "ip",
-        "-n",
-        &node.name,
-        "route",
-        "add",
-        "10.96.0.0/16",
-        "dev",
-        &node_if,
-    ]);
+    let (node, pod, _) = node_and_pod("", "10.234.1");
     let backend_addr: SocketAddr = "10.234.1.2:8080".parse().unwrap();
     backend(&pod, backend_addr, "pod-backend");
     udp_backend(
@@ -214,13 +178,9 @@ fn cluster_ip_is_reached_from_a_pod_and_from_the_node_and_follows_the_service() 
     });
 
     let vip: SocketAddr = "10.96.0.10:80".parse().unwrap();
+    assert_eq!(pod.fetch(vip).unwrap(), "pod-backend\n", "pod → ClusterIP");
     assert_eq!(
-        fetch(&pod, vip).unwrap(),
-        "pod-backend\n",
-        "pod → ClusterIP"
-    );
-    assert_eq!(
-        fetch(&node, vip).unwrap(),
+        node.fetch(vip).unwrap(),
         "pod-backend\n",
         "node → ClusterIP"
     );
@@ -247,7 +207,7 @@ fn cluster_ip_is_reached_from_a_pod_and_from_the_node_and_follows_the_service() 
         "10.234.1.1",
     ]);
     assert_eq!(
-        fetch(&pod, external).unwrap(),
+        pod.fetch(external).unwrap(),
         "pod-backend\n",
         "pod → externalIP"
     );

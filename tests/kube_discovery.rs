@@ -9,14 +9,14 @@ mod common;
 #[path = "common/fake_api.rs"]
 mod fake_api;
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::netns::{require_root, veth, wait_for, Netns};
+use common::netns::{node_and_pod, require_root, wait_for, Netns};
 use common::*;
 use fake_api::{node_port_service, service, slice, FakeApi, Kind, Trust};
 use kube_userspace_proxy::discovery::{self, Options};
@@ -947,19 +947,6 @@ fn ns_backend(ns: &Netns, addr: SocketAddr, name: &'static str) {
     rx.recv_timeout(Duration::from_secs(5)).unwrap();
 }
 
-/// Connects from inside `ns` and returns what the server sent.
-fn ns_fetch(ns: &Netns, addr: SocketAddr) -> std::io::Result<String> {
-    ns.spawn(move || {
-        let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
-        s.set_read_timeout(Some(Duration::from_secs(3)))?;
-        let mut out = String::new();
-        s.read_to_string(&mut out)?;
-        Ok(out)
-    })
-    .join()
-    .unwrap()
-}
-
 /// The fake API server running on its own runtime inside `ns` (its
 /// 127.0.0.1 is the namespace's); stops when dropped.
 struct NsApi {
@@ -1007,13 +994,8 @@ fn backends_on_veth_addresses_in_another_namespace_are_reached_through_the_proxy
     }
     // node: the proxy and the API server; pods: the backends. Linked by a
     // veth made inside the two namespaces; the host is never touched.
-    let node = Netns::new("knode");
-    let pods = Netns::new("kpods");
-    let (node_if, pods_if) = veth(&node, "10.252.7.1/24", &pods, "10.252.7.2/24");
+    let (node, pods, pods_if) = node_and_pod("k", "10.252.7");
     pods.run(&["ip", "addr", "add", "10.252.7.3/24", "dev", &pods_if]);
-    pods.run(&["ip", "route", "add", "default", "via", "10.252.7.1"]);
-    // The node's route towards the service range, as a real node's default route.
-    node.run(&["ip", "route", "add", "10.96.0.0/16", "dev", &node_if]);
     let a: SocketAddr = "10.252.7.2:8080".parse().unwrap();
     let b: SocketAddr = "10.252.7.3:8080".parse().unwrap();
     ns_backend(&pods, a, "pod-a");
@@ -1057,11 +1039,11 @@ fn backends_on_veth_addresses_in_another_namespace_are_reached_through_the_proxy
     // Through the nodePort, round-robin over both pods.
     let via_node_port: SocketAddr = format!("127.0.0.1:{node_port}").parse().unwrap();
     wait_for("the nodePort listener", Duration::from_secs(15), || {
-        ns_fetch(&node, via_node_port).is_ok()
+        node.fetch(via_node_port).is_ok()
     });
     let mut seen = std::collections::BTreeSet::new();
     for _ in 0..4 {
-        seen.insert(ns_fetch(&node, via_node_port).unwrap());
+        seen.insert(node.fetch(via_node_port).unwrap());
     }
     assert_eq!(seen.into_iter().collect::<Vec<_>>(), ["pod-a\n", "pod-b\n"]);
 
@@ -1069,10 +1051,11 @@ fn backends_on_veth_addresses_in_another_namespace_are_reached_through_the_proxy
     // from the node and from a pod.
     let via_cluster_ip: SocketAddr = "10.96.7.10:80".parse().unwrap();
     wait_for("the cluster IP redirect", Duration::from_secs(15), || {
-        ns_fetch(&node, via_cluster_ip).is_ok_and(|s| s.starts_with("pod-"))
+        node.fetch(via_cluster_ip)
+            .is_ok_and(|s| s.starts_with("pod-"))
     });
     assert!(
-        ns_fetch(&pods, via_cluster_ip).unwrap().starts_with("pod-"),
+        pods.fetch(via_cluster_ip).unwrap().starts_with("pod-"),
         "pod → ClusterIP"
     );
 
@@ -1085,7 +1068,7 @@ fn backends_on_veth_addresses_in_another_namespace_are_reached_through_the_proxy
         &[("10.252.7.3", true, Some("n1"))],
     ));
     wait_for("only pod-b", Duration::from_secs(10), || {
-        (0..3).all(|_| ns_fetch(&node, via_node_port).is_ok_and(|s| s == "pod-b\n"))
+        (0..3).all(|_| node.fetch(via_node_port).is_ok_and(|s| s == "pod-b\n"))
     });
 
     // externalTrafficPolicy: Local with pod-b on another node: nodePort
@@ -1106,11 +1089,11 @@ fn backends_on_veth_addresses_in_another_namespace_are_reached_through_the_proxy
     wait_for(
         "nodePort: only the local pod-a",
         Duration::from_secs(10),
-        || (0..4).all(|_| ns_fetch(&node, via_node_port).is_ok_and(|s| s == "pod-a\n")),
+        || (0..4).all(|_| node.fetch(via_node_port).is_ok_and(|s| s == "pod-a\n")),
     );
     let mut seen = std::collections::BTreeSet::new();
     for _ in 0..6 {
-        seen.insert(ns_fetch(&pods, via_cluster_ip).unwrap());
+        seen.insert(pods.fetch(via_cluster_ip).unwrap());
     }
     assert_eq!(
         seen.into_iter().collect::<Vec<_>>(),

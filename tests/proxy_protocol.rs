@@ -13,7 +13,7 @@ use std::path::Path;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use common::netns::{require_root, sh, veth, Netns};
+use common::netns::{node_and_pod, require_root, Netns};
 use common::*;
 use kube_userspace_proxy::model::{ProxyProtocol, Setting, Snapshot};
 use kube_userspace_proxy::proxy::splice::CopyMode;
@@ -316,29 +316,7 @@ fn behind_the_redirect_the_header_names_the_cluster_ip_the_client_dialled() {
     if !require_root("behind_the_redirect_the_header_names_the_cluster_ip_the_client_dialled") {
         return;
     }
-    let node = Netns::new("ppnode");
-    let pod = Netns::new("pppod");
-    let (node_if, _) = veth(&node, "10.235.1.1/24", &pod, "10.235.1.2/24");
-    sh(&[
-        "ip",
-        "-n",
-        &pod.name,
-        "route",
-        "add",
-        "default",
-        "via",
-        "10.235.1.1",
-    ]);
-    sh(&[
-        "ip",
-        "-n",
-        &node.name,
-        "route",
-        "add",
-        "10.96.0.0/16",
-        "dev",
-        &node_if,
-    ]);
+    let (node, pod, _) = node_and_pod("pp", "10.235.1");
     let backend: SocketAddr = "10.235.1.2:8080".parse().unwrap();
     ns_pp_backend(&pod, backend);
     let dir = tempfile::tempdir().unwrap();

@@ -96,6 +96,21 @@ impl Netns {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// Connects from inside and returns what the server sent until EOF.
+    pub fn fetch(&self, addr: std::net::SocketAddr) -> std::io::Result<String> {
+        self.spawn(move || {
+            use std::io::Read;
+            let timeout = std::time::Duration::from_secs(3);
+            let mut s = std::net::TcpStream::connect_timeout(&addr, timeout)?;
+            s.set_read_timeout(Some(timeout))?;
+            let mut out = String::new();
+            s.read_to_string(&mut out)?;
+            Ok(out)
+        })
+        .join()
+        .unwrap()
+    }
+
     /// `iptables-save -t nat` inside.
     pub fn nat(&self) -> String {
         self.run(&["iptables-save", "-t", "nat"])
@@ -139,4 +154,29 @@ pub fn veth(a: &Netns, a_cidr: &str, b: &Netns, b_cidr: &str) -> (String, String
     sh(&["ip", "-n", &a.name, "link", "set", &ea, "up"]);
     sh(&["ip", "-n", &b.name, "link", "set", &eb, "up"]);
     (ea, eb)
+}
+
+/// A "node" and a "pod" namespace joined by a veth on `subnet` ("10.234.1"):
+/// the node is `.1`, the pod `.2`; the pod routes everything via the node,
+/// and the node routes the service range 10.96.0.0/16 out of the veth, as a
+/// real node's default route would. Returns (node, pod, pod's interface).
+pub fn node_and_pod(tag: &str, subnet: &str) -> (Netns, Netns, String) {
+    let node = Netns::new(&format!("{tag}node"));
+    let pod = Netns::new(&format!("{tag}pod"));
+    let (node_if, pod_if) = veth(
+        &node,
+        &format!("{subnet}.1/24"),
+        &pod,
+        &format!("{subnet}.2/24"),
+    );
+    pod.run(&[
+        "ip",
+        "route",
+        "add",
+        "default",
+        "via",
+        &format!("{subnet}.1"),
+    ]);
+    node.run(&["ip", "route", "add", "10.96.0.0/16", "dev", &node_if]);
+    (node, pod, pod_if)
 }
