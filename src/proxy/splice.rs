@@ -233,7 +233,7 @@ async fn pump(
     pool: &PipePool,
     counters: [&AtomicU64; 2],
     progress: &AtomicU64,
-) -> io::Result<u64> {
+) -> io::Result<()> {
     let count = |m: usize| {
         progress.fetch_add(m as u64, Relaxed);
         for c in counters {
@@ -293,7 +293,7 @@ async fn pump(
         }
     }
     half_close(dst);
-    Ok(progress.load(Relaxed))
+    Ok(())
 }
 
 /// Bytes moved through user memory at a time (copy mode, and splice mode
@@ -341,10 +341,10 @@ fn reset_on_close(s: &TcpStream) {
 /// that vanished (a client gone while its backend never answers) does not
 /// hold two sockets for ever.
 async fn finish_half_closed(
-    rest: impl std::future::Future<Output = io::Result<u64>>,
+    rest: impl std::future::Future<Output = io::Result<()>>,
     progress: &AtomicU64,
     fin_timeout: Duration,
-) -> io::Result<u64> {
+) -> io::Result<()> {
     tokio::pin!(rest);
     loop {
         let seen = progress.load(Relaxed);
@@ -380,11 +380,11 @@ pub async fn proxy(
     tokio::pin!(up, down);
     let result = tokio::select! {
         r = &mut up => match r {
-            Ok(_) => finish_half_closed(down, &down_bytes, fin_timeout).await.map(|_| ()),
+            Ok(_) => finish_half_closed(down, &down_bytes, fin_timeout).await,
             Err(e) => Err(e),
         },
         r = &mut down => match r {
-            Ok(_) => finish_half_closed(up, &up_bytes, fin_timeout).await.map(|_| ()),
+            Ok(_) => finish_half_closed(up, &up_bytes, fin_timeout).await,
             Err(e) => Err(e),
         },
     };
