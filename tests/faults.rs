@@ -31,6 +31,23 @@ fn grown(before: &Scrape, after: &Scrape, name: &str, metric: &str, extra: &str)
     after.get(&key).copied().unwrap_or(0.0) - before.get(&key).copied().unwrap_or(0.0)
 }
 
+/// The proxy's fds and counters once its readiness probe's connection has
+/// gone: no open connection of `name`, and the fd count steady.
+async fn baseline(proxy: &ProxyProc, name: &str) -> (usize, Scrape) {
+    let active = series(name, "kusp_connections_active", "");
+    let mut last = usize::MAX;
+    for _ in 0..100 {
+        let m = proxy.scrape().await;
+        let fds = fds_of(proxy.pid());
+        if m.get(&active) == Some(&0.0) && fds == last {
+            return (fds, m);
+        }
+        last = fds;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{name}: the proxy never settled before the test");
+}
+
 /// Waits until the proxy has no open connection of `name` and its fds are
 /// back to `base`; returns the final scrape.
 async fn settled(proxy: &ProxyProc, name: &str, base: usize) -> Scrape {
@@ -82,8 +99,7 @@ async fn a_backend_that_resets_closes_the_client_and_leaks_nothing() {
         &[],
         None,
     );
-    let base = fds_of(proxy.pid());
-    let m0 = settled(&proxy, "reset", base).await;
+    let (base, m0) = baseline(&proxy, "reset").await;
     const N: usize = 50;
     for _ in 0..N {
         // The reset may even beat connect() to the client.
@@ -129,8 +145,7 @@ async fn a_backend_that_never_answers_is_let_go_when_the_client_leaves() {
         &["--tcp-fin-timeout", "1s"],
         None,
     );
-    let base = fds_of(proxy.pid());
-    let m0 = settled(&proxy, "silent", base).await;
+    let (base, m0) = baseline(&proxy, "silent").await;
     const N: usize = 20;
     let mut clients = Vec::new();
     for _ in 0..N {
@@ -182,8 +197,7 @@ async fn a_backend_dying_mid_transfer_ends_every_client_in_both_modes() {
             &["--copy-mode", mode],
             None,
         );
-        let base = fds_of(proxy.pid());
-        let m0 = settled(&proxy, "dies", base).await;
+        let (base, m0) = baseline(&proxy, "dies").await;
         let mut clients = Vec::new();
         for _ in 0..10 {
             let mut s = TcpStream::connect(proxy.addr).await.unwrap();
@@ -235,8 +249,7 @@ async fn one_dead_backend_of_two_costs_clients_nothing_over_1000_connections() {
         dead.port()
     );
     let proxy = ProxyProc::start(&manifest, port, &[], None);
-    let base = fds_of(proxy.pid());
-    let m0 = settled(&proxy, "two", base).await;
+    let (base, m0) = baseline(&proxy, "two").await;
     const N: usize = 1000;
     let mut errors = Vec::new();
     for wave in 0..N / 50 {
