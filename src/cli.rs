@@ -135,9 +135,10 @@ pub struct RunArgs {
     /// its backend never answers holds nothing for ever).
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     pub tcp_fin_timeout: Duration,
-    /// Threads moving bytes (tokio workers). Default: one per CPU (or
-    /// `TOKIO_WORKER_THREADS`). On a small node shared with its workloads,
-    /// 1 gives a lower tail latency (HAProxy's `nbthread`).
+    /// Threads moving TCP bytes, each with its own event loop and its own
+    /// `SO_REUSEPORT` socket per service port: a connection stays on the
+    /// thread that accepted it (HAProxy's `nbthread`). Default: the CPUs
+    /// this process may use (affinity and cgroup quota).
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
     pub worker_threads: Option<u16>,
     /// Manage the iptables redirect of ClusterIP, externalIP and LB-IP traffic.

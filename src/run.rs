@@ -81,6 +81,9 @@ fn proxy_config(args: &RunArgs, fd_limit: u64) -> ProxyConfig {
             .unwrap_or_else(|| connections_for_fd_limit(fd_limit)),
         tcp_fin_timeout: args.tcp_fin_timeout,
         scheduler: args.scheduler,
+        workers: args
+            .worker_threads
+            .map_or_else(crate::proxy::workers::default_count, usize::from),
     }
 }
 

@@ -17,6 +17,7 @@ pub mod splice;
 pub mod stats;
 pub mod tcp;
 pub mod udp;
+pub mod workers;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
@@ -40,6 +41,7 @@ use connect::DialResult;
 use ports::{PortAllocator, PortRange};
 use splice::PipePool;
 use stats::LatencyHistogram;
+use workers::Workers;
 
 /// Data-path settings, fixed for the life of the process.
 #[derive(Clone, Debug)]
@@ -65,6 +67,9 @@ pub struct ProxyConfig {
     pub tcp_fin_timeout: Duration,
     /// Scheduler of services without a valid scheduler annotation (`--scheduler`).
     pub scheduler: Scheduler,
+    /// Threads moving TCP bytes, each with its own event loop and its own
+    /// listening socket per service port (`--worker-threads`).
+    pub workers: usize,
 }
 
 impl Default for ProxyConfig {
@@ -79,6 +84,7 @@ impl Default for ProxyConfig {
             max_connections: 0,
             tcp_fin_timeout: DEFAULT_TCP_FIN_TIMEOUT,
             scheduler: Scheduler::Rr,
+            workers: workers::default_count(),
         }
     }
 }
@@ -107,6 +113,8 @@ pub struct Context {
     pub limit_waits: AtomicU64,
     /// TCP connections ended since freed memory was last released.
     pub closed_since_release: AtomicU64,
+    /// The data path's threads (none: TCP runs on the caller's runtime).
+    pub workers: Option<Workers>,
 }
 
 /// Whether an error means the proxy itself ran out of fds, memory or local
@@ -417,8 +425,16 @@ impl Proxier {
         ];
         let connection_limit =
             (config.max_connections > 0).then(|| Arc::new(Semaphore::new(config.max_connections)));
+        let workers = match Workers::start(config.workers) {
+            Ok(w) => Some(w),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start worker threads; TCP runs on the main runtime");
+                None
+            }
+        };
         let ctx = Arc::new(Context {
             config,
+            workers,
             pipes: PipePool::new(MAX_IDLE_PIPES, MAX_LIVE_PIPES),
             tracker: TaskTracker::new(),
             shutdown: CancellationToken::new(),
@@ -654,13 +670,23 @@ impl Proxier {
     }
 
     /// Stops every listener, then waits up to `grace` for open connections
-    /// to finish. Returns the number still open when the grace ran out.
+    /// to finish. Returns the number still open when the grace ran out
+    /// (they are closed when the proxier is dropped).
     pub async fn shutdown(mut self, grace: Duration) -> usize {
         self.close_listeners();
         self.ctx.tracker.close();
         match tokio::time::timeout(grace, self.ctx.tracker.wait()).await {
             Ok(()) => 0,
             Err(_) => self.ctx.tracker.len(),
+        }
+    }
+}
+
+impl Drop for Proxier {
+    /// Stops the worker threads; connections still open on them close.
+    fn drop(&mut self) {
+        if let Some(w) = &self.ctx.workers {
+            w.stop();
         }
     }
 }

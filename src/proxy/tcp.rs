@@ -22,11 +22,14 @@ pub const BACKLOG: i32 = 4096;
 /// Minimum interval between two "no backend" log lines of one service.
 const FAIL_LOG_INTERVAL_MS: u64 = 10_000;
 
-/// Binds a listening socket (SO_REUSEADDR, non-blocking) for a service port.
+/// Binds a listening socket (SO_REUSEADDR, SO_REUSEPORT, non-blocking) for
+/// a service port; [`spawn`] binds one more to the same port per extra
+/// worker.
 pub fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     let domain = socket2::Domain::for_address(addr);
     let socket = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
     socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
     if addr.is_ipv6() {
         socket.set_only_v6(false)?;
     }
@@ -50,20 +53,47 @@ impl Drop for ListenerHandle {
     }
 }
 
-/// Starts the accept loop of `listener` for `service`.
+/// Starts accepting for `service`: on each worker thread, an accept loop
+/// on its own socket of the port `listener` is bound to (the first one is
+/// `listener` itself), so connections stay on the thread that accepted
+/// them. Without workers, one loop on the current runtime.
 pub fn spawn(
     listener: std::net::TcpListener,
     service: Arc<Service>,
     ctx: Arc<Context>,
 ) -> io::Result<ListenerHandle> {
-    let port = listener.local_addr()?.port();
-    let listener = TcpListener::from_std(listener)?;
+    let local = listener.local_addr()?;
     let stop = ctx.shutdown.child_token();
     let handle = ListenerHandle {
-        port,
+        port: local.port(),
         stop: stop.clone(),
     };
-    tokio::spawn(accept_loop(listener, service, ctx, stop));
+    let current;
+    let runtimes = match &ctx.workers {
+        Some(w) => w.handles(),
+        None => {
+            current = [tokio::runtime::Handle::try_current().map_err(io::Error::other)?];
+            &current[..]
+        }
+    };
+    let mut first = Some(listener);
+    for rt in runtimes {
+        let socket = match first.take() {
+            Some(l) => l,
+            None => bind(local)?,
+        };
+        // Registered with the worker's own event loop.
+        let socket = {
+            let _entered = rt.enter();
+            TcpListener::from_std(socket)?
+        };
+        rt.spawn(accept_loop(
+            socket,
+            Arc::clone(&service),
+            Arc::clone(&ctx),
+            stop.clone(),
+        ));
+    }
     Ok(handle)
 }
 
