@@ -376,7 +376,11 @@ async fn hostile_files_stall_neither_traffic_nor_the_other_files() {
     let grow_backend = named_backend("g").await;
     let (web_port, grow_port) = (free_port(), free_port());
     let dir = tempfile::tempdir().unwrap();
-    write(dir.path(), "svc.yaml", &service_manifest("web", web_port, &[a]));
+    write(
+        dir.path(),
+        "svc.yaml",
+        &service_manifest("web", web_port, &[a]),
+    );
     // Present from the start: the proxy must still serve the good file.
     let (first_name, first) = hostile_files().remove(0);
     write(dir.path(), &format!("start-{first_name}"), &first);
@@ -399,6 +403,10 @@ async fn hostile_files_stall_neither_traffic_nor_the_other_files() {
             "127.0.0.1:0",
             "--healthz-bind-address",
             "127.0.0.1:0",
+            // One worker: anything that blocks it in the manifests path
+            // stops the data path too, so the test catches it for sure.
+            "--worker-threads",
+            "1",
         ])
         .env("NO_COLOR", "1")
         .stdout(Stdio::null())
@@ -465,9 +473,10 @@ async fn hostile_files_stall_neither_traffic_nor_the_other_files() {
         ("growing.yaml", "MAX_FILE_BYTES"),
     ];
     let reported = |file: &str, limit: &str| {
-        logs.lock().unwrap().iter().any(|l| {
-            l.contains(&format!("/{file}")) && l.contains(limit) && l.contains("WARN")
-        })
+        logs.lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains(&format!("/{file}")) && l.contains(limit) && l.contains("WARN"))
     };
     for (file, limit) in expect {
         assert!(
@@ -485,7 +494,10 @@ async fn hostile_files_stall_neither_traffic_nor_the_other_files() {
     let (grow_answers, grow_failures) = grow_load.await.unwrap();
 
     assert!(failures.is_empty(), "web: failed requests: {failures:?}");
-    assert!(grow_failures.is_empty(), "grow: failed requests: {grow_failures:?}");
+    assert!(
+        grow_failures.is_empty(),
+        "grow: failed requests: {grow_failures:?}"
+    );
     let first_b = answers.iter().find(|(_, a)| a == "b").map(|(t, _)| *t);
     let first_b = first_b.expect("the added endpoint never answered");
     assert!(
