@@ -109,12 +109,14 @@ impl Source {
                     .collect(),
                 ..Read::default()
             }),
-            Source::Dir(dir) => read_dir(dir),
+            Source::Dir(dir) => read_dir(dir, MAX_FILE_BYTES, MAX_TOTAL_BYTES),
         }
     }
 }
 
-fn read_dir(dir: &Path) -> Result<Read, Error> {
+/// Reads the directory's manifests in name order, each file up to
+/// `file_cap` bytes and all of them up to `total_cap`.
+fn read_dir(dir: &Path, file_cap: u64, total_cap: u64) -> Result<Read, Error> {
     let err = |source| Error::Dir {
         path: dir.to_owned(),
         source,
@@ -141,17 +143,17 @@ fn read_dir(dir: &Path) -> Result<Read, Error> {
             field: "-".into(),
             message,
         };
-        let left = MAX_TOTAL_BYTES.saturating_sub(total);
-        match read_capped(&path, MAX_FILE_BYTES.min(left)) {
+        let left = total_cap.saturating_sub(total);
+        match read_capped(&path, file_cap.min(left)) {
             Ok(Capped::Text(text)) => {
                 total += text.len() as u64;
                 read.files.push((name, text));
             }
             Ok(Capped::Over(size)) => {
-                let message = if size > MAX_FILE_BYTES {
-                    format!("{size} bytes or more, over the limit of {MAX_FILE_BYTES} bytes per file (MAX_FILE_BYTES); not parsed, its last good version stays")
+                let message = if size > file_cap {
+                    format!("{size} bytes or more, over the limit of {file_cap} bytes per file (MAX_FILE_BYTES); not parsed, its last good version stays")
                 } else {
-                    format!("{size} bytes would take the files read so far over the limit of {MAX_TOTAL_BYTES} bytes in total (MAX_TOTAL_BYTES); not parsed, its last good version stays")
+                    format!("{size} bytes would take the files read so far over the limit of {total_cap} bytes in total (MAX_TOTAL_BYTES); not parsed, its last good version stays")
                 };
                 read.problems.push(problem(message));
                 read.rejected.push(name);
@@ -541,6 +543,42 @@ mod tests {
         let starts: Vec<_> = docs.iter().map(|(l, _)| *l).collect();
         assert_eq!(starts, vec![1, 3, 7]);
         assert_eq!(docs[2].1, "c: 3\n");
+    }
+
+    #[test]
+    fn files_over_a_size_cap_are_rejected_and_keep_their_last_good_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let svc = |name: &str| {
+            format!("apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec: {{ports: [{{port: 80}}]}}\n")
+        };
+        let sizes = [("a", 0), ("b", 200), ("c", 0), ("d", 0), ("e", 0)];
+        for (name, pad) in sizes {
+            let text = format!("{}#{}\n", svc(name), "x".repeat(pad));
+            std::fs::write(dir.path().join(format!("{name}.yaml")), text).unwrap();
+        }
+        let one = svc("a").len() as u64 + 2;
+        // Per file: room for one service; in total: for three.
+        let read = read_dir(dir.path(), one + 10, 3 * one + 5).unwrap();
+        let names = |v: &[String]| -> Vec<String> {
+            v.iter()
+                .map(|n| Path::new(n).file_stem().unwrap().to_string_lossy().into())
+                .collect()
+        };
+        let read_names: Vec<String> = read.files.iter().map(|(n, _)| n.clone()).collect();
+        assert_eq!(names(&read_names), ["a", "c", "d"]);
+        assert_eq!(names(&read.rejected), ["b", "e"]);
+        assert!(read.problems[0].message.contains("MAX_FILE_BYTES"));
+        assert!(read.problems[1].message.contains("MAX_TOTAL_BYTES"));
+
+        // A rejected file that was good before keeps serving.
+        let mut last = LastGood::default();
+        let e = read.rejected[1].clone();
+        last.files.insert(e.clone(), svc("e"));
+        let (snap, problems) = parse_read(&read, &mut last);
+        let served: Vec<&str> = snap.services.keys().map(|k| k.name.as_str()).collect();
+        assert_eq!(served, ["a", "c", "d", "e"]);
+        assert_eq!(problems.len(), 2);
+        assert!(last.files.contains_key(&e), "its last good version is kept");
     }
 
     #[test]
