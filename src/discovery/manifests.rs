@@ -320,6 +320,9 @@ fn decode(doc: &str) -> Result<Value, String> {
     let mut options = serde_saphyr::Options::default();
     options.budget = Some(budget);
     options.with_snippet = false;
+    // YAML 1.2 booleans only, as serde_yaml read them: an unquoted `off`
+    // (a value of the proxy-protocol annotation) stays a string.
+    options.strict_booleans = true;
     serde_saphyr::from_str_with_options::<Value>(doc, options).map_err(|e| {
         // Too deep: the budget's depth count, or the scanner's cap on
         // nested flow collections (it runs ahead of the budget's count).
@@ -579,6 +582,15 @@ mod tests {
         assert_eq!(served, ["a", "c", "d", "e"]);
         assert_eq!(problems.len(), 2);
         assert!(last.files.contains_key(&e), "its last good version is kept");
+    }
+
+    #[test]
+    fn yaml_1_1_booleans_stay_strings() {
+        let v = decode("a: off\nb: yes\nc: true\nd: 80\n").unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"a": "off", "b": "yes", "c": true, "d": 80})
+        );
     }
 
     #[test]
