@@ -146,6 +146,8 @@ where
         tx,
         high: None,
         retry: Retry::default(),
+        relist_retry: Retry::default(),
+        progressed: true,
     };
     tokio::spawn(async move {
         tokio::select! {
@@ -164,6 +166,12 @@ struct ListWatch<K> {
     /// a relist forced by a version ahead of the store, until the next list.
     high: Option<u64>,
     retry: Retry,
+    /// Back-off of forced relists that follow each other with no watch
+    /// progress in between (a server that keeps refusing the versions it
+    /// lists), so they cannot spin.
+    relist_retry: Retry,
+    /// A watch delivered something since the last forced relist.
+    progressed: bool,
 }
 
 /// How one watch ended.
@@ -209,7 +217,16 @@ where
                         tokio::time::sleep(self.next_delay()).await;
                         probe = true;
                     }
-                    End::Relist => continue 'list,
+                    End::Relist => {
+                        // The first at once (client-go retries at once too).
+                        if !self.progressed {
+                            let delay =
+                                self.relist_retry.next().unwrap_or(super::kube::BACKOFF_MAX);
+                            tokio::time::sleep(delay).await;
+                        }
+                        self.progressed = false;
+                        continue 'list;
+                    }
                     End::Closed => return,
                 }
             }
@@ -446,9 +463,6 @@ where
                 }
                 Ok(Ok(Some(Ok(ev)))) => ev,
             };
-            // The watch moves: nothing left to verify.
-            delivered = true;
-            probe_at = None;
             let (seen, event) = match item {
                 WatchEvent::Added(o) | WatchEvent::Modified(o) => {
                     (o.meta().resource_version.clone(), Some(Event::Apply(o)))
@@ -469,6 +483,9 @@ where
                     ));
                 }
             };
+            // The watch moves: nothing left to verify.
+            delivered = true;
+            probe_at = None;
             if let Some(seen) = seen.filter(|s| !s.is_empty()) {
                 if let Err(r) = self.observe(&seen, "watch event") {
                     self.regressed(&r, true);
@@ -476,6 +493,8 @@ where
                 }
                 *rv = seen;
             }
+            self.progressed = true;
+            self.relist_retry.reset();
             self.retry.reset();
             if let Some(event) = event {
                 if !self.send(event).await {
