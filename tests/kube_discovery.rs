@@ -879,6 +879,7 @@ async fn a_restart_on_a_fresh_store_serves_new_services_within_2s_and_closes_van
         regressions.is_some_and(|n| n >= 1.0),
         "regression counted: {regressions:?}"
     );
+    assert!(api.probes() >= 1, "found by the probe");
 }
 
 /// A store restored below our version while the server runs; watches are
@@ -896,7 +897,7 @@ async fn too_large_on_re_watch_relists(form: TooLarge) {
     // Refused before the client's probe would notice: the error path.
     api.set_too_large(form, Duration::from_millis(100));
     let mut src = source(&api, Options::default()).await;
-    let lists = api.lists();
+    let (lists, probes) = (api.lists(), api.probes());
     api.restore(5);
     let t = Instant::now();
     api.apply(service("ns", "new", "10.96.0.12", 80));
@@ -913,6 +914,7 @@ async fn too_large_on_re_watch_relists(form: TooLarge) {
     eprintln!("{form:?}: converged after {:?}", t.elapsed());
     assert!(api.too_large_sent() >= 1, "the too-large answer was sent");
     assert!(api.lists() > lists, "relisted");
+    assert_eq!(api.probes(), probes, "relisted on the error, not the probe");
 }
 
 #[tokio::test]
@@ -923,6 +925,41 @@ async fn a_too_large_version_as_an_http_504_relists_from_scratch() {
 #[tokio::test]
 async fn a_too_large_version_as_a_watch_error_event_relists_from_scratch() {
     too_large_on_re_watch_relists(TooLarge::Event).await;
+}
+
+#[tokio::test]
+async fn a_list_ahead_of_the_store_gets_kube_apiservers_too_large_status() {
+    use kube::api::{Api, ListParams, VersionMatch};
+    use kube_userspace_proxy::discovery::list_watch::{unusable, Unusable};
+    let api = FakeApi::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let client = client_for(&api, &dir).await;
+    let services: Api<k8s_openapi::api::core::v1::Service> = Api::all(client);
+    let lp = ListParams {
+        resource_version: Some("999".into()),
+        version_match: Some(VersionMatch::NotOlderThan),
+        ..ListParams::default()
+    };
+    let t = Instant::now();
+    let err = services.list(&lp).await.unwrap_err();
+    assert!(
+        t.elapsed() >= fake_api::BLOCK_TIMEOUT,
+        "waited for the store first"
+    );
+    let kube::Error::Api(status) = err else {
+        panic!("not a Status: {err}");
+    };
+    assert_eq!(status.code, 504);
+    assert_eq!(status.reason, "Timeout");
+    assert_eq!(
+        status.message,
+        "Timeout: Too large resource version: 999, current: 100"
+    );
+    let cause = &status.details.as_ref().unwrap().causes[0];
+    assert_eq!(cause.reason, "ResourceVersionTooLarge");
+    assert_eq!(cause.message, "Too large resource version");
+    assert_eq!(unusable(&status), Some(Unusable::TooLarge));
+    assert_eq!(api.too_large_sent(), 1);
 }
 
 #[tokio::test]
@@ -952,6 +989,7 @@ async fn versions_going_backwards_on_an_open_watch_relist_without_any_error() {
     eprintln!("converged after {:?}", t.elapsed());
     assert!(api.lists() > lists, "relisted");
     assert_eq!(api.too_large_sent(), 0, "no error was involved");
+    assert_eq!(api.probes(), 0, "found in the watch events, not by a probe");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -159,8 +159,12 @@ fn parse_master(url: &str) -> Result<http::Uri, Error> {
     }
 }
 
-/// A client for `config`.
-pub fn client(config: kube::Config) -> Result<Client, Error> {
+/// A client for `config`, without kube's own retries: the list/watch loop
+/// classifies and retries every failure itself, and kube's transparent
+/// retry of 429/503/504 (up to 15 times, honouring `Retry-After`) would
+/// hide a too-large resource version's 504 for a minute.
+pub fn client(mut config: kube::Config) -> Result<Client, Error> {
+    config.default_retry = false;
     Client::try_from(config).map_err(Error::Client)
 }
 

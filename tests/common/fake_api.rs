@@ -28,7 +28,8 @@
 //!   `apierrors.NewTimeoutError`): a `Status` with code 504, reason
 //!   `Timeout`, message `Timeout: Too large resource version: N, current:
 //!   M`, `details.causes[0].reason` `ResourceVersionTooLarge` and
-//!   `retryAfterSeconds: 1`. A list gets it as the HTTP response; a watch
+//!   `retryAfterSeconds: 1`. A list gets it as the HTTP response (with
+//!   `Retry-After: 1`, as apiserver's `ErrorNegotiated` adds); a watch
 //!   as an `ERROR` event on a 200 stream (the cacher turns errors after the
 //!   version parsed into events), or as the HTTP response with
 //!   [`TooLarge::Http`]. (A real cacher's *plain* watch from such a
@@ -133,6 +134,9 @@ struct Inner {
     too_large: Mutex<(TooLarge, Duration)>,
     /// Too-large answers sent (lists and watches).
     too_large_sent: AtomicUsize,
+    /// Lists with `limit=1` and no `continue`: clients probing the store's
+    /// version.
+    probes: AtomicUsize,
 }
 
 /// The fake server; serves until dropped or [`FakeApi::stop`]ped.
@@ -300,6 +304,7 @@ impl FakeApi {
             watch_gen: Mutex::new(CancellationToken::new()),
             too_large: Mutex::new((TooLarge::Event, BLOCK_TIMEOUT)),
             too_large_sent: AtomicUsize::new(0),
+            probes: AtomicUsize::new(0),
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -453,6 +458,11 @@ impl FakeApi {
     /// Too-large answers sent so far (lists and watches).
     pub fn too_large_sent(&self) -> usize {
         self.inner.too_large_sent.load(Ordering::Relaxed)
+    }
+
+    /// One-item lists (probes of the store's version) served so far.
+    pub fn probes(&self) -> usize {
+        self.inner.probes.load(Ordering::Relaxed)
     }
 
     fn reset_store(&self, rv: u64) {
@@ -633,13 +643,20 @@ async fn wait_for_version(inner: &Inner, rv: u64, wait: Duration) -> Option<u64>
     }
 }
 
+/// The Status as the HTTP response; with `Retry-After` when it carries
+/// `details.retryAfterSeconds`, as apiserver's `ErrorNegotiated` does.
 fn status_response(code: StatusCode, body: &Value) -> Response {
-    (
+    let mut resp = (
         code,
         [(header::CONTENT_TYPE, "application/json")],
         body.to_string(),
     )
-        .into_response()
+        .into_response();
+    if let Some(secs) = body["details"]["retryAfterSeconds"].as_u64() {
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, secs.to_string().parse().unwrap());
+    }
+    resp
 }
 
 async fn handle(
@@ -694,6 +711,9 @@ fn list(inner: &Inner, kind: Kind, q: &BTreeMap<String, String>) -> Response {
         }
         None => {
             inner.lists.fetch_add(1, Ordering::Relaxed);
+            if q.get("limit").is_some_and(|l| l == "1") {
+                inner.probes.fetch_add(1, Ordering::Relaxed);
+            }
             (0, s.rv)
         }
     };
