@@ -196,6 +196,8 @@ struct Regressed {
     at: &'static str,
 }
 
+// === impl ListWatch ===
+
 impl<K> ListWatch<K>
 where
     K: k8s_openapi::Resource + Send + 'static,
