@@ -39,6 +39,13 @@ pub const RESTORE_FAILURES: &str = "kubeproxy_sync_proxy_rules_iptables_restore_
 pub const DISCOVERY_WATCH_ERRORS: &str = "kusp_discovery_watch_errors_total";
 /// API objects skipped because they did not decode, by `kind`.
 pub const DISCOVERY_DECODE_ERRORS: &str = "kusp_discovery_decode_errors_total";
+/// Relists forced by an unusable resource version, by kind and reason
+/// (`expired`: 410 Gone; `too_large`: ahead of the API server's store;
+/// `regressed`: the store's versions went backwards).
+pub const DISCOVERY_RELISTS: &str = "kusp_discovery_relists_total";
+/// Resource versions seen going backwards without an error (a store
+/// restored below what we had seen), by kind; each forces a relist.
+pub const DISCOVERY_RV_REGRESSIONS: &str = "kusp_discovery_resource_version_regressions_total";
 
 /// kube-proxy's sync duration buckets: 1 ms · 2^n, 15 of them.
 fn sync_buckets() -> Vec<f64> {
@@ -99,6 +106,14 @@ fn describe() {
     describe_counter!(
         DISCOVERY_DECODE_ERRORS,
         "API objects skipped because they did not decode, by kind"
+    );
+    describe_counter!(
+        DISCOVERY_RELISTS,
+        "Relists because a resource version became unusable, by kind and reason (expired, too_large, regressed)"
+    );
+    describe_counter!(
+        DISCOVERY_RV_REGRESSIONS,
+        "Resource versions that went backwards without an error (store restored below the last seen), by kind"
     );
 }
 

@@ -1,8 +1,10 @@
 //! Kubernetes discovery against an in-process fake API server speaking the
 //! real list/watch protocol, driven by the real `kube::Client` through a
 //! kubeconfig (bearer token): initial list, add/modify/delete, slice merge,
-//! skipping, traffic policy, debouncing, 410 relists, undecodable objects,
-//! API server down at start and restarted mid-run, `/readyz`, and one
+//! skipping, traffic policy, debouncing, 410 relists, relists after a
+//! restored or fresh store (too-large versions, versions going backwards),
+//! undecodable objects, API server down at start and restarted mid-run,
+//! `/readyz`, and one
 //! end-to-end run with backends in a network namespace.
 
 mod common;
@@ -18,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use common::netns::{node_and_pod, require_root, wait_for, Netns};
 use common::*;
-use fake_api::{node_port_service, service, slice, FakeApi, Kind, Trust};
+use fake_api::{node_port_service, service, slice, FakeApi, Kind, TooLarge, Trust};
 use kube_userspace_proxy::discovery::{self, Options};
 use kube_userspace_proxy::model::{Protocol, ServicePortName, Snapshot};
 use serde_json::json;
@@ -756,6 +758,238 @@ async fn api_restart_mid_run_keeps_open_connections_and_converges() {
     conn.write_all(b"final").await.unwrap();
     conn.read_exact(&mut buf).await.unwrap();
     assert_eq!(&buf, b"final");
+}
+
+/// A proxy on the host with its `/metrics` on `metrics`.
+fn proxy_with_metrics(kubeconfig: &std::path::Path, metrics: u16) -> Proxy {
+    let mut cmd = Command::new(BIN);
+    cmd.arg("--kubeconfig")
+        .arg(kubeconfig)
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .args([
+            "--iptables",
+            "off",
+            "--bind-address",
+            "127.0.0.1",
+            "--metrics-bind-address",
+            &format!("127.0.0.1:{metrics}"),
+            "--healthz-bind-address",
+            "127.0.0.1:0",
+            "--log-level",
+            "warn",
+        ])
+        .stdout(Stdio::null());
+    Proxy(cmd.spawn().unwrap())
+}
+
+/// The value of the first `/metrics` line starting with `prefix`.
+async fn metric(port: u16, prefix: &str) -> Option<f64> {
+    let (_, body) = http(localhost(port), "GET", "/metrics").await;
+    body.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_on_a_fresh_store_serves_new_services_within_2s_and_closes_vanished_ones() {
+    let echo = echo_backend().await;
+    let api = FakeApi::new().await;
+    let (np_web, np_old, np_new) = (free_port(), free_port(), free_port());
+    let web = |api: &FakeApi| {
+        api.apply(node_port_service("ns", "web", "10.96.0.10", 80, np_web));
+        api.apply(slice(
+            "ns",
+            "web-a",
+            "web",
+            echo.port(),
+            &[("127.0.0.1", true, None)],
+        ));
+    };
+    web(&api);
+    api.apply(node_port_service("ns", "old", "10.96.0.11", 80, np_old));
+    api.apply(slice(
+        "ns",
+        "old-a",
+        "old",
+        echo.port(),
+        &[("127.0.0.1", true, None)],
+    ));
+    // Versions the fresh store will not reach for a long time.
+    for i in 0..50 {
+        api.apply(service("churn", &format!("s{i}"), "10.96.1.1", 80));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let kc = api.kubeconfig(dir.path());
+    let metrics = free_port();
+    let _proxy = proxy_with_metrics(&kc, metrics);
+    let (at_web, at_old, at_new) = (localhost(np_web), localhost(np_old), localhost(np_new));
+    assert!(
+        eventually(Duration::from_secs(10), || std::net::TcpStream::connect(
+            at_old
+        )
+        .is_ok())
+        .await,
+        "old served before the restart"
+    );
+    let mut conn = tokio::net::TcpStream::connect(at_web).await.unwrap();
+    let mut buf = [0u8; 5];
+    conn.write_all(b"hello").await.unwrap();
+    conn.read_exact(&mut buf).await.unwrap();
+
+    // The API server crashes and comes back on an empty etcd at revision 5,
+    // as after a restore; web is created again, old never is.
+    api.start_fresh(5).await;
+    let t = Instant::now();
+    web(&api);
+    api.apply(node_port_service("ns", "new", "10.96.0.12", 80, np_new));
+    api.apply(slice(
+        "ns",
+        "new-a",
+        "new",
+        echo.port(),
+        &[("127.0.0.1", true, None)],
+    ));
+    let served = eventually(Duration::from_secs(10), || {
+        std::net::TcpStream::connect(at_new).is_ok()
+    })
+    .await;
+    let took = t.elapsed();
+    eprintln!("Service created after the restart served after {took:?}");
+    assert!(served, "new Service served");
+    assert!(took < Duration::from_secs(2), "took {took:?}");
+    assert_eq!(read_echo(at_new).await, "fresh");
+    assert!(
+        eventually(Duration::from_secs(2), || std::net::TcpStream::connect(
+            at_old
+        )
+        .is_err())
+        .await,
+        "vanished Service's listener closed"
+    );
+    conn.write_all(b"still").await.unwrap();
+    conn.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"still", "a live Service keeps its connections");
+    let regressions = metric(
+        metrics,
+        "kusp_discovery_resource_version_regressions_total{kind=\"Service\"}",
+    )
+    .await;
+    assert!(
+        regressions.is_some_and(|n| n >= 1.0),
+        "regression counted: {regressions:?}"
+    );
+    assert!(api.probes() >= 1, "found by the probe");
+}
+
+/// A store restored below our version while the server runs; watches are
+/// closed cleanly and the re-watch is refused as too large in `form`.
+async fn too_large_on_re_watch_relists(form: TooLarge) {
+    let api = FakeApi::new().await;
+    api.apply(service("ns", "web", "10.96.0.10", 80));
+    api.apply(slice(
+        "ns",
+        "web-a",
+        "web",
+        8080,
+        &[("10.1.0.1", true, None)],
+    ));
+    // Refused before the client's probe would notice: the error path.
+    api.set_too_large(form, Duration::from_millis(100));
+    let mut src = source(&api, Options::default()).await;
+    let (lists, probes) = (api.lists(), api.probes());
+    api.restore(5);
+    let t = Instant::now();
+    api.apply(service("ns", "new", "10.96.0.12", 80));
+    wait_snapshot(
+        &mut src.rx,
+        Duration::from_secs(2),
+        "new served, web gone",
+        |s| {
+            s.services.contains_key(&key("ns", "new"))
+                && !s.services.contains_key(&key("ns", "web"))
+        },
+    )
+    .await;
+    eprintln!("{form:?}: converged after {:?}", t.elapsed());
+    assert!(api.too_large_sent() >= 1, "the too-large answer was sent");
+    assert!(api.lists() > lists, "relisted");
+    assert_eq!(api.probes(), probes, "relisted on the error, not the probe");
+}
+
+#[tokio::test]
+async fn a_too_large_version_as_an_http_504_relists_from_scratch() {
+    too_large_on_re_watch_relists(TooLarge::Http).await;
+}
+
+#[tokio::test]
+async fn a_too_large_version_as_a_watch_error_event_relists_from_scratch() {
+    too_large_on_re_watch_relists(TooLarge::Event).await;
+}
+
+#[tokio::test]
+async fn a_list_ahead_of_the_store_gets_kube_apiservers_too_large_status() {
+    use kube::api::{Api, ListParams, VersionMatch};
+    use kube_userspace_proxy::discovery::list_watch::{unusable, Unusable};
+    let api = FakeApi::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let client = client_for(&api, &dir).await;
+    let services: Api<k8s_openapi::api::core::v1::Service> = Api::all(client);
+    let lp = ListParams {
+        resource_version: Some("999".into()),
+        version_match: Some(VersionMatch::NotOlderThan),
+        ..ListParams::default()
+    };
+    let t = Instant::now();
+    let err = services.list(&lp).await.unwrap_err();
+    assert!(
+        t.elapsed() >= fake_api::BLOCK_TIMEOUT,
+        "waited for the store first"
+    );
+    let kube::Error::Api(status) = err else {
+        panic!("not a Status: {err}");
+    };
+    assert_eq!(status.code, 504);
+    assert_eq!(status.reason, "Timeout");
+    assert_eq!(
+        status.message,
+        "Timeout: Too large resource version: 999, current: 100"
+    );
+    let cause = &status.details.as_ref().unwrap().causes[0];
+    assert_eq!(cause.reason, "ResourceVersionTooLarge");
+    assert_eq!(cause.message, "Too large resource version");
+    assert_eq!(unusable(&status), Some(Unusable::TooLarge));
+    assert_eq!(api.too_large_sent(), 1);
+}
+
+#[tokio::test]
+async fn versions_going_backwards_on_an_open_watch_relist_without_any_error() {
+    let api = FakeApi::new().await;
+    api.apply(service("ns", "web", "10.96.0.10", 80));
+    api.apply(service("ns", "db", "10.96.0.11", 5432));
+    let mut src = source(&api, Options::default()).await;
+    let lists = api.lists();
+    // The store goes back to revision 5 under the open watches; db is
+    // written again, web is not.
+    api.rewind(5);
+    let t = Instant::now();
+    api.apply(service("ns", "db", "10.96.0.11", 5432));
+    api.apply(service("ns", "new", "10.96.0.12", 80));
+    wait_snapshot(
+        &mut src.rx,
+        Duration::from_secs(2),
+        "relisted: new served, web gone",
+        |s| {
+            s.services.contains_key(&key("ns", "new"))
+                && s.services.contains_key(&key("ns", "db"))
+                && !s.services.contains_key(&key("ns", "web"))
+        },
+    )
+    .await;
+    eprintln!("converged after {:?}", t.elapsed());
+    assert!(api.lists() > lists, "relisted");
+    assert_eq!(api.too_large_sent(), 0, "no error was involved");
+    assert_eq!(api.probes(), 0, "found in the watch events, not by a probe");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,15 +1,16 @@
 //! Discovery from the Kubernetes API: `v1 Service` and
-//! `discovery.k8s.io/v1 EndpointSlice` watched cluster-wide with
-//! kube-runtime's [`watcher`], joined by [`build_snapshot_with`].
+//! `discovery.k8s.io/v1 EndpointSlice` listed and watched cluster-wide by
+//! [`list_watch`], joined by [`build_snapshot_with`].
 //!
 //! Invariants:
 //! - Nothing is published before the first complete list of *both* kinds
 //!   ([`spawn`] returns only then), so the proxier never starts from half a
 //!   cluster and `/readyz` stays 503 until then.
-//! - A relist (API server restart, watch expiry with 410 Gone) replaces a
-//!   kind's objects atomically when its list is complete: services that
-//!   still exist keep their listeners and open connections throughout;
-//!   services the new list lacks are removed.
+//! - A relist (watch expiry with 410 Gone, a resource version ahead of a
+//!   restored or fresh store, versions going backwards: see
+//!   [`list_watch`]) replaces a kind's objects atomically when its list is
+//!   complete: services that still exist keep their listeners and open
+//!   connections throughout; services the new list lacks are removed.
 //! - Bursts are coalesced: a snapshot is published once the watches have
 //!   been quiet for [`DEBOUNCE`] (and at least every [`MAX_DELAY`] under a
 //!   steady stream of changes), so a relist of 5,000 objects is one
@@ -27,14 +28,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::utils::Backoff;
-use kube::runtime::watcher::{self, watcher, Event};
-use kube::runtime::WatchStreamExt;
+use kube::runtime::watcher::Event;
 use kube::{Api, Client};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
@@ -43,7 +42,7 @@ use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::{build_snapshot_with, Options, Sourced};
+use super::{build_snapshot_with, list_watch, Options, Sourced};
 use crate::model::Snapshot;
 
 /// Quiet time after the last watch event before a snapshot is published:
@@ -160,8 +159,12 @@ fn parse_master(url: &str) -> Result<http::Uri, Error> {
     }
 }
 
-/// A client for `config`.
-pub fn client(config: kube::Config) -> Result<Client, Error> {
+/// A client for `config`, without kube's own retries: the list/watch loop
+/// classifies and retries every failure itself, and kube's transparent
+/// retry of 429/503/504 (up to 15 times, honouring `Retry-After`) would
+/// hide a too-large resource version's 504 for a minute.
+pub fn client(mut config: kube::Config) -> Result<Client, Error> {
+    config.default_retry = false;
     Client::try_from(config).map_err(Error::Client)
 }
 
@@ -496,26 +499,18 @@ struct KubeSource {
     first: Option<oneshot::Sender<()>>,
 }
 
-fn log_error(kind: &str, e: &watcher::Error) {
-    match e {
-        watcher::Error::WatchError(s) if s.code == 410 => {
-            tracing::info!(kind, "watch expired (410 Gone): relisting")
-        }
-        e => tracing::warn!(kind, error = %e, "list/watch failed; retrying with back-off"),
-    }
-    ::metrics::counter!(crate::metrics::DISCOVERY_WATCH_ERRORS, "kind" => kind.to_string())
-        .increment(1);
-}
-
 impl KubeSource {
     async fn run(mut self, client: Client, cancel: CancellationToken) {
-        let config = watcher::Config::default();
-        let services = watcher(Api::<Raw<Service>>::all(client.clone()), config.clone())
-            .backoff(Retry::default());
-        let slices =
-            watcher(Api::<Raw<EndpointSlice>>::all(client), config).backoff(Retry::default());
-        let mut services = std::pin::pin!(services);
-        let mut slices = std::pin::pin!(slices);
+        let mut services = list_watch::spawn(
+            Api::<Raw<Service>>::all(client.clone()),
+            "Service",
+            cancel.clone(),
+        );
+        let mut slices = list_watch::spawn(
+            Api::<Raw<EndpointSlice>>::all(client),
+            "EndpointSlice",
+            cancel.clone(),
+        );
         // (first unpublished change, latest change)
         let mut pending: Option<(Instant, Instant)> = None;
         let far = Instant::now() + Duration::from_secs(86400 * 365);
@@ -525,14 +520,8 @@ impl KubeSource {
             });
             let changed = tokio::select! {
                 _ = cancel.cancelled() => return,
-                Some(ev) = services.next() => match ev {
-                    Ok(ev) => self.services.apply(ev),
-                    Err(e) => { log_error("Service", &e); false }
-                },
-                Some(ev) = slices.next() => match ev {
-                    Ok(ev) => self.slices.apply(ev),
-                    Err(e) => { log_error("EndpointSlice", &e); false }
-                },
+                Some(ev) = services.recv() => self.services.apply(ev),
+                Some(ev) = slices.recv() => self.slices.apply(ev),
                 _ = tokio::time::sleep_until(deadline), if pending.is_some() => {
                     // Before both first lists are complete nothing is
                     // published; the second one's InitDone re-arms.

@@ -13,6 +13,7 @@
 //! local (traffic policy `Local`).
 
 pub mod kube;
+pub mod list_watch;
 pub mod manifests;
 
 use std::collections::{BTreeMap, BTreeSet};

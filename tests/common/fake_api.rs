@@ -15,7 +15,26 @@
 //! - [`FakeApi::stop`] drops every connection mid-stream (a crash),
 //!   [`FakeApi::start`] serves again on the same port with history
 //!   compacted (a restarted server's watch cache), [`FakeApi::expire`]
-//!   closes open watches and compacts (410 on re-watch).
+//!   closes open watches and compacts (410 on re-watch);
+//! - a store restored or started afresh below the versions clients hold:
+//!   [`FakeApi::start_fresh`] (a crash, then an empty etcd at a lower
+//!   revision), [`FakeApi::restore`] (the same, open watches closed
+//!   cleanly), [`FakeApi::rewind`] (open watches stay and go on with the
+//!   lower versions, no error);
+//! - a watch or list from a version ahead of the store waits up to 3 s
+//!   (kube-apiserver's watch cache `blockTimeout`) for the store to reach
+//!   it, then fails as kube-apiserver does
+//!   (`storage.NewTooLargeResourceVersionError` over
+//!   `apierrors.NewTimeoutError`): a `Status` with code 504, reason
+//!   `Timeout`, message `Timeout: Too large resource version: N, current:
+//!   M`, `details.causes[0].reason` `ResourceVersionTooLarge` and
+//!   `retryAfterSeconds: 1`. A list gets it as the HTTP response (with
+//!   `Retry-After: 1`, as apiserver's `ErrorNegotiated` adds); a watch
+//!   as an `ERROR` event on a 200 stream (the cacher turns errors after the
+//!   version parsed into events), or as the HTTP response with
+//!   [`TooLarge::Http`]. (A real cacher's *plain* watch from such a
+//!   version is accepted and stays silent instead; the client's probe
+//!   covers that case.)
 //!
 //! Objects are stored as raw JSON, so a test can store one that no client
 //! can decode.
@@ -71,6 +90,8 @@ impl Kind {
 
 #[derive(Clone, Debug)]
 struct Event {
+    /// The store's generation: bumped when it is replaced by a lower one.
+    epoch: u64,
     rv: u64,
     kind: Kind,
     type_: &'static str,
@@ -83,7 +104,21 @@ struct Store {
     history: Vec<Event>,
     /// Watches from a version below this get 410 Expired.
     floor: u64,
+    /// Bumped each time the store is replaced ([`FakeApi::rewind`]...).
+    epoch: u64,
 }
+
+/// How a watch from a version ahead of the store is refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TooLarge {
+    /// An `ERROR` event carrying the Status, then the stream closes.
+    Event,
+    /// The Status as the HTTP response (504), no stream.
+    Http,
+}
+
+/// kube-apiserver's watch cache `blockTimeout`.
+pub const BLOCK_TIMEOUT: Duration = Duration::from_secs(3);
 
 struct Inner {
     store: Mutex<Store>,
@@ -95,6 +130,13 @@ struct Inner {
     watches: AtomicUsize,
     /// Cancelled to close every open watch (expiry), replaced after.
     watch_gen: Mutex<CancellationToken>,
+    /// (form, wait) of a too-large answer to a watch.
+    too_large: Mutex<(TooLarge, Duration)>,
+    /// Too-large answers sent (lists and watches).
+    too_large_sent: AtomicUsize,
+    /// Lists with `limit=1` and no `continue`: clients probing the store's
+    /// version.
+    probes: AtomicUsize,
 }
 
 /// The fake server; serves until dropped or [`FakeApi::stop`]ped.
@@ -252,6 +294,7 @@ impl FakeApi {
                 objects: BTreeMap::new(),
                 history: Vec::new(),
                 floor: 0,
+                epoch: 0,
             }),
             events,
             token,
@@ -259,6 +302,9 @@ impl FakeApi {
             pages: AtomicUsize::new(0),
             watches: AtomicUsize::new(0),
             watch_gen: Mutex::new(CancellationToken::new()),
+            too_large: Mutex::new((TooLarge::Event, BLOCK_TIMEOUT)),
+            too_large_sent: AtomicUsize::new(0),
+            probes: AtomicUsize::new(0),
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -376,6 +422,59 @@ impl FakeApi {
     pub async fn start(&self) {
         self.stop();
         self.compact();
+        self.rebind().await;
+    }
+
+    /// A crash, then a restart on an empty store whose revision is `rv`
+    /// (below the versions clients hold: an etcd restored or started
+    /// afresh). Nothing of the old store remains.
+    pub async fn start_fresh(&self, rv: u64) {
+        self.stop();
+        self.reset_store(rv);
+        self.rebind().await;
+    }
+
+    /// The store is replaced by an empty one at revision `rv` while the
+    /// server runs, and open watches close cleanly (a graceful restart):
+    /// clients re-watch from versions the store has not reached.
+    pub fn restore(&self, rv: u64) {
+        self.reset_store(rv);
+        self.close_watches();
+    }
+
+    /// The store is replaced by an empty one at revision `rv` and open
+    /// watches stay open: later writes reach them with versions below the
+    /// ones they already delivered, and no error says so.
+    pub fn rewind(&self, rv: u64) {
+        self.reset_store(rv);
+    }
+
+    /// Sets how watches from a version ahead of the store are refused, and
+    /// how long the server first waits for the store to reach it.
+    pub fn set_too_large(&self, form: TooLarge, wait: Duration) {
+        *self.inner.too_large.lock().unwrap() = (form, wait);
+    }
+
+    /// Too-large answers sent so far (lists and watches).
+    pub fn too_large_sent(&self) -> usize {
+        self.inner.too_large_sent.load(Ordering::Relaxed)
+    }
+
+    /// One-item lists (probes of the store's version) served so far.
+    pub fn probes(&self) -> usize {
+        self.inner.probes.load(Ordering::Relaxed)
+    }
+
+    fn reset_store(&self, rv: u64) {
+        let mut s = self.inner.store.lock().unwrap();
+        s.rv = rv;
+        s.objects.clear();
+        s.history.clear();
+        s.floor = 0;
+        s.epoch += 1;
+    }
+
+    async fn rebind(&self) {
         for _ in 0..100 {
             match tokio::net::TcpListener::bind(self.addr).await {
                 Ok(l) => return self.serve(l),
@@ -395,6 +494,10 @@ impl FakeApi {
     /// Closes every open watch and compacts: clients must relist.
     pub fn expire(&self) {
         self.compact();
+        self.close_watches();
+    }
+
+    fn close_watches(&self) {
         let mut g = self.inner.watch_gen.lock().unwrap();
         g.cancel();
         *g = CancellationToken::new();
@@ -424,6 +527,7 @@ impl FakeApi {
         };
         s.objects.insert(key, obj.clone());
         let ev = Event {
+            epoch: s.epoch,
             rv,
             kind,
             type_,
@@ -443,6 +547,7 @@ impl FakeApi {
         let rv = s.rv;
         obj["metadata"]["resourceVersion"] = json!(rv.to_string());
         let ev = Event {
+            epoch: s.epoch,
             rv,
             kind,
             type_: "DELETED",
@@ -500,12 +605,58 @@ fn status(code: StatusCode, reason: &str, message: &str) -> Response {
         "kind": "Status", "apiVersion": "v1", "metadata": {},
         "status": "Failure", "message": message, "reason": reason, "code": code.as_u16()
     });
-    (
+    status_response(code, &body)
+}
+
+/// kube-apiserver's answer to a version ahead of its store:
+/// `storage.NewTooLargeResourceVersionError(requested, current, 1)`, an
+/// `apierrors.NewTimeoutError` ("Timeout: " + message, 504, reason
+/// `Timeout`, `retryAfterSeconds`) with a `ResourceVersionTooLarge` cause.
+pub fn too_large_status(requested: u64, current: u64) -> Value {
+    json!({
+        "kind": "Status", "apiVersion": "v1", "metadata": {},
+        "status": "Failure",
+        "message": format!("Timeout: Too large resource version: {requested}, current: {current}"),
+        "reason": "Timeout",
+        "details": {
+            "causes": [{"reason": "ResourceVersionTooLarge", "message": "Too large resource version"}],
+            "retryAfterSeconds": 1
+        },
+        "code": 504
+    })
+}
+
+/// Waits up to `wait` for the store to reach `rv`; the current version
+/// when it did not.
+async fn wait_for_version(inner: &Inner, rv: u64, wait: Duration) -> Option<u64> {
+    let end = tokio::time::Instant::now() + wait;
+    loop {
+        let current = inner.store.lock().unwrap().rv;
+        if current >= rv {
+            return None;
+        }
+        if tokio::time::Instant::now() >= end {
+            inner.too_large_sent.fetch_add(1, Ordering::Relaxed);
+            return Some(current);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The Status as the HTTP response; with `Retry-After` when it carries
+/// `details.retryAfterSeconds`, as apiserver's `ErrorNegotiated` does.
+fn status_response(code: StatusCode, body: &Value) -> Response {
+    let mut resp = (
         code,
         [(header::CONTENT_TYPE, "application/json")],
         body.to_string(),
     )
-        .into_response()
+        .into_response();
+    if let Some(secs) = body["details"]["retryAfterSeconds"].as_u64() {
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, secs.to_string().parse().unwrap());
+    }
+    resp
 }
 
 async fn handle(
@@ -526,10 +677,16 @@ async fn handle(
     }
     let flag = |k: &str| q.get(k).is_some_and(|v| v == "true" || v == "1");
     if flag("watch") {
-        watch(inner, q.clone(), kind, flag("allowWatchBookmarks"))
-    } else {
-        list(&inner, kind, &q)
+        return watch(inner, q.clone(), kind, flag("allowWatchBookmarks")).await;
     }
+    // A list "not older than" a version ahead of the store.
+    let min = q.get("resourceVersion").and_then(|v| v.parse::<u64>().ok());
+    if let Some(min) = min.filter(|m| *m > 0) {
+        if let Some(current) = wait_for_version(&inner, min, BLOCK_TIMEOUT).await {
+            return status_response(StatusCode::GATEWAY_TIMEOUT, &too_large_status(min, current));
+        }
+    }
+    list(&inner, kind, &q)
 }
 
 /// Lists, in pages when `limit` is given: `continue` carries the offset and
@@ -554,6 +711,9 @@ fn list(inner: &Inner, kind: Kind, q: &BTreeMap<String, String>) -> Response {
         }
         None => {
             inner.lists.fetch_add(1, Ordering::Relaxed);
+            if q.get("limit").is_some_and(|l| l == "1") {
+                inner.probes.fetch_add(1, Ordering::Relaxed);
+            }
             (0, s.rv)
         }
     };
@@ -601,12 +761,29 @@ fn line(type_: &str, object: &Value) -> Result<Bytes, Infallible> {
     Ok(Bytes::from(s))
 }
 
-fn watch(inner: Arc<Inner>, q: BTreeMap<String, String>, kind: Kind, bookmarks: bool) -> Response {
+async fn watch(
+    inner: Arc<Inner>,
+    q: BTreeMap<String, String>,
+    kind: Kind,
+    bookmarks: bool,
+) -> Response {
     inner.watches.fetch_add(1, Ordering::Relaxed);
     let from: u64 = q
         .get("resourceVersion")
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
+    // Ahead of the store: wait for it, as the watch cache does, then refuse.
+    let (form, wait) = *inner.too_large.lock().unwrap();
+    let ahead = from > inner.store.lock().unwrap().rv;
+    let mut too_large = None;
+    if ahead {
+        too_large = wait_for_version(&inner, from, wait)
+            .await
+            .map(|current| too_large_status(from, current));
+        if let (Some(st), TooLarge::Http) = (&too_large, form) {
+            return status_response(StatusCode::GATEWAY_TIMEOUT, st);
+        }
+    }
     let timeout = q
         .get("timeoutSeconds")
         .and_then(|v| v.parse().ok())
@@ -616,11 +793,11 @@ fn watch(inner: Arc<Inner>, q: BTreeMap<String, String>, kind: Kind, bookmarks: 
     let gen = inner.watch_gen.lock().unwrap().clone();
     // Subscribe and read the backlog under the lock: no event is missed or
     // sent twice.
-    let (backlog, mut live, expired, current) = {
+    let (backlog, mut live, expired, current, mut epoch) = {
         let s = inner.store.lock().unwrap();
         let live = inner.events.subscribe();
         if from != 0 && from < s.floor {
-            (Vec::new(), live, Some(s.floor), s.rv)
+            (Vec::new(), live, Some(s.floor), s.rv, s.epoch)
         } else {
             let from = if from == 0 { s.rv } else { from };
             let backlog: Vec<Event> = s
@@ -629,10 +806,14 @@ fn watch(inner: Arc<Inner>, q: BTreeMap<String, String>, kind: Kind, bookmarks: 
                 .filter(|e| e.kind == kind && e.rv > from)
                 .cloned()
                 .collect();
-            (backlog, live, None, from)
+            (backlog, live, None, from, s.epoch)
         }
     };
     tokio::spawn(async move {
+        if let Some(st) = too_large {
+            let _ = tx.send(line("ERROR", &st)).await;
+            return;
+        }
         if let Some(floor) = expired {
             let st = json!({
                 "kind": "Status", "apiVersion": "v1", "metadata": {},
@@ -668,13 +849,19 @@ fn watch(inner: Arc<Inner>, q: BTreeMap<String, String>, kind: Kind, bookmarks: 
                     }
                 }
                 ev = live.recv() => match ev {
-                    Ok(e) if e.kind == kind && e.rv > last => {
-                        last = e.rv;
-                        if tx.send(line(e.type_, &e.object)).await.is_err() {
-                            return;
+                    Ok(e) => {
+                        // A replaced store: its versions start below ours.
+                        if e.epoch != epoch {
+                            epoch = e.epoch;
+                            last = e.rv.saturating_sub(1);
+                        }
+                        if e.kind == kind && e.rv > last {
+                            last = e.rv;
+                            if tx.send(line(e.type_, &e.object)).await.is_err() {
+                                return;
+                            }
                         }
                     }
-                    Ok(_) => {}
                     Err(_) => return, // lagged or closed: the client re-watches
                 },
             }
