@@ -21,6 +21,7 @@ pub mod metrics;
 pub mod model;
 pub mod privileges;
 pub mod proxy;
+pub mod stats_page;
 pub mod status;
 
 use std::sync::Arc;
