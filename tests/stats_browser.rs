@@ -251,6 +251,10 @@ fn browser_shows_services_endpoints_the_ejected_pod_and_live_rates() {
     );
     let (_, _, retries) = total_rate(hello, "retries");
     assert!(retries >= 2, "retries: {retries}");
+    eprintln!(
+        "quiet read: {} samples, dead endpoint ejected for {left} ms more, {retries} retries",
+        samples(&quiet)
+    );
 
     // Second read, under traffic: the same rate is no longer zero.
     let traffic = Traffic::start();
@@ -267,4 +271,8 @@ fn browser_shows_services_endpoints_the_ejected_pod_and_live_rates() {
     );
     let (_, bytes_peak, _) = total_rate(hello, "out");
     assert!(bytes_peak > 0.0, "{hello}");
+    eprintln!(
+        "busy read: {} samples, connections {accepted_quiet} -> {accepted_busy}, peak {peak:.0}/s",
+        samples(&busy)
+    );
 }
