@@ -105,10 +105,30 @@ async fn debug_services_carries_what_the_stats_page_draws() {
             .unwrap_or_else(|| panic!("no endpoint {at} in {doc}"))
     };
 
+    // A connection's counters are final once the proxy has seen both ends
+    // close, a moment after the client has.
+    let stats = service(&p, "m");
+    let settled = |n: u64| {
+        let stats = Arc::clone(&stats);
+        async move {
+            let done = || {
+                stats
+                    .stats
+                    .completed
+                    .load(std::sync::atomic::Ordering::Relaxed)
+                    == n
+            };
+            assert!(
+                eventually(Duration::from_secs(5), done).await,
+                "{n} completed"
+            );
+        }
+    };
     for _ in 0..10 {
         let got = hit(addr).await;
         assert!(got == "a" || got == "b", "{got}");
     }
+    settled(10).await;
     let first = get().await;
 
     // Every field the script reads is in the document.
@@ -173,6 +193,7 @@ async fn debug_services_carries_what_the_stats_page_draws() {
     for _ in 0..10 {
         hit(addr).await;
     }
+    settled(20).await;
     let second = get().await;
     let s2 = svc(&second);
     assert!(second["now_ms"].as_u64().unwrap() > now1);

@@ -289,7 +289,8 @@
         return t;
       }));
     }
-    card.lat.textContent = latency(card, lastLe);
+    // UDP has sessions, not connects.
+    card.lat.textContent = s.protocol === 'TCP' ? latency(card, lastLe) : '';
     const t = card.total;
     t.row.dataset.state = s.endpoints.some((e) => e.ejected_for_ms > 0) ? 'degraded' : 'ok';
     t.state.textContent = `${s.active} open · ${s.accepted} conns · ${s.failed} failed · ${s.retries} retries`;
