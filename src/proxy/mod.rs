@@ -9,10 +9,12 @@
 //! reported and retried on the next sync; it never affects other services.
 
 pub mod balancer;
+pub mod conn;
 pub mod connect;
 pub mod ports;
 pub mod proxy_protocol;
 pub mod splice;
+pub mod stats;
 pub mod tcp;
 pub mod udp;
 
@@ -28,15 +30,16 @@ use tokio_util::task::TaskTracker;
 
 use arc_swap::ArcSwap;
 
-use crate::metrics::LatencyHistogram;
 use crate::model::{
     Protocol, ProxyProtocol, Scheduler, ServicePort, ServicePortName, Setting, Snapshot,
     ANNOTATION_PROXY_PROTOCOL, ANNOTATION_SCHEDULER,
 };
 use balancer::Balancer;
+pub use conn::{Connection, CopyMode};
 use connect::DialResult;
 use ports::{PortAllocator, PortRange};
-use splice::{CopyMode, PipePool};
+use splice::PipePool;
+use stats::LatencyHistogram;
 
 /// Data-path settings, fixed for the life of the process.
 #[derive(Clone, Debug)]
@@ -47,7 +50,7 @@ pub struct ProxyConfig {
     pub port_range: PortRange,
     /// One dial attempt per entry, each with its timeout.
     pub dial_timeouts: Vec<Duration>,
-    /// splice or copy.
+    /// How bytes are moved (`--copy-mode`).
     pub copy_mode: CopyMode,
     /// Idle time after which a UDP session ends (`--udp-timeout`).
     pub udp_timeout: Duration,
@@ -70,7 +73,7 @@ impl Default for ProxyConfig {
             bind_address: IpAddr::from([0, 0, 0, 0]),
             port_range: PortRange::Ephemeral,
             dial_timeouts: connect::DEFAULT_DIAL_TIMEOUTS.to_vec(),
-            copy_mode: CopyMode::Splice,
+            copy_mode: CopyMode::Auto,
             udp_timeout: DEFAULT_UDP_TIMEOUT,
             udp_max_sessions: DEFAULT_UDP_MAX_SESSIONS,
             max_connections: 0,

@@ -12,7 +12,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 use super::balancer::now_ms;
-use super::splice::{self, Counters};
+use super::conn::Connection;
 use super::{connect, proxy_protocol, Context, Service};
 
 /// Listen backlog: large, as connections are accepted and dialed
@@ -139,39 +139,19 @@ async fn serve(client: TcpStream, peer: SocketAddr, service: Arc<Service>, ctx: 
     )
     .await;
     match dialed {
-        Ok(connect::Dialed {
-            stream: backend_stream,
-            backend,
-        }) => {
-            backend.active.fetch_add(1, Relaxed);
-            backend.total.fetch_add(1, Relaxed);
-            let counters = Counters {
-                to_backend: [&stats.bytes_in, &backend.bytes_in],
-                to_client: [&stats.bytes_out, &backend.bytes_out],
-            };
+        Ok(connect::Dialed { stream, backend }) => {
+            let conn = Connection::new(client, stream, peer, Arc::clone(&service), backend);
             // The PROXY header, when the service wants one, precedes any client byte.
-            let pp = service.proxy_protocol();
-            let to_backend = counters.to_backend;
-            let header = proxy_protocol::send(pp, &client, &backend_stream, peer, to_backend).await;
-            let r = match header {
-                Ok(()) => {
-                    splice::proxy(
-                        ctx.config.copy_mode,
-                        &client,
-                        &backend_stream,
-                        &ctx.pipes,
-                        counters,
-                        ctx.config.tcp_fin_timeout,
-                    )
-                    .await
-                }
-                Err(e) => Err(e),
-            };
-            if let Err(e) = r {
-                tracing::debug!(service = %service.name, backend = %backend.addr, error = %e, "connection ended with an error");
+            let mut r = proxy_protocol::send(service.proxy_protocol(), &conn).await;
+            if r.is_ok() {
+                let config = &ctx.config;
+                r = conn
+                    .run(config.copy_mode, &ctx.pipes, config.tcp_fin_timeout)
+                    .await;
             }
-            backend.active.fetch_sub(1, Relaxed);
-            stats.completed.fetch_add(1, Relaxed);
+            if let Err(e) = r {
+                tracing::debug!(service = %service.name, backend = %conn.endpoint.addr, error = %e, "connection ended with an error");
+            }
         }
         Err(e) => {
             stats.failed.fetch_add(1, Relaxed);
