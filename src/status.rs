@@ -219,7 +219,7 @@ pub fn collect(services: &[ServiceView], iptables: &str) -> StatusDoc {
         iptables: iptables.into(),
         now_ms,
         last_sync_ms: 0,
-        connect_buckets_le: crate::metrics::CONNECT_BUCKETS.to_vec(),
+        connect_buckets_le: crate::proxy::stats::CONNECT_BUCKETS.to_vec(),
         services,
     }
 }

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use common::*;
 use kube_userspace_proxy::admin::{self, AdminState, Health};
-use kube_userspace_proxy::proxy::splice::CopyMode;
+use kube_userspace_proxy::proxy::CopyMode;
 use kube_userspace_proxy::stats_page;
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
