@@ -1,4 +1,5 @@
-//! Admin HTTP (axum): `/metrics` and `/debug/services` on
+//! Admin HTTP (axum): `/metrics`, `/debug/services` and the live stats
+//! page (`/`, see [`crate::stats_page`]) on
 //! `--metrics-bind-address` (127.0.0.1 by default: nothing there is for
 //! the network), `/healthz`, `/readyz` and `/livez` on
 //! `--healthz-bind-address`. Everything is GET-only and read-only; other
@@ -18,7 +19,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::proxy::{Context, Published};
-use crate::status;
+use crate::{stats_page, status};
 
 /// State of the iptables redirect, for status and health.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -103,6 +104,11 @@ impl Health {
         self.synced_at(SystemTime::now());
     }
 
+    /// When the last sync completed (Unix milliseconds; 0 = none yet).
+    pub fn last_sync_ms(&self) -> u64 {
+        self.last_sync_ms.load(Relaxed)
+    }
+
     /// Whether the first snapshot has been applied.
     pub fn is_ready(&self) -> bool {
         self.ready.load(Relaxed)
@@ -170,10 +176,9 @@ async fn metrics(State(s): State<AdminState>) -> Response {
 }
 
 async fn debug_services(State(s): State<AdminState>) -> Json<status::StatusDoc> {
-    Json(status::collect(
-        &s.services.load(),
-        s.health.rules().as_str(),
-    ))
+    let mut doc = status::collect(&s.services.load(), s.health.rules().as_str());
+    doc.last_sync_ms = s.health.last_sync_ms();
+    Json(doc)
 }
 
 async fn healthz(State(s): State<AdminState>) -> Response {
@@ -199,6 +204,9 @@ pub fn metrics_router(state: AdminState) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
         .route("/debug/services", get(debug_services))
+        .route("/", get(stats_page::index))
+        .route(stats_page::SCRIPT_PATH, get(stats_page::script))
+        .route(stats_page::STYLE_PATH, get(stats_page::style))
         .with_state(state)
 }
 

@@ -156,8 +156,8 @@ pub struct RunArgs {
     /// Remove our iptables chains and jumps (also a crashed run's) and exit.
     #[arg(long)]
     pub cleanup: bool,
-    /// Address of `/metrics` and `/debug/services` (keep it local: debug
-    /// state is not for the network).
+    /// Address of `/metrics`, `/debug/services` and the stats page `/`
+    /// (keep it local: debug state is not for the network).
     #[arg(long, default_value = "127.0.0.1:10249")]
     pub metrics_bind_address: SocketAddr,
     /// Address of `/healthz`, `/readyz` and `/livez` (kubelet probes it).
@@ -180,7 +180,7 @@ pub struct DemoArgs {
     /// Address the demo listener binds to.
     #[arg(long, default_value = "127.0.0.1")]
     pub bind_address: IpAddr,
-    /// Address of `/metrics` and `/debug/services` while the demo runs.
+    /// Address of `/metrics`, `/debug/services` and the stats page (`/`) while the demo runs.
     #[arg(long, default_value = "127.0.0.1:10249")]
     pub metrics_bind_address: SocketAddr,
     /// How bytes are moved.

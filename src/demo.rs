@@ -4,7 +4,8 @@
 //! their name, leaves :18083 closed (a dead pod), serves the embedded
 //! manifests (Service `demo/hello`, NodePort 30080 over all three), sends a
 //! dozen requests through the proxy and prints who answered each and which
-//! dials were retried.
+//! dials were retried. With `--serve` it keeps serving and prints the URL
+//! of the live stats page ([`crate::stats_page`]).
 
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -311,6 +312,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         println!();
         println!("serving: curl http://{target}/   dig @{} -p {DNS_NODE_PORT} hello.demo   (Ctrl-C to stop)", target.ip());
         if let Ok(addr) = metrics_at {
+            println!("stats:   http://{addr}/   (live page; with traffic, e.g. `while curl -s http://{target}/ >/dev/null; do sleep 0.2; done`, it shows round-robin, the dead endpoint ejected and retries counting)");
             println!("metrics: curl http://{addr}/metrics   status: kube-userspace-proxy status --admin {addr}");
         }
         crate::shutdown_signal().await;

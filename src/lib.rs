@@ -7,6 +7,8 @@
 //! - [`proxy`]: the proxier and the data path (listeners, balancer, dial
 //!   with retry, splice).
 //! - [`iptables`]: the redirect of service addresses to the listeners.
+//! - [`admin`]: the admin HTTP servers; [`status`] is `/debug/services`
+//!   and the `status` table, [`stats_page`] the live page that polls it.
 //! - [`cli`], [`run()`], [`rules()`], [`demo`], [`status`]: the binary's
 //!   entry points; `main.rs` only parses and dispatches. The run loop is
 //!   [`Loop`].
@@ -24,6 +26,7 @@ pub mod privileges;
 pub mod proxy;
 mod run;
 mod runloop;
+pub mod stats_page;
 pub mod status;
 
 use cli::{LogArgs, LogFormat};

@@ -17,6 +17,17 @@ use crate::proxy::ServiceView;
 pub struct StatusDoc {
     /// iptables redirect state: `off`, `synced`, `failed` or `pending`.
     pub iptables: String,
+    /// When this document was taken (Unix milliseconds): the stats page
+    /// divides counter deltas by the difference of two of these.
+    #[serde(default)]
+    pub now_ms: u64,
+    /// When the last sync completed (Unix milliseconds; 0 = none yet).
+    #[serde(default)]
+    pub last_sync_ms: u64,
+    /// Upper bounds (seconds) of the connect-time histogram buckets, for
+    /// [`ServiceStatus::connect_buckets`]; the last bucket is `+Inf`.
+    #[serde(default)]
+    pub connect_buckets_le: Vec<f64>,
     /// Every served service port.
     pub services: Vec<ServiceStatus>,
 }
@@ -79,6 +90,13 @@ pub struct ServiceStatus {
     /// UDP: new clients dropped at the session cap.
     #[serde(default)]
     pub sessions_dropped: u64,
+    /// Connect times, cumulative per bucket of
+    /// [`StatusDoc::connect_buckets_le`] (as Prometheus' `le` buckets).
+    #[serde(default)]
+    pub connect_buckets: Vec<u64>,
+    /// Connect times observed (the `+Inf` bucket).
+    #[serde(default)]
+    pub connect_count: u64,
     /// Backends.
     pub endpoints: Vec<EndpointStatus>,
 }
@@ -108,14 +126,21 @@ pub struct EndpointStatus {
     pub bytes_in: u64,
     /// Bytes backend → client.
     pub bytes_out: u64,
+    /// Smoothed connect time in microseconds (0 until measured).
+    #[serde(default)]
+    pub connect_us: u64,
 }
 
 fn off() -> String {
     "off".into()
 }
 
-/// Builds the document from the live services.
+/// Builds the document from the live services (`last_sync_ms` is the
+/// caller's to fill: it lives in [`crate::admin::Health`]).
 pub fn collect(services: &[ServiceView], iptables: &str) -> StatusDoc {
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
     let rules_on = iptables == "synced";
     let services = services
         .iter()
@@ -123,6 +148,7 @@ pub fn collect(services: &[ServiceView], iptables: &str) -> StatusDoc {
             let n = &v.service.name;
             let s = &v.service.stats;
             let spec = &v.spec;
+            let (connect_buckets, connect_count, _) = s.connect_latency.snapshot();
             let external: Vec<String> = spec
                 .external_ips
                 .iter()
@@ -164,6 +190,8 @@ pub fn collect(services: &[ServiceView], iptables: &str) -> StatusDoc {
                 datagrams_out: s.datagrams_out.load(Relaxed),
                 sessions_expired: s.sessions_expired.load(Relaxed),
                 sessions_dropped: s.sessions_dropped.load(Relaxed),
+                connect_buckets,
+                connect_count,
                 endpoints: v
                     .service
                     .balancer
@@ -181,6 +209,7 @@ pub fn collect(services: &[ServiceView], iptables: &str) -> StatusDoc {
                         ejections: b.ejections.load(Relaxed),
                         bytes_in: b.bytes_in.load(Relaxed),
                         bytes_out: b.bytes_out.load(Relaxed),
+                        connect_us: b.connect_us.load(Relaxed),
                     })
                     .collect(),
             }
@@ -188,6 +217,9 @@ pub fn collect(services: &[ServiceView], iptables: &str) -> StatusDoc {
         .collect();
     StatusDoc {
         iptables: iptables.into(),
+        now_ms,
+        last_sync_ms: 0,
+        connect_buckets_le: crate::proxy::stats::CONNECT_BUCKETS.to_vec(),
         services,
     }
 }
