@@ -63,10 +63,11 @@ pub fn init_logging(args: &LogArgs, default_level: &str) -> Result<(), ConfigErr
 }
 
 /// The default `--max-connections` for an fd limit: two fds a connection,
-/// after a reserve (a quarter of the limit, 32 to 1024) for listeners,
-/// pipes, UDP sessions and the admin servers.
+/// after a reserve for listeners, pipes and UDP sessions (a quarter of the
+/// limit, 32 to 1024) plus the admin servers' capped connections
+/// ([`admin::RESERVED_FDS`]).
 pub fn connections_for_fd_limit(limit: u64) -> usize {
-    let reserve = (limit / 4).clamp(32, 1024);
+    let reserve = (limit / 4).clamp(32, 1024) + admin::RESERVED_FDS;
     (limit.saturating_sub(reserve) / 2).max(1) as usize
 }
 
@@ -236,18 +237,20 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         (
             args.metrics_bind_address,
             admin::metrics_router(state.clone()),
-            "metrics",
+            admin::AdminListener::Metrics,
         ),
         (
             args.healthz_bind_address,
             admin::healthz_router(state),
-            "healthz",
+            admin::AdminListener::Healthz,
         ),
     ] {
-        match admin::spawn(addr, router, stop_admin.clone()).await {
-            Ok(bound) => tracing::info!(address = %bound, "{what} server listening"),
+        match admin::spawn(addr, what, router, stop_admin.clone()).await {
+            Ok(bound) => tracing::info!(address = %bound, "{} server listening", what.as_str()),
             // The proxy itself still works; the probe or scrape will say so.
-            Err(e) => tracing::error!(address = %addr, error = %e, "cannot serve {what}"),
+            Err(e) => {
+                tracing::error!(address = %addr, error = %e, "cannot serve {}", what.as_str())
+            }
         }
     }
     let stop_discovery = CancellationToken::new();
@@ -476,10 +479,12 @@ mod tests {
 
     #[test]
     fn connection_limit_follows_the_fd_limit() {
-        assert_eq!(connections_for_fd_limit(64), 16);
-        assert_eq!(connections_for_fd_limit(1024), 384);
-        assert_eq!(connections_for_fd_limit(20_000), 9488);
-        assert_eq!(connections_for_fd_limit(1 << 20), 523_776);
+        // The admin servers' 68 fds come on top of the quarter.
+        assert_eq!(connections_for_fd_limit(64), 1);
+        assert_eq!(connections_for_fd_limit(134), 16);
+        assert_eq!(connections_for_fd_limit(1024), 350);
+        assert_eq!(connections_for_fd_limit(20_000), 9454);
+        assert_eq!(connections_for_fd_limit(1 << 20), 523_742);
         assert_eq!(connections_for_fd_limit(0), 1);
     }
 }

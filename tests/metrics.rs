@@ -29,7 +29,12 @@ async fn metrics_count_exactly_and_vanish_with_their_service() {
         health: Arc::new(Health::new(Duration::from_secs(30))),
         ctx: Arc::clone(p.context()),
     };
-    let admin_addr = admin::spawn(localhost(0), admin::metrics_router(state), stop.clone())
+    let admin_addr = admin::spawn(
+        localhost(0),
+        admin::AdminListener::Metrics,
+        admin::metrics_router(state),
+        stop.clone(),
+    )
         .await
         .unwrap();
 
@@ -139,7 +144,12 @@ async fn healthz_and_readyz_follow_the_sync_loop() {
         ctx: Arc::clone(p.context()),
     };
     let stop = CancellationToken::new();
-    let addr = admin::spawn(localhost(0), admin::healthz_router(state), stop.clone())
+    let addr = admin::spawn(
+        localhost(0),
+        admin::AdminListener::Healthz,
+        admin::healthz_router(state),
+        stop.clone(),
+    )
         .await
         .unwrap();
     assert_eq!(
