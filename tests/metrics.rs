@@ -35,8 +35,8 @@ async fn metrics_count_exactly_and_vanish_with_their_service() {
         admin::metrics_router(state),
         stop.clone(),
     )
-        .await
-        .unwrap();
+    .await
+    .unwrap();
 
     const N: usize = 30;
     for _ in 0..N {
@@ -150,8 +150,8 @@ async fn healthz_and_readyz_follow_the_sync_loop() {
         admin::healthz_router(state),
         stop.clone(),
     )
-        .await
-        .unwrap();
+    .await
+    .unwrap();
     assert_eq!(
         http(addr, "GET", "/readyz").await.0,
         503,

@@ -386,7 +386,12 @@ async fn take_slot(registry: &Registry, permits: &Arc<Semaphore>) -> OwnedSemaph
 }
 
 /// Serves one connection until it ends, is shed, or misses its deadline.
-async fn serve_connection(stream: TcpStream, registry: &Registry, slot: &Arc<Slot>, router: Router) {
+async fn serve_connection(
+    stream: TcpStream,
+    registry: &Registry,
+    slot: &Arc<Slot>,
+    router: Router,
+) {
     let label = registry.listener.as_str();
     let gauge = metrics::gauge!(m::ADMIN_ACTIVE, "listener" => label);
     gauge.increment(1.0);
