@@ -1,19 +1,20 @@
 #!/usr/bin/env bash
 # Side-by-side on loopback: HAProxy, nginx stream, socat and
 # kube-userspace-proxy in splice and copy mode, all in front of the same
-# nginx and iperf3 backends, driven by ../shared/bench/peers.py (wrk
-# keep-alive, wrk new connection per request, iperf3 1 and 4 streams).
-# Usage: benches/peers.sh   (env: BENCH_SECONDS, BENCH_ROUNDS, BENCH_CONNS)
+# nginx and iperf3 backends, driven by benches/peers.py (wrk keep-alive,
+# new connection per request and pipelined, CPU per request, iperf3 1 and
+# 4 streams).
+# Usage: benches/peers.sh   (env: BENCH_SECONDS, BENCH_ROUNDS, BENCH_CONNS,
+# BENCH_DEPTH, BENCH_ONLY, BENCH_JSON; see benches/peers.py)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-peers_py=${PEERS_PY:-../shared/bench/peers.py}
-[ -f "$peers_py" ] || { echo "peers.py not found at $peers_py (set PEERS_PY)" >&2; exit 2; }
 
 missing=0
 for tool in nginx haproxy socat wrk iperf3; do command -v "$tool" >/dev/null || missing=1; done
 [ -e /usr/lib/nginx/modules/ngx_stream_module.so ] || missing=1
 if [ "$missing" = 1 ]; then
   sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
   $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
     nginx libnginx-mod-stream haproxy socat wrk iperf3 >/dev/null
 fi
@@ -53,7 +54,7 @@ manifests "$work/splice1" 28094
 common="--bind-address 127.0.0.1 --iptables off --metrics-bind-address 127.0.0.1:0 --healthz-bind-address 127.0.0.1:0 --log-level warn"
 
 echo "# $(date -u +%F) $(nproc) cpus, $(uname -r); kube-userspace-proxy $(git rev-parse --short HEAD)"
-python3 "$peers_py" \
+python3 benches/peers.py \
   "kusp-splice=28090=$bin --manifests $work/splice --copy-mode splice $common" \
   "kusp-copy=28092=$bin --manifests $work/copy --copy-mode copy $common" \
   "kusp-splice-1t=28094=$bin --manifests $work/splice1 --copy-mode splice --worker-threads 1 $common"

@@ -10,7 +10,7 @@ use crate::iptables::exec::BackendChoice;
 use crate::iptables::Mode as IptablesMode;
 use crate::model::Scheduler;
 use crate::proxy::ports::PortRange;
-use crate::proxy::splice::CopyMode;
+use crate::proxy::CopyMode;
 
 /// Default `--shutdown-grace`: long enough for typical requests to finish,
 /// short enough for a rolling update of a DaemonSet.
@@ -105,8 +105,9 @@ pub struct RunArgs {
     /// Dial attempts and their timeouts, comma-separated (upstream's).
     #[arg(long, default_value = "250ms,500ms,1s,2s", value_parser = parse_durations)]
     pub dial_timeouts: Durations,
-    /// How bytes are moved: zero-copy `splice` or plain `copy`.
-    #[arg(long, value_enum, default_value_t = CopyMode::Splice)]
+    /// How bytes are moved: `auto` (user memory for small messages,
+    /// `splice` for bulk), always zero-copy `splice`, or plain `copy`.
+    #[arg(long, value_enum, default_value_t = CopyMode::Auto)]
     pub copy_mode: CopyMode,
     /// Scheduler of services without a (valid) `kube-userspace-proxy.io/scheduler`
     /// annotation: rr, lc, sh, sed, nq, p2c or random.
@@ -134,9 +135,10 @@ pub struct RunArgs {
     /// its backend never answers holds nothing for ever).
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     pub tcp_fin_timeout: Duration,
-    /// Threads moving bytes (tokio workers). Default: one per CPU (or
-    /// `TOKIO_WORKER_THREADS`). On a small node shared with its workloads,
-    /// 1 gives a lower tail latency (HAProxy's `nbthread`).
+    /// Threads moving TCP bytes, each with its own event loop and its own
+    /// `SO_REUSEPORT` socket per service port: a connection stays on the
+    /// thread that accepted it (HAProxy's `nbthread`). Default: the CPUs
+    /// this process may use (affinity and cgroup quota).
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
     pub worker_threads: Option<u16>,
     /// Manage the iptables redirect of ClusterIP, externalIP and LB-IP traffic.
@@ -182,7 +184,7 @@ pub struct DemoArgs {
     #[arg(long, default_value = "127.0.0.1:10249")]
     pub metrics_bind_address: SocketAddr,
     /// How bytes are moved.
-    #[arg(long, value_enum, default_value_t = CopyMode::Splice)]
+    #[arg(long, value_enum, default_value_t = CopyMode::Auto)]
     pub copy_mode: CopyMode,
     /// Logging.
     #[command(flatten)]

@@ -18,15 +18,10 @@ fn main() -> ExitCode {
         eprintln!("error: {e}");
         return ExitCode::from(64);
     }
-    let workers = match &cli.command {
-        None => cli.run.worker_threads,
-        Some(Command::Run(a)) => a.worker_threads,
-        Some(_) => None,
-    };
+    // The control plane (discovery, run loop, admin, UDP): one thread. TCP
+    // bytes move on the proxier's own worker threads (`--worker-threads`).
     let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = workers {
-        builder.worker_threads(n.into());
-    }
+    builder.worker_threads(1);
     let rt = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::*;
 use kube_userspace_proxy::model::Affinity;
-use kube_userspace_proxy::proxy::splice::CopyMode;
+use kube_userspace_proxy::proxy::CopyMode;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 

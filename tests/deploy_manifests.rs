@@ -138,9 +138,10 @@ fn parse_all() -> Parsed {
     assert!(files.len() >= 7, "deploy/ YAML files: {files:?}");
     for file in files {
         let text = std::fs::read_to_string(&file).unwrap();
-        for (n, de) in serde_yaml::Deserializer::from_str(&text).enumerate() {
+        let docs: Vec<Value> = serde_saphyr::from_multiple(&text)
+            .unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+        for (n, doc) in docs.into_iter().enumerate() {
             let origin = format!("{} document {n}", file.display());
-            let doc: Value = Value::deserialize(de).unwrap_or_else(|e| panic!("{origin}: {e}"));
             if doc.is_null() {
                 continue;
             }
@@ -258,7 +259,7 @@ fn every_deploy_yaml_parses_strictly_into_its_kubernetes_type() {
 
 #[test]
 fn the_strict_parse_catches_a_typo() {
-    let doc: Value = serde_yaml::from_str(
+    let doc: Value = serde_saphyr::from_str(
         "apiVersion: v1\nkind: Pod\nmetadata: {name: x}\nspec:\n  containers:\n    - name: a\n      imagePullPolicy: Always\n      imagePullPolcy: Always\n",
     )
     .unwrap();

@@ -268,3 +268,246 @@ async fn the_binary_serves_a_directory_and_follows_edits() {
     }
     assert!(switched, "the edit was applied within 2 s");
 }
+
+/// Files that attack the parser: (file name, contents). Each nests, expands
+/// or repeats far past a limit; none may stall anything.
+fn hostile_files() -> Vec<(&'static str, String)> {
+    const LEVELS: usize = 100_000;
+    let head = "apiVersion: v1\nkind: Service\nmetadata: ";
+    let laughs = {
+        let mut s = String::from("apiVersion: v1\nkind: Service\nmetadata:\n  name: lol\na0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol, lol]\n");
+        for i in 1..10 {
+            let p = i - 1;
+            s.push_str(&format!(
+                "a{i}: &a{i} [*a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}]\n"
+            ));
+        }
+        s
+    };
+    vec![
+        (
+            "deep-seq.yaml",
+            format!("{head}{}{}\n", "[".repeat(LEVELS), "]".repeat(LEVELS)),
+        ),
+        (
+            "deep-map.yaml",
+            format!("{head}{}x{}\n", "{a: ".repeat(LEVELS), "}".repeat(LEVELS)),
+        ),
+        (
+            "deep-block.yaml",
+            format!("{head}\n  {}x\n", "- ".repeat(LEVELS)),
+        ),
+        ("alias-bomb.yaml", laughs),
+    ]
+}
+
+#[test]
+fn pathological_documents_are_rejected_naming_the_limit_and_the_rest_applies() {
+    let mut files: Vec<(String, String)> = hostile_files()
+        .into_iter()
+        .map(|(n, t)| (n.to_string(), t))
+        .collect();
+    files.push(("good.yaml".into(), service_yaml("good", "80", None)));
+    let (snap, problems) = manifests::parse(&files, &mut manifests::LastGood::default());
+    let text: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
+    for (name, _) in hostile_files() {
+        let p = problems.iter().find(|p| p.origin.starts_with(name));
+        let p = p.unwrap_or_else(|| panic!("{name} not reported: {text:#?}"));
+        let limit = if name.starts_with("deep-") {
+            "MAX_DEPTH"
+        } else {
+            "limit"
+        };
+        assert!(p.message.contains(limit), "{name}: {p}");
+    }
+    assert_eq!(problems.len(), hostile_files().len(), "{text:#?}");
+    assert!(snap.services.contains_key(&key("good")));
+}
+
+/// Collects a child's stderr lines on a thread of its own.
+fn collect_lines(
+    stderr: std::process::ChildStderr,
+) -> std::sync::Arc<std::sync::Mutex<Vec<String>>> {
+    use std::io::BufRead;
+    let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let out = std::sync::Arc::clone(&lines);
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            out.lock().unwrap().push(line);
+        }
+    });
+    lines
+}
+
+/// Requests to `addr` one after the other until `stop`, each bounded by
+/// `STALL` (a stall detector, not a speed check); returns the answers in
+/// order with the time each arrived, and every failure.
+async fn traffic(
+    addr: std::net::SocketAddr,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> (Vec<(std::time::Instant, String)>, Vec<String>) {
+    const STALL: Duration = Duration::from_secs(1);
+    let mut answers = Vec::new();
+    let mut failures = Vec::new();
+    for _ in 0..100_000 {
+        if stop.load(std::sync::atomic::Ordering::Relaxed) {
+            break;
+        }
+        match tokio::time::timeout(STALL, read_all(addr)).await {
+            Ok(Ok(a)) if !a.is_empty() => answers.push((std::time::Instant::now(), a)),
+            Ok(Ok(_)) => failures.push("empty answer".to_string()),
+            Ok(Err(e)) => failures.push(e.to_string()),
+            Err(_) => failures.push(format!("no answer within {STALL:?}")),
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    (answers, failures)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_files_stall_neither_traffic_nor_the_other_files() {
+    use common::procs::{free_port, service_manifest};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Instant;
+
+    let a = named_backend("a").await;
+    let b = named_backend("b").await;
+    let grow_backend = named_backend("g").await;
+    let (web_port, grow_port) = (free_port(), free_port());
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "svc.yaml",
+        &service_manifest("web", web_port, &[a]),
+    );
+    // Present from the start: the proxy must still serve the good file.
+    let (first_name, first) = hostile_files().remove(0);
+    write(dir.path(), &format!("start-{first_name}"), &first);
+    // Good at first, then appended to past the size limit: its service
+    // keeps its last good state.
+    let grow_head = service_manifest("grow", grow_port, &[grow_backend]);
+    write(dir.path(), "growing.yaml", &grow_head);
+
+    let mut child = Command::new(BIN)
+        .arg("--manifests")
+        .arg(dir.path())
+        .args([
+            "--bind-address",
+            "127.0.0.1",
+            "--log-level",
+            "warn",
+            "--iptables",
+            "off",
+            "--metrics-bind-address",
+            "127.0.0.1:0",
+            "--healthz-bind-address",
+            "127.0.0.1:0",
+            // One worker: anything that blocks it in the manifests path
+            // stops the data path too, so the test catches it for sure.
+            "--worker-threads",
+            "1",
+        ])
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let logs = collect_lines(child.stderr.take().unwrap());
+    let _child = Child(child);
+    let (web, grow) = (localhost(web_port), localhost(grow_port));
+    for addr in [web, grow] {
+        assert!(
+            eventually(Duration::from_secs(10), || std::net::TcpStream::connect(
+                addr
+            )
+            .is_ok())
+            .await,
+            "listener on {addr} with a hostile file in the directory from the start"
+        );
+    }
+    assert_eq!(read_all(grow).await.unwrap(), "g");
+
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let load = tokio::spawn(traffic(web, stop.clone()));
+    let grow_load = tokio::spawn(traffic(grow, stop.clone()));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // Drop every hostile file, start the appender, and make a good change
+    // at the same moment. Big writes run off the runtime's workers.
+    let path = dir.path().to_owned();
+    let writer = std::thread::spawn(move || {
+        for (name, text) in hostile_files() {
+            std::fs::write(path.join(name), text).unwrap();
+        }
+        // Tens of MB.
+        let line = format!("# {}\n", "x".repeat(1021));
+        let mut huge = String::from("apiVersion: v1\nkind: Service\nmetadata:\n  name: huge\n");
+        huge.push_str(&line.repeat(30 << 10));
+        std::fs::write(path.join("huge.yaml"), huge).unwrap();
+    });
+    let path = dir.path().join("growing.yaml");
+    let appender = std::thread::spawn(move || {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new().append(true).open(path).unwrap();
+        let chunk = format!("# {}\n", "y".repeat(1021)).repeat(256);
+        let over = manifests::MAX_FILE_BYTES / chunk.len() as u64 + 4;
+        for _ in 0..over {
+            f.write_all(chunk.as_bytes()).unwrap();
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    });
+    let second_slice = slice_yaml("web-2", "web", "IPv4", &["127.0.0.1"], b.port())
+        .replace("name: http", "name: web");
+    write(dir.path(), "web-more.yaml", &second_slice);
+    let changed_at = Instant::now();
+
+    // Each bad file is reported with the limit it broke.
+    let expect = [
+        ("start-deep-seq.yaml", "MAX_DEPTH"),
+        ("deep-seq.yaml", "MAX_DEPTH"),
+        ("deep-map.yaml", "MAX_DEPTH"),
+        ("deep-block.yaml", "MAX_DEPTH"),
+        ("alias-bomb.yaml", "limit"),
+        ("huge.yaml", "MAX_FILE_BYTES"),
+        ("growing.yaml", "MAX_FILE_BYTES"),
+    ];
+    let reported = |file: &str, limit: &str| {
+        logs.lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains(&format!("/{file}")) && l.contains(limit) && l.contains("WARN"))
+    };
+    for (file, limit) in expect {
+        assert!(
+            eventually(Duration::from_secs(15), || reported(file, limit)).await,
+            "{file}: no warning naming {limit}; log:\n{}",
+            logs.lock().unwrap().join("\n")
+        );
+    }
+    writer.join().unwrap();
+    appender.join().unwrap();
+    // One more poll after the last append, with traffic still going.
+    tokio::time::sleep(manifests::POLL_INTERVAL * 3).await;
+    stop.store(true, Ordering::Relaxed);
+    let (answers, failures) = load.await.unwrap();
+    let (grow_answers, grow_failures) = grow_load.await.unwrap();
+
+    assert!(failures.is_empty(), "web: failed requests: {failures:?}");
+    assert!(
+        grow_failures.is_empty(),
+        "grow: failed requests: {grow_failures:?}"
+    );
+    let first_b = answers.iter().find(|(_, a)| a == "b").map(|(t, _)| *t);
+    let first_b = first_b.expect("the added endpoint never answered");
+    assert!(
+        first_b.saturating_duration_since(changed_at) < Duration::from_secs(2),
+        "the good change was applied after {:?}",
+        first_b.saturating_duration_since(changed_at)
+    );
+    assert!(
+        grow_answers.iter().all(|(_, a)| a == "g") && !grow_answers.is_empty(),
+        "the grown file's service kept its last good state"
+    );
+    assert_eq!(read_all(grow).await.unwrap(), "g");
+}

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use common::netns::{node_and_pod, require_root, Netns};
 use common::*;
 use kube_userspace_proxy::model::{ProxyProtocol, Setting, Snapshot};
-use kube_userspace_proxy::proxy::splice::CopyMode;
+use kube_userspace_proxy::proxy::CopyMode;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpSocket;
 

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use common::*;
 use kube_userspace_proxy::proxy::connect::DialResult;
-use kube_userspace_proxy::proxy::splice::CopyMode;
+use kube_userspace_proxy::proxy::CopyMode;
 use kube_userspace_proxy::proxy::{Proxier, ProxyConfig};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

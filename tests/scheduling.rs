@@ -13,7 +13,7 @@ use std::time::Duration;
 use common::*;
 use kube_userspace_proxy::discovery::manifests;
 use kube_userspace_proxy::model::{Scheduler, Setting, Snapshot};
-use kube_userspace_proxy::proxy::splice::CopyMode;
+use kube_userspace_proxy::proxy::CopyMode;
 use kube_userspace_proxy::proxy::{Proxier, ProxyConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};

@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use common::*;
-use kube_userspace_proxy::proxy::splice::CopyMode;
+use kube_userspace_proxy::proxy::CopyMode;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -129,4 +129,34 @@ async fn idle_connections_hold_no_pipes() {
         created,
         "every pipe is back in the pool"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_moves_100_mib_each_way_intact() {
+    bulk_both_ways(CopyMode::Auto).await;
+}
+
+#[tokio::test]
+async fn auto_honours_half_close() {
+    half_close(CopyMode::Auto).await;
+}
+
+/// `auto` moves request-sized messages through user memory: no pipe is
+/// created until a read fills its buffer.
+#[tokio::test]
+async fn auto_takes_no_pipe_for_small_messages() {
+    let backend = echo_backend().await;
+    let mut p = proxier(CopyMode::Auto);
+    let addr = serve(&mut p, &snapshot("small", &[backend], None), "small");
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let mut b = [0u8; 100];
+    for i in 0..200u8 {
+        s.write_all(&[i; 100]).await.unwrap();
+        s.read_exact(&mut b).await.unwrap();
+        assert_eq!(b, [i; 100]);
+    }
+    assert_eq!(p.context().pipes.created.load(Relaxed), 0);
+    let stats = &service(&p, "small").stats;
+    assert_eq!(stats.bytes_in.load(Relaxed), 20_000);
+    assert_eq!(stats.bytes_out.load(Relaxed), 20_000);
 }

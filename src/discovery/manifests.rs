@@ -5,6 +5,13 @@
 //! may hold several documents separated by `---` and `kind: List` wrappers.
 //! Documents are parsed one by one, so a broken one costs only itself.
 //! The directory is polled: a change is published within [`POLL_INTERVAL`].
+//!
+//! Hostile input is bounded: reading, parsing and snapshot building run on
+//! a thread of their own (see [`spawn`]), a file over [`MAX_FILE_BYTES`] or
+//! past [`MAX_TOTAL_BYTES`] is not parsed, a document nested deeper than
+//! [`MAX_DEPTH`] is rejected as soon as the parser gets there, and
+//! serde-saphyr's budgets stop alias bombs. A rejected file keeps serving
+//! its last good version, the other files apply.
 
 use std::collections::hash_map::DefaultHasher;
 use std::collections::HashMap;
@@ -15,7 +22,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use serde_yaml::Value;
+use serde_json::Value;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -53,30 +60,63 @@ pub enum Error {
         /// Why it cannot be read.
         source: std::io::Error,
     },
+    /// The thread that reads and parses the files cannot start.
+    #[error("cannot run the manifests thread: {0}")]
+    Thread(std::io::Error),
 }
 
 /// A file's name and contents.
 type File = (String, String);
 
+/// Largest manifest file read, in bytes. One Kubernetes object is at most
+/// about 1.5 MiB (the API server's request limit) and a node's Services and
+/// EndpointSlices fit far below this; a larger file is a mistake or an
+/// attack, and only costs memory and parse time.
+pub const MAX_FILE_BYTES: u64 = 8 << 20;
+
+/// Largest sum of the manifest files read in one pass, in bytes: bounds the
+/// memory and CPU of one re-read. Files are read in name order; one that
+/// would go past it is rejected, the smaller ones after it still fit.
+pub const MAX_TOTAL_BYTES: u64 = 64 << 20;
+
+/// Deepest nesting of sequences and mappings in one document. Services and
+/// EndpointSlices nest under ten levels and large CRD schemas a few dozen;
+/// 128 is serde_json's recursion limit too. The parser stops at this depth,
+/// so a deeper document costs no more than reading it.
+pub const MAX_DEPTH: usize = 128;
+
+/// What one pass over the source found.
+#[derive(Default)]
+struct Read {
+    /// Files read, in name order.
+    files: Vec<File>,
+    /// Files rejected by a size limit: they keep their last good version.
+    rejected: Vec<String>,
+    /// Why files were rejected or could not be read.
+    problems: Vec<Problem>,
+}
+
 impl Source {
     /// Reads every manifest file; fails only when the directory itself is
-    /// unreadable. A file that vanishes or is unreadable mid-read is reported
-    /// as a problem.
-    fn read(&self) -> Result<(Vec<File>, Vec<Problem>), Error> {
+    /// unreadable. A file that vanishes or is unreadable mid-read, or is over
+    /// a size limit, is reported as a problem.
+    fn read(&self) -> Result<Read, Error> {
         match self {
-            Source::Embedded => Ok((
-                EMBEDDED
+            Source::Embedded => Ok(Read {
+                files: EMBEDDED
                     .iter()
                     .map(|(n, t)| (n.to_string(), t.to_string()))
                     .collect(),
-                Vec::new(),
-            )),
-            Source::Dir(dir) => read_dir(dir),
+                ..Read::default()
+            }),
+            Source::Dir(dir) => read_dir(dir, MAX_FILE_BYTES, MAX_TOTAL_BYTES),
         }
     }
 }
 
-fn read_dir(dir: &Path) -> Result<(Vec<File>, Vec<Problem>), Error> {
+/// Reads the directory's manifests in name order, each file up to
+/// `file_cap` bytes and all of them up to `total_cap`.
+fn read_dir(dir: &Path, file_cap: u64, total_cap: u64) -> Result<Read, Error> {
     let err = |source| Error::Dir {
         path: dir.to_owned(),
         source,
@@ -93,21 +133,60 @@ fn read_dir(dir: &Path) -> Result<(Vec<File>, Vec<Problem>), Error> {
         }
     }
     paths.sort();
-    let mut files = Vec::with_capacity(paths.len());
-    let mut problems = Vec::new();
+    let mut read = Read::default();
+    let mut total = 0u64;
     for path in paths {
         let name = path.display().to_string();
-        match std::fs::read_to_string(&path) {
-            Ok(text) => files.push((name, text)),
-            Err(e) => problems.push(Problem {
-                origin: name,
-                object: "file".into(),
-                field: "-".into(),
-                message: format!("cannot read: {e}"),
-            }),
+        let problem = |message: String| Problem {
+            origin: name.clone(),
+            object: "file".into(),
+            field: "-".into(),
+            message,
+        };
+        let left = total_cap.saturating_sub(total);
+        match read_capped(&path, file_cap.min(left)) {
+            Ok(Capped::Text(text)) => {
+                total += text.len() as u64;
+                read.files.push((name, text));
+            }
+            Ok(Capped::Over(size)) => {
+                let message = if size > file_cap {
+                    format!("{size} bytes or more, over the limit of {file_cap} bytes per file (MAX_FILE_BYTES); not parsed, its last good version stays")
+                } else {
+                    format!("{size} bytes would take the files read so far over the limit of {total_cap} bytes in total (MAX_TOTAL_BYTES); not parsed, its last good version stays")
+                };
+                read.problems.push(problem(message));
+                read.rejected.push(name);
+            }
+            Err(e) => read.problems.push(problem(format!("cannot read: {e}"))),
         }
     }
-    Ok((files, problems))
+    Ok(read)
+}
+
+/// A file's text, or the size that put it over its cap.
+enum Capped {
+    Text(String),
+    Over(u64),
+}
+
+/// Reads a file of at most `cap` bytes, never more than `cap + 1`, so a
+/// huge file or one still growing costs no more than the cap.
+fn read_capped(path: &Path, cap: u64) -> std::io::Result<Capped> {
+    use std::io::Read as _;
+    let file = std::fs::File::open(path)?;
+    let len = file.metadata()?.len();
+    if len > cap {
+        return Ok(Capped::Over(len));
+    }
+    let mut buf = Vec::with_capacity(len as usize);
+    file.take(cap + 1).read_to_end(&mut buf)?;
+    if buf.len() as u64 > cap {
+        return Ok(Capped::Over(buf.len() as u64));
+    }
+    String::from_utf8(buf)
+        .map(Capped::Text)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.utf8_error()))
 }
 
 /// Splits a YAML stream into documents on `---` lines, keeping each
@@ -152,14 +231,14 @@ impl Objects {
         let before = self.problems.len();
         for (line, doc) in documents(text) {
             let origin = format!("{name}:{line}");
-            match serde_yaml::from_str::<Value>(&doc) {
+            match decode(&doc) {
                 Ok(Value::Null) => {}
                 Ok(v) => self.add_value(&origin, v),
-                Err(e) => self.problems.push(Problem {
+                Err(message) => self.problems.push(Problem {
                     origin,
                     object: "document".into(),
                     field: "-".into(),
-                    message: format!("not valid YAML: {e}"),
+                    message,
                 }),
             }
         }
@@ -181,7 +260,7 @@ impl Objects {
         match (api, kind) {
             ("v1", "List") => {
                 let items = match v.get("items") {
-                    Some(Value::Sequence(items)) => items.clone(),
+                    Some(Value::Array(items)) => items.clone(),
                     _ => Vec::new(),
                 };
                 for (i, item) in items.into_iter().enumerate() {
@@ -226,6 +305,53 @@ impl Objects {
             ),
         }
     }
+}
+
+/// Parses one YAML document within the budgets ([`MAX_DEPTH`], and the
+/// parser's own caps on events, nodes, aliases and scalar bytes); the error
+/// says which limit was hit.
+fn decode(doc: &str) -> Result<Value, String> {
+    use serde_saphyr::budget::BudgetBreach;
+    use serde_saphyr::granit_parser::ErrorKind;
+    use serde_saphyr::{Error as E, ExternalMessageSource as Source};
+    let mut budget = serde_saphyr::Budget::default();
+    budget.max_depth = MAX_DEPTH;
+    budget.flow_nesting_limit = MAX_DEPTH;
+    let mut options = serde_saphyr::Options::default();
+    options.budget = Some(budget);
+    options.with_snippet = false;
+    // YAML 1.2 booleans only, as serde_yaml read them: an unquoted `off`
+    // (a value of the proxy-protocol annotation) stays a string.
+    options.strict_booleans = true;
+    serde_saphyr::from_str_with_options::<Value>(doc, options).map_err(|e| {
+        // Too deep: the budget's depth count, or the scanner's cap on
+        // nested flow collections (it runs ahead of the budget's count).
+        // An error met while replaying an alias is wrapped: classify its cause.
+        let mut root = e.without_snippet();
+        while let E::AliasError { error, .. } = root {
+            root = error.without_snippet();
+        }
+        let too_deep = match root {
+            E::Budget {
+                breach: BudgetBreach::Depth { .. },
+                ..
+            } => true,
+            E::ExternalMessage { source, .. } => matches!(
+                &**source,
+                Source::Parser(s) if matches!(s.kind(), ErrorKind::RecursionLimitExceeded)
+            ),
+            _ => false,
+        };
+        match root {
+            _ if too_deep => {
+                format!("nested deeper than the limit of {MAX_DEPTH} levels (MAX_DEPTH)")
+            }
+            E::Budget { breach, .. } => {
+                format!("over a limit of the YAML parser's budget: {breach:?}")
+            }
+            _ => format!("not valid YAML: {e}"),
+        }
+    })
 }
 
 /// Deserializes into a k8s-openapi type, naming the failing field.
@@ -273,17 +399,33 @@ pub fn parse(files: &[(String, String)], last: &mut LastGood) -> (Snapshot, Vec<
     (snapshot, objects.problems)
 }
 
-/// Reads and parses the source once.
-pub fn load(source: &Source) -> Result<(Snapshot, Vec<Problem>), Error> {
-    let (files, mut read_problems) = source.read()?;
-    let (snapshot, mut problems) = parse(&files, &mut LastGood::default());
-    read_problems.append(&mut problems);
-    Ok((snapshot, read_problems))
+/// [`parse`] of one pass over the source: files rejected by a size limit
+/// are parsed from their last good text, if they had one.
+fn parse_read(read: &Read, last: &mut LastGood) -> (Snapshot, Vec<Problem>) {
+    let mut files = read.files.clone();
+    for name in &read.rejected {
+        if let Some(good) = last.files.get(name) {
+            tracing::warn!(file = %name, "file over a size limit; serving its last good version");
+            files.push((name.clone(), good.clone()));
+        }
+    }
+    files.sort_by(|a, b| a.0.cmp(&b.0));
+    let (snapshot, mut problems) = parse(&files, last);
+    let mut all = read.problems.clone();
+    all.append(&mut problems);
+    (snapshot, all)
 }
 
-fn fingerprint(files: &[(String, String)]) -> u64 {
+/// Reads and parses the source once, on the calling thread (blocking).
+pub fn load(source: &Source) -> Result<(Snapshot, Vec<Problem>), Error> {
+    let read = source.read()?;
+    Ok(parse_read(&read, &mut LastGood::default()))
+}
+
+fn fingerprint(read: &Read) -> u64 {
     let mut h = DefaultHasher::new();
-    files.hash(&mut h);
+    read.files.hash(&mut h);
+    read.rejected.hash(&mut h);
     h.finish()
 }
 
@@ -299,84 +441,99 @@ fn report(problems: &[Problem]) {
     }
 }
 
+/// What the manifests thread hands back once the first snapshot is built.
+type First = Result<watch::Receiver<Arc<Snapshot>>, Error>;
+
 /// Loads the source, publishing the first snapshot before returning, then
-/// keeps polling it in a task until `cancel` fires. Fails at once when the
-/// directory cannot be read at start-up; later read errors keep the last
-/// good snapshot and are logged.
+/// keeps polling it until `cancel` fires. Fails at once when the directory
+/// cannot be read at start-up; later read errors keep the last good
+/// snapshot and are logged.
+///
+/// Reading, parsing and building snapshots all run on a thread of their
+/// own (`kusp-manifests`), never on a runtime worker: however long a file
+/// takes, accepting and moving bytes go on.
 pub async fn spawn(
     source: Source,
     cancel: CancellationToken,
 ) -> Result<watch::Receiver<Arc<Snapshot>>, Error> {
-    let (files, read_problems) = source.read()?;
+    let (first_tx, first_rx) = tokio::sync::oneshot::channel::<First>();
+    std::thread::Builder::new()
+        .name("kusp-manifests".into())
+        .spawn(move || poll(source, cancel, first_tx))
+        .map_err(Error::Thread)?;
+    first_rx
+        .await
+        .map_err(|_| Error::Thread(std::io::Error::other("the manifests thread ended")))?
+}
+
+/// The manifests thread: first load, then one re-read per [`POLL_INTERVAL`].
+fn poll(source: Source, cancel: CancellationToken, first: tokio::sync::oneshot::Sender<First>) {
+    let read = match source.read() {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = first.send(Err(e));
+            return;
+        }
+    };
     let mut last_good = LastGood::default();
-    let (snapshot, problems) = parse(&files, &mut last_good);
-    report(&read_problems);
+    let (snapshot, problems) = parse_read(&read, &mut last_good);
     report(&problems);
-    let mut last = fingerprint(&files);
+    let mut last = fingerprint(&read);
     tracing::info!(
         source = ?source,
         services = snapshot.services.len(),
-        skipped = problems.len() + read_problems.len(),
+        skipped = problems.len(),
         "manifests loaded"
     );
     let (tx, rx) = watch::channel(Arc::new(snapshot));
+    if first.send(Ok(rx)).is_err() {
+        return;
+    }
     if matches!(source, Source::Embedded) {
         // Nothing can change: keep the sender alive until cancelled.
-        tokio::spawn(async move {
-            cancel.cancelled().await;
-            drop(tx);
-        });
-        return Ok(rx);
+        futures::executor::block_on(cancel.cancelled());
+        return;
     }
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(POLL_INTERVAL);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut failing = false;
-        loop {
-            tokio::select! {
-                _ = cancel.cancelled() => return,
-                _ = tick.tick() => {}
+    let mut failing = false;
+    loop {
+        std::thread::sleep(POLL_INTERVAL);
+        if cancel.is_cancelled() || tx.is_closed() {
+            return;
+        }
+        let read = match source.read() {
+            Ok(r) => {
+                failing = false;
+                r
             }
-            let src = source.clone();
-            let read = tokio::task::spawn_blocking(move || src.read()).await;
-            let (files, read_problems) = match read {
-                Ok(Ok(r)) => {
-                    failing = false;
-                    r
+            Err(e) => {
+                if !failing {
+                    tracing::warn!(error = %e, "cannot re-read manifests; keeping the last good state");
                 }
-                Ok(Err(e)) => {
-                    if !failing {
-                        tracing::warn!(error = %e, "cannot re-read manifests; keeping the last good state");
-                    }
-                    failing = true;
-                    continue;
-                }
-                Err(_) => continue,
-            };
-            let fp = fingerprint(&files);
-            if fp == last {
+                failing = true;
                 continue;
             }
-            last = fp;
-            let (snapshot, problems) = parse(&files, &mut last_good);
-            report(&read_problems);
-            report(&problems);
-            tracing::info!(
-                services = snapshot.services.len(),
-                skipped = problems.len() + read_problems.len(),
-                "manifests changed"
-            );
-            tx.send_if_modified(|cur| {
-                if **cur == snapshot {
-                    false
-                } else {
-                    *cur = Arc::new(snapshot);
-                    true
-                }
-            });
+        };
+        let fp = fingerprint(&read);
+        if fp == last {
+            continue;
         }
-    });
-    Ok(rx)
+        last = fp;
+        let (snapshot, problems) = parse_read(&read, &mut last_good);
+        report(&problems);
+        tracing::info!(
+            services = snapshot.services.len(),
+            skipped = problems.len(),
+            "manifests changed"
+        );
+        tx.send_if_modified(|cur| {
+            if **cur == snapshot {
+                false
+            } else {
+                *cur = Arc::new(snapshot);
+                true
+            }
+        });
+    }
 }
 
 #[cfg(test)]
@@ -389,6 +546,51 @@ mod tests {
         let starts: Vec<_> = docs.iter().map(|(l, _)| *l).collect();
         assert_eq!(starts, vec![1, 3, 7]);
         assert_eq!(docs[2].1, "c: 3\n");
+    }
+
+    #[test]
+    fn files_over_a_size_cap_are_rejected_and_keep_their_last_good_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let svc = |name: &str| {
+            format!("apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec: {{ports: [{{port: 80}}]}}\n")
+        };
+        let sizes = [("a", 0), ("b", 200), ("c", 0), ("d", 0), ("e", 0)];
+        for (name, pad) in sizes {
+            let text = format!("{}#{}\n", svc(name), "x".repeat(pad));
+            std::fs::write(dir.path().join(format!("{name}.yaml")), text).unwrap();
+        }
+        let one = svc("a").len() as u64 + 2;
+        // Per file: room for one service; in total: for three.
+        let read = read_dir(dir.path(), one + 10, 3 * one + 5).unwrap();
+        let names = |v: &[String]| -> Vec<String> {
+            v.iter()
+                .map(|n| Path::new(n).file_stem().unwrap().to_string_lossy().into())
+                .collect()
+        };
+        let read_names: Vec<String> = read.files.iter().map(|(n, _)| n.clone()).collect();
+        assert_eq!(names(&read_names), ["a", "c", "d"]);
+        assert_eq!(names(&read.rejected), ["b", "e"]);
+        assert!(read.problems[0].message.contains("MAX_FILE_BYTES"));
+        assert!(read.problems[1].message.contains("MAX_TOTAL_BYTES"));
+
+        // A rejected file that was good before keeps serving.
+        let mut last = LastGood::default();
+        let e = read.rejected[1].clone();
+        last.files.insert(e.clone(), svc("e"));
+        let (snap, problems) = parse_read(&read, &mut last);
+        let served: Vec<&str> = snap.services.keys().map(|k| k.name.as_str()).collect();
+        assert_eq!(served, ["a", "c", "d", "e"]);
+        assert_eq!(problems.len(), 2);
+        assert!(last.files.contains_key(&e), "its last good version is kept");
+    }
+
+    #[test]
+    fn yaml_1_1_booleans_stay_strings() {
+        let v = decode("a: off\nb: yes\nc: true\nd: 80\n").unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"a": "off", "b": "yes", "c": true, "d": 80})
+        );
     }
 
     #[test]

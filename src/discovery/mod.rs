@@ -691,14 +691,14 @@ mod tests {
     fn svc(yaml: &str) -> Sourced<Service> {
         Sourced {
             origin: "test".into(),
-            object: serde_yaml::from_str(yaml).unwrap(),
+            object: serde_saphyr::from_str(yaml).unwrap(),
         }
     }
 
     fn eps(yaml: &str) -> Sourced<EndpointSlice> {
         Sourced {
             origin: "test".into(),
-            object: serde_yaml::from_str(yaml).unwrap(),
+            object: serde_saphyr::from_str(yaml).unwrap(),
         }
     }
 

@@ -9,12 +9,15 @@
 //! reported and retried on the next sync; it never affects other services.
 
 pub mod balancer;
+pub mod conn;
 pub mod connect;
 pub mod ports;
 pub mod proxy_protocol;
 pub mod splice;
+pub mod stats;
 pub mod tcp;
 pub mod udp;
+pub mod workers;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
@@ -28,15 +31,17 @@ use tokio_util::task::TaskTracker;
 
 use arc_swap::ArcSwap;
 
-use crate::metrics::LatencyHistogram;
 use crate::model::{
     Protocol, ProxyProtocol, Scheduler, ServicePort, ServicePortName, Setting, Snapshot,
     ANNOTATION_PROXY_PROTOCOL, ANNOTATION_SCHEDULER,
 };
 use balancer::Balancer;
+pub use conn::{Connection, CopyMode};
 use connect::DialResult;
 use ports::{PortAllocator, PortRange};
-use splice::{CopyMode, PipePool};
+use splice::PipePool;
+use stats::LatencyHistogram;
+use workers::Workers;
 
 /// Data-path settings, fixed for the life of the process.
 #[derive(Clone, Debug)]
@@ -47,7 +52,7 @@ pub struct ProxyConfig {
     pub port_range: PortRange,
     /// One dial attempt per entry, each with its timeout.
     pub dial_timeouts: Vec<Duration>,
-    /// splice or copy.
+    /// How bytes are moved (`--copy-mode`).
     pub copy_mode: CopyMode,
     /// Idle time after which a UDP session ends (`--udp-timeout`).
     pub udp_timeout: Duration,
@@ -62,6 +67,9 @@ pub struct ProxyConfig {
     pub tcp_fin_timeout: Duration,
     /// Scheduler of services without a valid scheduler annotation (`--scheduler`).
     pub scheduler: Scheduler,
+    /// Threads moving TCP bytes, each with its own event loop and its own
+    /// listening socket per service port (`--worker-threads`).
+    pub workers: usize,
 }
 
 impl Default for ProxyConfig {
@@ -70,12 +78,13 @@ impl Default for ProxyConfig {
             bind_address: IpAddr::from([0, 0, 0, 0]),
             port_range: PortRange::Ephemeral,
             dial_timeouts: connect::DEFAULT_DIAL_TIMEOUTS.to_vec(),
-            copy_mode: CopyMode::Splice,
+            copy_mode: CopyMode::Auto,
             udp_timeout: DEFAULT_UDP_TIMEOUT,
             udp_max_sessions: DEFAULT_UDP_MAX_SESSIONS,
             max_connections: 0,
             tcp_fin_timeout: DEFAULT_TCP_FIN_TIMEOUT,
             scheduler: Scheduler::Rr,
+            workers: workers::default_count(),
         }
     }
 }
@@ -104,6 +113,8 @@ pub struct Context {
     pub limit_waits: AtomicU64,
     /// TCP connections ended since freed memory was last released.
     pub closed_since_release: AtomicU64,
+    /// The data path's threads (none: TCP runs on the caller's runtime).
+    pub workers: Option<Workers>,
 }
 
 /// Whether an error means the proxy itself ran out of fds, memory or local
@@ -414,8 +425,16 @@ impl Proxier {
         ];
         let connection_limit =
             (config.max_connections > 0).then(|| Arc::new(Semaphore::new(config.max_connections)));
+        let workers = match Workers::start(config.workers) {
+            Ok(w) => Some(w),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start worker threads; TCP runs on the main runtime");
+                None
+            }
+        };
         let ctx = Arc::new(Context {
             config,
+            workers,
             pipes: PipePool::new(MAX_IDLE_PIPES, MAX_LIVE_PIPES),
             tracker: TaskTracker::new(),
             shutdown: CancellationToken::new(),
@@ -651,13 +670,23 @@ impl Proxier {
     }
 
     /// Stops every listener, then waits up to `grace` for open connections
-    /// to finish. Returns the number still open when the grace ran out.
+    /// to finish. Returns the number still open when the grace ran out
+    /// (they are closed when the proxier is dropped).
     pub async fn shutdown(mut self, grace: Duration) -> usize {
         self.close_listeners();
         self.ctx.tracker.close();
         match tokio::time::timeout(grace, self.ctx.tracker.wait()).await {
             Ok(()) => 0,
             Err(_) => self.ctx.tracker.len(),
+        }
+    }
+}
+
+impl Drop for Proxier {
+    /// Stops the worker threads; connections still open on them close.
+    fn drop(&mut self) {
+        if let Some(w) = &self.ctx.workers {
+            w.stop();
         }
     }
 }

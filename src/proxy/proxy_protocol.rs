@@ -16,11 +16,11 @@
 
 use std::io;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 use tokio::net::TcpStream;
 
+use super::conn::{Connection, Dir};
 use crate::model::ProxyProtocol;
 
 /// v2 signature: the first 12 bytes of every v2 header.
@@ -115,40 +115,27 @@ pub fn original_dst(client: &TcpStream) -> io::Result<SocketAddr> {
     Ok(orig.ok().and_then(|a| a.as_socket()).unwrap_or(local))
 }
 
-/// When `version` is set: sends the header for `client` (whose address is
-/// `peer`) to `backend`, in one write with the client's first bytes when
-/// they come within [`FIRST_BYTES_WAIT`]. Client bytes sent are added to
-/// `counters`. Nothing is done when `version` is `None`. On error both
-/// sockets are set to reset on close.
-pub async fn send(
-    version: Option<ProxyProtocol>,
-    client: &TcpStream,
-    backend: &TcpStream,
-    peer: SocketAddr,
-    counters: [&AtomicU64; 2],
-) -> io::Result<()> {
+/// When `version` is set: sends the header for `conn`'s client to its
+/// backend, in one write with the client's first bytes when they come
+/// within [`FIRST_BYTES_WAIT`] (counted as moved client → backend).
+/// Nothing is done when `version` is `None`. On error both sockets are set
+/// to reset on close.
+pub async fn send(version: Option<ProxyProtocol>, conn: &Connection) -> io::Result<()> {
     let Some(version) = version else {
         return Ok(());
     };
-    let r = send_header(version, client, backend, peer, counters).await;
+    let r = send_header(version, conn).await;
     if r.is_err() {
-        for s in [client, backend] {
-            let _ = socket2::SockRef::from(s).set_linger(Some(Duration::ZERO));
-        }
+        conn.reset_on_close();
     }
     r
 }
 
-async fn send_header(
-    version: ProxyProtocol,
-    client: &TcpStream,
-    backend: &TcpStream,
-    peer: SocketAddr,
-    counters: [&AtomicU64; 2],
-) -> io::Result<()> {
+async fn send_header(version: ProxyProtocol, conn: &Connection) -> io::Result<()> {
+    let (client, backend) = (&conn.client, &conn.backend);
     let dst = original_dst(client)?;
     let mut buf = Vec::with_capacity(HEADER_MAX + FIRST_READ);
-    encode(version, peer, dst, &mut buf);
+    encode(version, conn.peer, dst, &mut buf);
     let header_len = buf.len();
     buf.resize(header_len + FIRST_READ, 0);
     let deadline = tokio::time::Instant::now() + FIRST_BYTES_WAIT;
@@ -176,10 +163,7 @@ async fn send_header(
             Err(e) => return Err(e),
         }
     }
-    let data = (buf.len() - header_len) as u64;
-    for c in counters {
-        c.fetch_add(data, Relaxed);
-    }
+    conn.count(Dir::Up, buf.len() - header_len);
     Ok(())
 }
 

@@ -12,7 +12,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 use super::balancer::now_ms;
-use super::splice::{self, Counters};
+use super::conn::Connection;
 use super::{connect, proxy_protocol, Context, Service};
 
 /// Listen backlog: large, as connections are accepted and dialed
@@ -22,11 +22,14 @@ pub const BACKLOG: i32 = 4096;
 /// Minimum interval between two "no backend" log lines of one service.
 const FAIL_LOG_INTERVAL_MS: u64 = 10_000;
 
-/// Binds a listening socket (SO_REUSEADDR, non-blocking) for a service port.
+/// Binds a listening socket (SO_REUSEADDR, SO_REUSEPORT, non-blocking) for
+/// a service port; [`spawn`] binds one more to the same port per extra
+/// worker.
 pub fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     let domain = socket2::Domain::for_address(addr);
     let socket = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
     socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
     if addr.is_ipv6() {
         socket.set_only_v6(false)?;
     }
@@ -50,20 +53,47 @@ impl Drop for ListenerHandle {
     }
 }
 
-/// Starts the accept loop of `listener` for `service`.
+/// Starts accepting for `service`: on each worker thread, an accept loop
+/// on its own socket of the port `listener` is bound to (the first one is
+/// `listener` itself), so connections stay on the thread that accepted
+/// them. Without workers, one loop on the current runtime.
 pub fn spawn(
     listener: std::net::TcpListener,
     service: Arc<Service>,
     ctx: Arc<Context>,
 ) -> io::Result<ListenerHandle> {
-    let port = listener.local_addr()?.port();
-    let listener = TcpListener::from_std(listener)?;
+    let local = listener.local_addr()?;
     let stop = ctx.shutdown.child_token();
     let handle = ListenerHandle {
-        port,
+        port: local.port(),
         stop: stop.clone(),
     };
-    tokio::spawn(accept_loop(listener, service, ctx, stop));
+    let current;
+    let runtimes = match &ctx.workers {
+        Some(w) => w.handles(),
+        None => {
+            current = [tokio::runtime::Handle::try_current().map_err(io::Error::other)?];
+            &current[..]
+        }
+    };
+    let mut first = Some(listener);
+    for rt in runtimes {
+        let socket = match first.take() {
+            Some(l) => l,
+            None => bind(local)?,
+        };
+        // Registered with the worker's own event loop.
+        let socket = {
+            let _entered = rt.enter();
+            TcpListener::from_std(socket)?
+        };
+        rt.spawn(accept_loop(
+            socket,
+            Arc::clone(&service),
+            Arc::clone(&ctx),
+            stop.clone(),
+        ));
+    }
     Ok(handle)
 }
 
@@ -139,39 +169,19 @@ async fn serve(client: TcpStream, peer: SocketAddr, service: Arc<Service>, ctx: 
     )
     .await;
     match dialed {
-        Ok(connect::Dialed {
-            stream: backend_stream,
-            backend,
-        }) => {
-            backend.active.fetch_add(1, Relaxed);
-            backend.total.fetch_add(1, Relaxed);
-            let counters = Counters {
-                to_backend: [&stats.bytes_in, &backend.bytes_in],
-                to_client: [&stats.bytes_out, &backend.bytes_out],
-            };
+        Ok(connect::Dialed { stream, backend }) => {
+            let conn = Connection::new(client, stream, peer, Arc::clone(&service), backend);
             // The PROXY header, when the service wants one, precedes any client byte.
-            let pp = service.proxy_protocol();
-            let to_backend = counters.to_backend;
-            let header = proxy_protocol::send(pp, &client, &backend_stream, peer, to_backend).await;
-            let r = match header {
-                Ok(()) => {
-                    splice::proxy(
-                        ctx.config.copy_mode,
-                        &client,
-                        &backend_stream,
-                        &ctx.pipes,
-                        counters,
-                        ctx.config.tcp_fin_timeout,
-                    )
-                    .await
-                }
-                Err(e) => Err(e),
-            };
-            if let Err(e) = r {
-                tracing::debug!(service = %service.name, backend = %backend.addr, error = %e, "connection ended with an error");
+            let mut r = proxy_protocol::send(service.proxy_protocol(), &conn).await;
+            if r.is_ok() {
+                let config = &ctx.config;
+                r = conn
+                    .run(config.copy_mode, &ctx.pipes, config.tcp_fin_timeout)
+                    .await;
             }
-            backend.active.fetch_sub(1, Relaxed);
-            stats.completed.fetch_add(1, Relaxed);
+            if let Err(e) = r {
+                tracing::debug!(service = %service.name, backend = %conn.endpoint.addr, error = %e, "connection ended with an error");
+            }
         }
         Err(e) => {
             stats.failed.fetch_add(1, Relaxed);

@@ -14,7 +14,7 @@ use std::time::Duration;
 use kube_userspace_proxy::model::{
     Affinity, Endpoint, Protocol, ServiceEntry, ServicePort, ServicePortName, Snapshot,
 };
-use kube_userspace_proxy::proxy::splice::CopyMode;
+use kube_userspace_proxy::proxy::CopyMode;
 use kube_userspace_proxy::proxy::{Proxier, ProxyConfig, Service};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};

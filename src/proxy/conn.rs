@@ -1,0 +1,446 @@
+//! A proxied TCP connection ([`Connection`]) and the movers that drive it.
+//!
+//! A `Connection` is the one owner of everything a proxied connection is:
+//! both sockets, the client's address, the service port and endpoint it
+//! belongs to (and so the counters it adds to), and per direction a
+//! [`Flow`]: bytes moved and whether its end was passed on. Every way of
+//! moving bytes drives this type; nothing else keeps connection state.
+//!
+//! Movers, per direction (`--copy-mode`):
+//! - `auto` (default): `recv`/`send` through a per-thread scratch buffer
+//!   while messages are small; a read that fills [`SMALL_CHUNK`] marks the
+//!   flow as bulk and it moves to `splice(2)` through a leased pipe, until a
+//!   splice brings less than [`SMALL_CHUNK`]. This is HAProxy's splice-auto,
+//!   done per direction and per connection.
+//! - `splice`: always through a pipe ([`super::splice`]); a chunk that
+//!   cannot get a pipe is copied.
+//! - `copy`: always through user memory, [`COPY_CHUNK`] at a time.
+//!
+//! A short `recv` on a TCP socket means its receive queue was empty at
+//! that instant, so the socket's readiness is cleared right there instead
+//! of asking again for an `EAGAIN`. tokio clears readiness only if no new
+//! event arrived since it was read (tick-guarded), and keeps the closed
+//! bits, so an edge (data, FIN or RST) that arrives meanwhile is never lost.
+//! A short `splice` proves nothing (the pipe may be full), so splice reads
+//! go on until `EAGAIN`.
+//!
+//! Bytes read but not yet written (the other socket's buffer was full) are
+//! held by the direction, outside the shared scratch buffer: an idle
+//! connection holds its two sockets and no buffer, no pipe.
+//!
+//! Half-close: EOF one way becomes `shutdown(SHUT_WR)` on the other socket
+//! while the reverse direction goes on, until it idles for
+//! `--tcp-fin-timeout` (when both directions end cleanly, the last one
+//! skips the `shutdown`: closing the socket sends the same FIN). An error
+//! on either side resets both sockets (SO_LINGER 0), so a truncated
+//! transfer never looks like a clean end.
+
+use std::cell::RefCell;
+use std::io;
+use std::net::{Shutdown, SocketAddr};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::Duration;
+
+use nix::sys::socket::MsgFlags;
+use tokio::io::Interest;
+use tokio::net::TcpStream;
+
+use super::balancer::Backend;
+use super::splice::{splice_io, Lease, PipePool, PIPE_SIZE};
+use super::Service;
+
+/// How bytes are moved (`--copy-mode`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+pub enum CopyMode {
+    /// Through user memory while messages are small, `splice(2)` for bulk.
+    #[default]
+    Auto,
+    /// Always zero-copy, through a pipe with `splice(2)`.
+    Splice,
+    /// Always through user memory (read, then write).
+    Copy,
+}
+
+impl std::fmt::Display for CopyMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Auto => "auto",
+            Self::Splice => "splice",
+            Self::Copy => "copy",
+        })
+    }
+}
+
+/// `auto` reads at most this much through user memory; a read that fills
+/// it means bulk, and the flow moves to splice. HAProxy's buffer size:
+/// request/response messages fit, a stream does not.
+pub const SMALL_CHUNK: usize = 16 * 1024;
+
+/// Bytes moved through user memory at a time in `copy` mode (and by a
+/// `splice` direction that cannot get a pipe).
+pub const COPY_CHUNK: usize = 64 * 1024;
+
+thread_local! {
+    /// One read buffer per worker thread, shared by every connection the
+    /// thread runs: a read is written out before the next await, so no
+    /// connection keeps it.
+    static SCRATCH: RefCell<Vec<u8>> = RefCell::new(vec![0; COPY_CHUNK]);
+}
+
+/// Which way bytes go.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dir {
+    /// Client → backend.
+    Up,
+    /// Backend → client.
+    Down,
+}
+
+/// One direction of a connection.
+#[derive(Debug, Default)]
+pub struct Flow {
+    /// Bytes written to the receiving side so far.
+    bytes: AtomicU64,
+    /// EOF was read and passed on (or the connection is closing).
+    ended: AtomicBool,
+}
+
+impl Flow {
+    /// Bytes moved this way so far.
+    pub fn bytes(&self) -> u64 {
+        self.bytes.load(Relaxed)
+    }
+
+    /// Whether this direction has ended.
+    pub fn ended(&self) -> bool {
+        self.ended.load(Relaxed)
+    }
+}
+
+/// A proxied TCP connection: both sockets, whose it is, and the state of
+/// each direction. Counted in its endpoint's open connections while it
+/// lives; dropping it closes both sockets.
+#[derive(Debug)]
+pub struct Connection {
+    /// The accepted client socket.
+    pub client: TcpStream,
+    /// The socket dialled to the endpoint.
+    pub backend: TcpStream,
+    /// The client's address.
+    pub peer: SocketAddr,
+    /// The service port it was accepted for.
+    pub service: Arc<Service>,
+    /// The endpoint it was dialled to.
+    pub endpoint: Arc<Backend>,
+    /// Client → backend.
+    pub up: Flow,
+    /// Backend → client.
+    pub down: Flow,
+}
+
+/// What one `auto`/`copy` read brought.
+enum Read {
+    /// End of stream.
+    Eof,
+    /// This many bytes, all passed on or held.
+    Moved(usize),
+}
+
+impl Connection {
+    /// Takes ownership of a dialled pair and counts it on its endpoint.
+    pub fn new(
+        client: TcpStream,
+        backend: TcpStream,
+        peer: SocketAddr,
+        service: Arc<Service>,
+        endpoint: Arc<Backend>,
+    ) -> Self {
+        endpoint.active.fetch_add(1, Relaxed);
+        endpoint.total.fetch_add(1, Relaxed);
+        Self {
+            client,
+            backend,
+            peer,
+            service,
+            endpoint,
+            up: Flow::default(),
+            down: Flow::default(),
+        }
+    }
+
+    /// The direction's flow.
+    pub fn flow(&self, dir: Dir) -> &Flow {
+        match dir {
+            Dir::Up => &self.up,
+            Dir::Down => &self.down,
+        }
+    }
+
+    /// (source, destination) sockets of a direction.
+    fn ends(&self, dir: Dir) -> (&TcpStream, &TcpStream) {
+        match dir {
+            Dir::Up => (&self.client, &self.backend),
+            Dir::Down => (&self.backend, &self.client),
+        }
+    }
+
+    /// Adds `n` bytes moved in `dir` to the flow, the service port and the
+    /// endpoint.
+    pub fn count(&self, dir: Dir, n: usize) {
+        let n = n as u64;
+        let stats = &self.service.stats;
+        let (service, endpoint) = match dir {
+            Dir::Up => (&stats.bytes_in, &self.endpoint.bytes_in),
+            Dir::Down => (&stats.bytes_out, &self.endpoint.bytes_out),
+        };
+        self.flow(dir).bytes.fetch_add(n, Relaxed);
+        service.fetch_add(n, Relaxed);
+        endpoint.fetch_add(n, Relaxed);
+    }
+
+    /// Makes the next close of both sockets send RST instead of FIN.
+    pub fn reset_on_close(&self) {
+        for s in [&self.client, &self.backend] {
+            let _ = socket2::SockRef::from(s).set_linger(Some(Duration::ZERO));
+        }
+    }
+
+    /// Moves bytes both ways until both have ended. Half-close is passed
+    /// on; once one direction has ended, the other ends after
+    /// `fin_timeout` without a byte. On error both sockets are set to
+    /// reset on close.
+    pub async fn run(
+        &self,
+        mode: CopyMode,
+        pipes: &PipePool,
+        fin_timeout: Duration,
+    ) -> io::Result<()> {
+        let up = self.pump(Dir::Up, mode, pipes);
+        let down = self.pump(Dir::Down, mode, pipes);
+        tokio::pin!(up, down);
+        let result = tokio::select! {
+            r = &mut up => match r {
+                Ok(()) => finish_half_closed(down, &self.down, fin_timeout).await,
+                Err(e) => Err(e),
+            },
+            r = &mut down => match r {
+                Ok(()) => finish_half_closed(up, &self.up, fin_timeout).await,
+                Err(e) => Err(e),
+            },
+        };
+        if result.is_err() {
+            self.up.ended.store(true, Relaxed);
+            self.down.ended.store(true, Relaxed);
+            self.reset_on_close();
+        }
+        result
+    }
+
+    /// One direction until EOF, then its end is passed on.
+    async fn pump(&self, dir: Dir, mode: CopyMode, pipes: &PipePool) -> io::Result<()> {
+        let mut held = Vec::new();
+        let mut bulk = mode == CopyMode::Splice;
+        loop {
+            if bulk {
+                match self
+                    .splice_burst(dir, pipes, mode == CopyMode::Auto)
+                    .await?
+                {
+                    Burst::Eof => break,
+                    Burst::Small => bulk = false,
+                    Burst::Drained => {}
+                    Burst::NoPipe => {
+                        pipes.fallbacks.fetch_add(1, Relaxed);
+                        if let Read::Eof = self.read_through(dir, COPY_CHUNK, &mut held).await? {
+                            break;
+                        }
+                    }
+                }
+                continue;
+            }
+            let cap = if mode == CopyMode::Copy {
+                COPY_CHUNK
+            } else {
+                SMALL_CHUNK
+            };
+            match self.read_through(dir, cap, &mut held).await? {
+                Read::Eof => break,
+                Read::Moved(n) => bulk = mode == CopyMode::Auto && n == cap,
+            }
+        }
+        self.flow(dir).ended.store(true, Relaxed);
+        let other = match dir {
+            Dir::Up => &self.down,
+            Dir::Down => &self.up,
+        };
+        // Both ways done: the close that follows sends the FIN.
+        if !other.ended() {
+            let (_, dst) = self.ends(dir);
+            let _ = socket2::SockRef::from(dst).shutdown(Shutdown::Write);
+        }
+        Ok(())
+    }
+
+    /// Reads what the source has (at most `cap`) through the scratch
+    /// buffer and writes it on; what the destination cannot take now is
+    /// held and written before returning.
+    async fn read_through(&self, dir: Dir, cap: usize, held: &mut Vec<u8>) -> io::Result<Read> {
+        let (src, dst) = self.ends(dir);
+        loop {
+            let mut got = 0;
+            let read = SCRATCH.with_borrow_mut(|buf| -> io::Result<Option<usize>> {
+                let buf = &mut buf[..cap];
+                let r = src.try_io(Interest::READABLE, || {
+                    got = recv(src, buf)?;
+                    if got > 0 && got < cap {
+                        // A short read drained the queue: clear readiness
+                        // now rather than with a read bound to fail.
+                        Err(io::ErrorKind::WouldBlock.into())
+                    } else {
+                        Ok(got)
+                    }
+                });
+                match r {
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock && got > 0 => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+                    Err(e) => return Err(e),
+                }
+                if got == 0 {
+                    return Ok(Some(0));
+                }
+                let sent = write_now(dst, &buf[..got])?;
+                self.count(dir, sent);
+                held.extend_from_slice(&buf[sent..got]);
+                Ok(Some(got))
+            })?;
+            match read {
+                None => src.readable().await?,
+                Some(0) => return Ok(Read::Eof),
+                Some(n) => {
+                    self.flush(dir, held).await?;
+                    return Ok(Read::Moved(n));
+                }
+            }
+        }
+    }
+
+    /// Writes `held` out completely, waiting for the destination.
+    async fn flush(&self, dir: Dir, held: &mut Vec<u8>) -> io::Result<()> {
+        let (_, dst) = self.ends(dir);
+        let mut off = 0;
+        while off < held.len() {
+            dst.writable().await?;
+            let m = write_now(dst, &held[off..])?;
+            self.count(dir, m);
+            off += m;
+        }
+        held.clear();
+        Ok(())
+    }
+
+    /// Splices while the source has bytes, through one leased pipe.
+    async fn splice_burst(&self, dir: Dir, pipes: &PipePool, auto: bool) -> io::Result<Burst> {
+        let (src, dst) = self.ends(dir);
+        src.readable().await?;
+        let Some(pipe) = pipes.take() else {
+            return Ok(Burst::NoPipe);
+        };
+        let mut lease = Lease::new(pipes, pipe);
+        loop {
+            let n = match src.try_io(Interest::READABLE, || {
+                splice_io(src, lease.write_end(), PIPE_SIZE)
+            }) {
+                Ok(0) => return Ok(Burst::Eof),
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Burst::Drained),
+                Err(e) => return Err(e),
+            };
+            lease.pending = n;
+            while lease.pending > 0 {
+                let len = lease.pending;
+                match dst.try_io(Interest::WRITABLE, || splice_io(lease.read_end(), dst, len)) {
+                    Ok(m) => {
+                        lease.pending -= m;
+                        self.count(dir, m);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => dst.writable().await?,
+                    Err(e) => return Err(e),
+                }
+            }
+            if auto && n < SMALL_CHUNK {
+                return Ok(Burst::Small);
+            }
+        }
+    }
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        self.endpoint.active.fetch_sub(1, Relaxed);
+        self.service.stats.completed.fetch_add(1, Relaxed);
+    }
+}
+
+/// How a splice burst ended.
+enum Burst {
+    /// End of stream.
+    Eof,
+    /// The source ran dry (`EAGAIN`); the pipe went back to the pool.
+    Drained,
+    /// `auto`: a splice brought less than [`SMALL_CHUNK`]; back to reads
+    /// through user memory.
+    Small,
+    /// No pipe could be had: copy this chunk.
+    NoPipe,
+}
+
+/// `recv(2)` on a non-blocking socket (`EAGAIN` as `WouldBlock`).
+fn recv(s: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    nix::sys::socket::recv(s.as_raw_fd(), buf, MsgFlags::empty()).map_err(io::Error::from)
+}
+
+/// Writes as much of `buf` as the socket takes now, without waiting.
+fn write_now(dst: &TcpStream, buf: &[u8]) -> io::Result<usize> {
+    let mut off = 0;
+    while off < buf.len() {
+        let r = dst.try_io(Interest::WRITABLE, || {
+            nix::sys::socket::send(dst.as_raw_fd(), &buf[off..], MsgFlags::MSG_NOSIGNAL)
+                .map_err(io::Error::from)
+        });
+        match r {
+            Ok(m) => off += m,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(off)
+}
+
+/// Drives the direction still open after the other ended: it fails with
+/// `TimedOut` once it moved no byte for a whole `fin_timeout`, so a peer
+/// that vanished (a client gone while its backend never answers) does not
+/// hold two sockets for ever.
+async fn finish_half_closed(
+    rest: impl std::future::Future<Output = io::Result<()>>,
+    flow: &Flow,
+    fin_timeout: Duration,
+) -> io::Result<()> {
+    tokio::pin!(rest);
+    loop {
+        let seen = flow.bytes();
+        tokio::select! {
+            r = &mut rest => return r,
+            _ = tokio::time::sleep(fin_timeout) => {
+                if flow.bytes() == seen {
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("half-closed connection idle for {fin_timeout:?}"),
+                    ));
+                }
+            }
+        }
+    }
+}

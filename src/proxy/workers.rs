@@ -1,0 +1,58 @@
+//! The data path's threads: one event loop per thread, nothing shared
+//! between them per message.
+//!
+//! Each worker is a single-threaded tokio runtime on a thread of its own.
+//! Every TCP service port has one listening socket per worker, all bound
+//! to the same port with `SO_REUSEPORT`, so the kernel spreads new
+//! connections across the workers and each connection lives and dies on
+//! the thread that accepted it: its readiness events, its timers and its
+//! byte moves never wake another thread, and no task is stolen.
+//!
+//! The control plane (discovery, the run loop, the admin servers, UDP)
+//! runs on the process's main runtime.
+
+use tokio::runtime::Handle;
+use tokio_util::sync::CancellationToken;
+
+/// The default number of workers: the CPUs this process may use (affinity
+/// and cgroup quota taken into account).
+pub fn default_count() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// The running workers. They run until [`Workers::stop`] (the proxier
+/// calls it when dropped), which drops whatever tasks are still on them.
+#[derive(Debug)]
+pub struct Workers {
+    handles: Vec<Handle>,
+    stop: CancellationToken,
+}
+
+impl Workers {
+    /// Starts `count` workers (at least one), named `kusp-worker-N`.
+    pub fn start(count: usize) -> std::io::Result<Self> {
+        let stop = CancellationToken::new();
+        let mut handles = Vec::with_capacity(count.max(1));
+        for i in 0..count.max(1) {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            handles.push(rt.handle().clone());
+            let stop = stop.clone();
+            std::thread::Builder::new()
+                .name(format!("kusp-worker-{i}"))
+                .spawn(move || rt.block_on(stop.cancelled()))?;
+        }
+        Ok(Self { handles, stop })
+    }
+
+    /// The workers' runtimes.
+    pub fn handles(&self) -> &[Handle] {
+        &self.handles
+    }
+
+    /// Stops every worker: their threads end and their tasks are dropped.
+    pub fn stop(&self) {
+        self.stop.cancel();
+    }
+}

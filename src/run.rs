@@ -1,0 +1,268 @@
+//! `run`: the proxy's start-up and shutdown order, and the `rules`
+//! subcommand; both choose the discovery source the same way.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::admin::{self, AdminState, Health, RulesState};
+use crate::cli::RunArgs;
+use crate::discovery::{self, manifests};
+use crate::iptables::{self, Iptables};
+use crate::model::Snapshot;
+use crate::proxy::{Proxier, ProxyConfig};
+use crate::runloop::{Loop, RuleSync};
+use crate::{
+    connections_for_fd_limit, metrics, privileges, raise_fd_limit, shutdown_signal, ConfigError,
+};
+
+/// Where snapshots come from, as the flags and environment choose.
+enum Source {
+    /// `--manifests DIR`, or the embedded examples.
+    Manifests(manifests::Source),
+    /// The Kubernetes API, with this node's options.
+    Kube(Box<::kube::Client>, discovery::Options),
+}
+
+/// `--manifests` wins; else the API when a kubeconfig, `--master` or
+/// in-cluster configuration is there; else the embedded manifests.
+async fn discovery_source(args: &RunArgs) -> Result<Source, ConfigError> {
+    match &args.manifests {
+        Some(dir) if !dir.is_dir() => Err(ConfigError(format!(
+            "--manifests {}: not a directory",
+            dir.display()
+        ))),
+        Some(dir) => Ok(Source::Manifests(manifests::Source::Dir(dir.clone()))),
+        None if discovery::kube::configured(args.kubeconfig.as_deref(), args.master.as_deref()) => {
+            let config =
+                discovery::kube::config(args.kubeconfig.as_deref(), args.master.as_deref())
+                    .await
+                    .map_err(|e| ConfigError(e.to_string()))?;
+            tracing::info!(server = %config.cluster_url, "Kubernetes discovery");
+            let client = discovery::kube::client(config).map_err(|e| ConfigError(e.to_string()))?;
+            Ok(Source::Kube(Box::new(client), discovery_options(args)))
+        }
+        None => Ok(Source::Manifests(manifests::Source::Embedded)),
+    }
+}
+
+/// Node name and proxy name, as kube-proxy takes them: `--hostname-override`
+/// or the hostname, lower-cased.
+fn discovery_options(args: &RunArgs) -> discovery::Options {
+    let node_name = args
+        .hostname_override
+        .clone()
+        .filter(|s| !s.trim().is_empty())
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+        .map(|s| s.trim().to_lowercase())
+        .filter(|s| !s.is_empty());
+    if node_name.is_none() {
+        tracing::warn!(
+            "no node name (--hostname-override): traffic policy Local keeps all endpoints"
+        );
+    }
+    discovery::Options {
+        node_name,
+        service_proxy_name: args.service_proxy_name.clone(),
+    }
+}
+
+fn proxy_config(args: &RunArgs, fd_limit: u64) -> ProxyConfig {
+    ProxyConfig {
+        bind_address: args.bind_address,
+        port_range: args.proxy_port_range,
+        dial_timeouts: args.dial_timeouts.0.clone(),
+        copy_mode: args.copy_mode,
+        udp_timeout: args.udp_timeout,
+        udp_max_sessions: args.udp_max_sessions,
+        max_connections: args
+            .max_connections
+            .unwrap_or_else(|| connections_for_fd_limit(fd_limit)),
+        tcp_fin_timeout: args.tcp_fin_timeout,
+        scheduler: args.scheduler,
+        workers: args
+            .worker_threads
+            .map_or_else(crate::proxy::workers::default_count, usize::from),
+    }
+}
+
+/// Runs the proxy until SIGTERM/SIGINT: listeners close, rules are removed,
+/// open connections drain for `--shutdown-grace`; a second signal exits at
+/// once. With `--cleanup`, only removes rules.
+pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        let passed = privileges::pass_to_children();
+        tracing::info!(uid = %nix::unistd::geteuid(), capabilities = ?passed, "not root: capabilities passed on to iptables");
+    }
+    if args.cleanup {
+        iptables::cleanup_all(args.iptables_backend).await?;
+        tracing::info!("--cleanup: iptables chains and jumps of kube-userspace-proxy removed");
+        return Ok(());
+    }
+    let source = discovery_source(&args).await?;
+    let fd_limit = match raise_fd_limit() {
+        Ok(n) => {
+            tracing::info!(limit = n, "RLIMIT_NOFILE raised to the hard limit");
+            n
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot raise RLIMIT_NOFILE");
+            nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+                .map_or(1024, |(soft, _)| soft)
+        }
+    };
+    let config = proxy_config(&args, fd_limit);
+    match config.max_connections {
+        0 => tracing::info!("--max-connections 0: no connection limit"),
+        n => tracing::info!(max_connections = n, "connection limit"),
+    }
+    if matches!(source, Source::Manifests(manifests::Source::Embedded)) {
+        tracing::info!("no --manifests and no cluster: serving the embedded example manifests");
+    }
+    let handle = metrics::install();
+    let health = Arc::new(Health::new(args.iptables_sync_period));
+    let rules = Iptables::setup(args.iptables, args.iptables_backend, args.bind_address)
+        .await
+        .map_err(|e| ConfigError(format!("--iptables on: {e}")))?
+        .map(|iptables| RuleSync {
+            iptables,
+            min_period: args.iptables_min_sync_period,
+            period: args.iptables_sync_period,
+        });
+    if rules.is_some() {
+        health.set_rules(RulesState::Pending);
+    }
+    let proxier = Proxier::new(config);
+    let stop_admin = CancellationToken::new();
+    let state = AdminState {
+        handle,
+        services: proxier.published(),
+        health: Arc::clone(&health),
+        ctx: Arc::clone(proxier.context()),
+    };
+    for (addr, router, what) in [
+        (
+            args.metrics_bind_address,
+            admin::metrics_router(state.clone()),
+            admin::AdminListener::Metrics,
+        ),
+        (
+            args.healthz_bind_address,
+            admin::healthz_router(state),
+            admin::AdminListener::Healthz,
+        ),
+    ] {
+        match admin::spawn(addr, what, router, stop_admin.clone()).await {
+            Ok(bound) => tracing::info!(address = %bound, "{} server listening", what.as_str()),
+            // The proxy itself still works; the probe or scrape will say so.
+            Err(e) => {
+                tracing::error!(address = %addr, error = %e, "cannot serve {}", what.as_str())
+            }
+        }
+    }
+    let stop_discovery = CancellationToken::new();
+    let snapshots = match source {
+        Source::Manifests(source) => manifests::spawn(source, stop_discovery.clone())
+            .await
+            .map_err(|e| ConfigError(e.to_string()))?,
+        Source::Kube(client, options) => {
+            // The admin servers already answer: /readyz is 503 until the
+            // first complete list is applied.
+            let first = discovery::kube::spawn(*client, options, stop_discovery.clone());
+            let stop = shutdown_signal();
+            tokio::pin!(first, stop);
+            // While waiting, /healthz stays healthy (nothing is stale yet).
+            let mut alive = tokio::time::interval(
+                (args.iptables_sync_period / 2).max(Duration::from_millis(100)),
+            );
+            loop {
+                tokio::select! {
+                    r = &mut first => break r?,
+                    _ = alive.tick() => health.starting_at(std::time::SystemTime::now()),
+                    _ = &mut stop => {
+                        tracing::info!("stopped before the first list");
+                        stop_discovery.cancel();
+                        if let Some(r) = rules {
+                            if let Err(e) = r.iptables.cleanup().await {
+                                tracing::error!(error = %e, "cannot remove iptables rules; run --cleanup");
+                            }
+                        }
+                        stop_admin.cancel();
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    };
+    let run_loop = Loop {
+        proxier,
+        rules,
+        health,
+        sync_period: args.iptables_sync_period,
+    };
+    let Loop {
+        mut proxier, rules, ..
+    } = run_loop.serve(snapshots, shutdown_signal()).await;
+    stop_discovery.cancel();
+    tracing::info!(grace = ?args.shutdown_grace, "shutting down: listeners closed, draining connections");
+    proxier.close_listeners();
+    let finish = async {
+        if let Some(r) = rules {
+            match r.iptables.cleanup().await {
+                Ok(()) => tracing::info!("iptables rules removed"),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot remove iptables rules; run --cleanup")
+                }
+            }
+        }
+        proxier.shutdown(args.shutdown_grace).await
+    };
+    let result = tokio::select! {
+        left = finish => {
+            if left > 0 {
+                tracing::warn!(connections = left, "grace period over; closing the rest");
+            }
+            Ok(())
+        }
+        _ = shutdown_signal() => {
+            tracing::warn!("second signal: exiting at once");
+            std::process::exit(1);
+        }
+    };
+    stop_admin.cancel();
+    result
+}
+
+/// `rules`: prints the payload for the discovery source, changes nothing.
+pub async fn rules(args: RunArgs) -> anyhow::Result<()> {
+    let snapshot = match discovery_source(&args).await? {
+        Source::Manifests(source) => {
+            let (snapshot, problems) =
+                manifests::load(&source).map_err(|e| ConfigError(e.to_string()))?;
+            for p in &problems {
+                tracing::warn!("skipped: {p}");
+            }
+            snapshot
+        }
+        Source::Kube(client, options) => {
+            let stop = CancellationToken::new();
+            let rx = tokio::select! {
+                r = discovery::kube::spawn(*client, options, stop.clone()) => r?,
+                _ = shutdown_signal() => return Ok(()),
+            };
+            let snapshot = Snapshot::clone(&rx.borrow());
+            stop.cancel();
+            snapshot
+        }
+    };
+    // Listeners live only while rendering: any fd limit will do.
+    let mut proxier = Proxier::new(proxy_config(&args, 1024));
+    proxier.sync(&snapshot);
+    print!(
+        "{}",
+        iptables::preview(&iptables::portals(&proxier), args.bind_address)
+    );
+    proxier.shutdown(Duration::ZERO).await;
+    Ok(())
+}

@@ -1,0 +1,138 @@
+//! The control loop: snapshots in, proxier synced, rules applied (rate
+//! limited and periodically repaired), health kept.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::admin::{Health, RulesState};
+use crate::iptables::{self, Iptables};
+use crate::metrics;
+use crate::model::Snapshot;
+use crate::proxy::Proxier;
+
+/// How often failed listener binds are retried when nothing else changes.
+const RETRY_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The rule manager with its sync periods, as the run loop drives it.
+pub struct RuleSync {
+    /// The manager.
+    pub iptables: Iptables,
+    /// `--iptables-min-sync-period`.
+    pub min_period: Duration,
+    /// `--iptables-sync-period`.
+    pub period: Duration,
+}
+
+/// The control loop: the proxier, the rules and their health.
+pub struct Loop {
+    /// Listeners and balancers.
+    pub proxier: Proxier,
+    /// The iptables redirect, when managed.
+    pub rules: Option<RuleSync>,
+    /// Updated after every sync pass.
+    pub health: Arc<Health>,
+    /// A sync pass runs at least this often, even with no change.
+    pub sync_period: Duration,
+}
+
+impl Loop {
+    /// Applies every snapshot to the proxier, and the resulting portals to
+    /// the rules (at most once per min period, at least once per period),
+    /// until `stop` resolves; returns itself for shutdown.
+    pub async fn serve(
+        mut self,
+        mut snapshots: tokio::sync::watch::Receiver<Arc<Snapshot>>,
+        stop: impl std::future::Future<Output = ()>,
+    ) -> Self {
+        tokio::pin!(stop);
+        let mut current = snapshots.borrow_and_update().clone();
+        let mut source_open = true;
+        let mut resync = true;
+        let mut rules_dirty = true;
+        let mut rules_last: Option<Instant> = None;
+        let mut next_repair = Instant::now() + self.sync_period;
+        loop {
+            if resync {
+                let started = Instant::now();
+                let r = self.proxier.sync(&current);
+                tracing::info!(
+                    services = current.services.len(),
+                    listening = r.listening,
+                    pending = r.pending,
+                    opened = r.opened,
+                    closed = r.closed,
+                    endpoints_changed = r.endpoints_changed,
+                    took = ?started.elapsed(),
+                    "synced"
+                );
+                let service_changes = r.opened + r.closed + r.spec_changed;
+                ::metrics::counter!(metrics::SERVICE_CHANGES).increment(service_changes as u64);
+                ::metrics::counter!(metrics::ENDPOINT_CHANGES)
+                    .increment(r.endpoints_changed as u64);
+                if service_changes > 0 {
+                    rules_dirty = true;
+                    ::metrics::gauge!(metrics::SYNC_LAST_QUEUED).set(unix_now());
+                }
+                resync = false;
+            }
+            if let Some(r) = self.rules.as_mut() {
+                let now = Instant::now();
+                let due = rules_last.is_none_or(|t| now >= t + r.min_period);
+                let repair = now >= next_repair;
+                if (rules_dirty && due) || repair {
+                    let portals = iptables::portals(&self.proxier);
+                    let result = r.iptables.sync(&portals, repair).await;
+                    let took = r.iptables.stats.last_duration;
+                    ::metrics::histogram!(metrics::SYNC_DURATION).record(took.as_secs_f64());
+                    match result {
+                        Ok(()) => {
+                            ::metrics::gauge!(metrics::SYNC_LAST_TIMESTAMP).set(unix_now());
+                            self.health.set_rules(RulesState::Synced);
+                            tracing::info!(portals = portals.len(), repair, took = ?took, "iptables synced");
+                        }
+                        Err(e) => {
+                            ::metrics::counter!(metrics::RESTORE_FAILURES).increment(1);
+                            self.health.set_rules(RulesState::Failed);
+                            tracing::error!(error = %e, "iptables sync failed; previous rules stay");
+                        }
+                    }
+                    rules_dirty = false;
+                    rules_last = Some(Instant::now());
+                }
+            }
+            if Instant::now() >= next_repair {
+                next_repair = Instant::now() + self.sync_period;
+            }
+            self.health.synced();
+            let wake = match (&self.rules, rules_dirty, rules_last) {
+                (Some(r), true, Some(t)) => (t + r.min_period).min(next_repair),
+                _ => next_repair,
+            };
+            let retry = self.proxier.has_pending();
+            tokio::select! {
+                _ = &mut stop => return self,
+                changed = snapshots.changed(), if source_open => {
+                    match changed {
+                        Ok(()) => {
+                            current = snapshots.borrow_and_update().clone();
+                            resync = true;
+                        }
+                        // Source gone: keep serving the last state until stopped.
+                        Err(_) => source_open = false,
+                    }
+                }
+                _ = tokio::time::sleep(RETRY_INTERVAL), if retry => resync = true,
+                _ = tokio::time::sleep_until(wake.into()) => {
+                    // The periodic pass: re-sync (retries binds, repairs rules).
+                    resync = true;
+                }
+            }
+        }
+    }
+}
+
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
