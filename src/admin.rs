@@ -3,7 +3,15 @@
 //! `--metrics-bind-address` (127.0.0.1 by default: nothing there is for
 //! the network), `/healthz`, `/readyz` and `/livez` on
 //! `--healthz-bind-address`. Everything is GET-only and read-only; other
-//! methods get 405.
+//! methods get 405. How connections are served, and bounded, is
+//! [`serve`]'s part.
+
+pub mod serve;
+
+pub use serve::{
+    AdminListener, HEADER_READ_TIMEOUT, IDLE_TIMEOUT, MAX_BODY_BYTES, MAX_CONNECTIONS,
+    MAX_HEADER_BYTES, RESERVED_FDS, RESPONSE_TIMEOUT,
+};
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering::Relaxed};
@@ -219,21 +227,16 @@ pub fn healthz_router(state: AdminState) -> Router {
         .with_state(state)
 }
 
-/// Binds `addr` and serves `router` until `stop`; returns the bound address.
+/// Binds `addr` and serves `router` there until `stop`, within the
+/// connection cap, deadlines and size limits of [`serve`]; returns the
+/// bound address.
 pub async fn spawn(
     addr: SocketAddr,
+    listener: AdminListener,
     router: Router,
     stop: CancellationToken,
 ) -> std::io::Result<SocketAddr> {
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    let bound = listener.local_addr()?;
-    tokio::spawn(async move {
-        let serve = axum::serve(listener, router).with_graceful_shutdown(stop.cancelled_owned());
-        if let Err(e) = serve.await {
-            tracing::error!(error = %e, address = %bound, "admin server failed");
-        }
-    });
-    Ok(bound)
+    serve::spawn(addr, listener, router, stop).await
 }
 
 #[cfg(test)]

@@ -197,6 +197,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     state.health.synced();
     let metrics_at = crate::admin::spawn(
         args.metrics_bind_address,
+        crate::admin::AdminListener::Metrics,
         crate::admin::metrics_router(state),
         stop_admin.clone(),
     )

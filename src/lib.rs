@@ -62,10 +62,11 @@ pub fn init_logging(args: &LogArgs, default_level: &str) -> Result<(), ConfigErr
 }
 
 /// The default `--max-connections` for an fd limit: two fds a connection,
-/// after a reserve (a quarter of the limit, 32 to 1024) for listeners,
-/// pipes, UDP sessions and the admin servers.
+/// after a reserve for listeners, pipes and UDP sessions (a quarter of the
+/// limit, 32 to 1024) plus the admin servers' capped connections
+/// ([`admin::RESERVED_FDS`]).
 pub fn connections_for_fd_limit(limit: u64) -> usize {
-    let reserve = (limit / 4).clamp(32, 1024);
+    let reserve = (limit / 4).clamp(32, 1024) + admin::RESERVED_FDS;
     (limit.saturating_sub(reserve) / 2).max(1) as usize
 }
 
@@ -103,10 +104,12 @@ mod tests {
 
     #[test]
     fn connection_limit_follows_the_fd_limit() {
-        assert_eq!(connections_for_fd_limit(64), 16);
-        assert_eq!(connections_for_fd_limit(1024), 384);
-        assert_eq!(connections_for_fd_limit(20_000), 9488);
-        assert_eq!(connections_for_fd_limit(1 << 20), 523_776);
+        // The admin servers' 68 fds come on top of the quarter.
+        assert_eq!(connections_for_fd_limit(64), 1);
+        assert_eq!(connections_for_fd_limit(134), 16);
+        assert_eq!(connections_for_fd_limit(1024), 350);
+        assert_eq!(connections_for_fd_limit(20_000), 9454);
+        assert_eq!(connections_for_fd_limit(1 << 20), 523_742);
         assert_eq!(connections_for_fd_limit(0), 1);
     }
 }

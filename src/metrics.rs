@@ -47,6 +47,20 @@ pub const DISCOVERY_RELISTS: &str = "kusp_discovery_relists_total";
 /// restored below what we had seen), by kind; each forces a relist.
 pub const DISCOVERY_RV_REGRESSIONS: &str = "kusp_discovery_resource_version_regressions_total";
 
+/// Admin connections accepted, by `listener` (`healthz`, `metrics`).
+pub const ADMIN_ACCEPTED: &str = "kusp_admin_connections_accepted_total";
+/// Admin connections open now, by `listener`.
+pub const ADMIN_ACTIVE: &str = "kusp_admin_connections_active";
+/// Admin connections closed at the cap to make room for a new one (the
+/// oldest without a complete request, or idle), by `listener`.
+pub const ADMIN_SHED: &str = "kusp_admin_connections_shed_total";
+/// Times a new admin connection waited in the backlog because every slot
+/// was busy answering, by `listener`.
+pub const ADMIN_WAITS: &str = "kusp_admin_connection_limit_waits_total";
+/// Admin connections closed by a deadline, by `listener` and `phase`
+/// (`header`, `response`, `idle`).
+pub const ADMIN_TIMED_OUT: &str = "kusp_admin_connections_timed_out_total";
+
 /// kube-proxy's sync duration buckets: 1 ms · 2^n, 15 of them.
 fn sync_buckets() -> Vec<f64> {
     (0..15).map(|n| 0.001 * f64::from(1u32 << n)).collect()
@@ -102,6 +116,26 @@ fn describe() {
     describe_counter!(
         DISCOVERY_WATCH_ERRORS,
         "Failed lists and watches of the Kubernetes API, by kind (each is retried with back-off)"
+    );
+    describe_counter!(
+        ADMIN_ACCEPTED,
+        "Connections accepted by the admin listeners, by listener (healthz, metrics)"
+    );
+    describe_gauge!(
+        ADMIN_ACTIVE,
+        "Connections open on the admin listeners now, by listener"
+    );
+    describe_counter!(
+        ADMIN_SHED,
+        "Admin connections closed at the connection cap to make room for a new one (the oldest not yet answered or idle), by listener"
+    );
+    describe_counter!(
+        ADMIN_WAITS,
+        "Times a new admin connection waited in the backlog because every slot was busy answering, by listener"
+    );
+    describe_counter!(
+        ADMIN_TIMED_OUT,
+        "Admin connections closed by a deadline, by listener and phase (header, response, idle)"
     );
     describe_counter!(
         DISCOVERY_DECODE_ERRORS,

@@ -145,18 +145,20 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         (
             args.metrics_bind_address,
             admin::metrics_router(state.clone()),
-            "metrics",
+            admin::AdminListener::Metrics,
         ),
         (
             args.healthz_bind_address,
             admin::healthz_router(state),
-            "healthz",
+            admin::AdminListener::Healthz,
         ),
     ] {
-        match admin::spawn(addr, router, stop_admin.clone()).await {
-            Ok(bound) => tracing::info!(address = %bound, "{what} server listening"),
+        match admin::spawn(addr, what, router, stop_admin.clone()).await {
+            Ok(bound) => tracing::info!(address = %bound, "{} server listening", what.as_str()),
             // The proxy itself still works; the probe or scrape will say so.
-            Err(e) => tracing::error!(address = %addr, error = %e, "cannot serve {what}"),
+            Err(e) => {
+                tracing::error!(address = %addr, error = %e, "cannot serve {}", what.as_str())
+            }
         }
     }
     let stop_discovery = CancellationToken::new();

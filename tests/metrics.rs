@@ -29,9 +29,14 @@ async fn metrics_count_exactly_and_vanish_with_their_service() {
         health: Arc::new(Health::new(Duration::from_secs(30))),
         ctx: Arc::clone(p.context()),
     };
-    let admin_addr = admin::spawn(localhost(0), admin::metrics_router(state), stop.clone())
-        .await
-        .unwrap();
+    let admin_addr = admin::spawn(
+        localhost(0),
+        admin::AdminListener::Metrics,
+        admin::metrics_router(state),
+        stop.clone(),
+    )
+    .await
+    .unwrap();
 
     const N: usize = 30;
     for _ in 0..N {
@@ -139,9 +144,14 @@ async fn healthz_and_readyz_follow_the_sync_loop() {
         ctx: Arc::clone(p.context()),
     };
     let stop = CancellationToken::new();
-    let addr = admin::spawn(localhost(0), admin::healthz_router(state), stop.clone())
-        .await
-        .unwrap();
+    let addr = admin::spawn(
+        localhost(0),
+        admin::AdminListener::Healthz,
+        admin::healthz_router(state),
+        stop.clone(),
+    )
+    .await
+    .unwrap();
     assert_eq!(
         http(addr, "GET", "/readyz").await.0,
         503,

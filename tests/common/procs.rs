@@ -63,9 +63,10 @@ pub struct ProxyProc {
 
 impl ProxyProc {
     /// Starts the proxy on a manifests directory holding `manifest`, with
-    /// `--iptables off`, admin servers on ephemeral ports, and `extra`
-    /// flags; waits until `listener_port` accepts. `nofile` caps its fds
-    /// (soft and hard, so the raise at start-up cannot lift it).
+    /// `--iptables off`, admin servers on ephemeral ports (unless `extra`
+    /// names `--healthz-bind-address`), and `extra` flags; waits until
+    /// `listener_port` accepts. `nofile` caps its fds (soft and hard, so
+    /// the raise at start-up cannot lift it).
     pub fn start(manifest: &str, listener_port: u16, extra: &[&str], nofile: Option<u64>) -> Self {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("svc.yaml"), manifest).unwrap();
@@ -93,13 +94,15 @@ impl ProxyProc {
                 "127.0.0.1",
                 "--iptables",
                 "off",
-                "--healthz-bind-address",
-                "127.0.0.1:0",
                 "--log-level",
                 "warn",
             ])
             .args(extra)
             .stdout(Stdio::null());
+        // An ephemeral port unless the test names one.
+        if !extra.contains(&"--healthz-bind-address") {
+            cmd.args(["--healthz-bind-address", "127.0.0.1:0"]);
+        }
         if let Some(n) = nofile {
             // SAFETY: setrlimit is async-signal-safe; nothing else runs
             // between fork and exec.
