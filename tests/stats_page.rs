@@ -85,9 +85,14 @@ async fn debug_services_carries_what_the_stats_page_draws() {
         ctx: Arc::clone(p.context()),
     };
     state.health.synced();
-    let admin_addr = admin::spawn(localhost(0), admin::metrics_router(state), stop.clone())
-        .await
-        .unwrap();
+    let admin_addr = admin::spawn(
+        localhost(0),
+        admin::AdminListener::Metrics,
+        admin::metrics_router(state),
+        stop.clone(),
+    )
+    .await
+    .unwrap();
     let get = || async {
         let (status, head, body) = raw(admin_addr, "GET", "/debug/services").await;
         assert!(status.contains(" 200 "), "{status}");
@@ -235,9 +240,14 @@ async fn page_and_assets_are_served_with_a_strict_csp_and_get_only() {
         ctx: Arc::clone(p.context()),
     };
     let stop = CancellationToken::new();
-    let admin_addr = admin::spawn(localhost(0), admin::metrics_router(state), stop.clone())
-        .await
-        .unwrap();
+    let admin_addr = admin::spawn(
+        localhost(0),
+        admin::AdminListener::Metrics,
+        admin::metrics_router(state),
+        stop.clone(),
+    )
+    .await
+    .unwrap();
     let csp = format!(
         "content-security-policy: {}",
         stats_page::CSP.to_ascii_lowercase()
