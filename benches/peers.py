@@ -128,7 +128,7 @@ http {{ access_log off; keepalive_requests 10000000;
         if shutil.which("haproxy"):
             base = f"""
 global
-  maxconn 20000
+  maxconn 4000
 defaults
   mode tcp
   timeout connect 2s

@@ -48,13 +48,16 @@ endpoints: [{addresses: ["127.0.0.1"]}]
 YAML
   done
 }
-manifests "$work/splice" 28090
-manifests "$work/copy" 28092
-manifests "$work/splice1" 28094
+manifests "$work/auto" 28090
+manifests "$work/splice" 28092
+manifests "$work/copy" 28094
+manifests "$work/auto1" 28096
 common="--bind-address 127.0.0.1 --iptables off --metrics-bind-address 127.0.0.1:0 --healthz-bind-address 127.0.0.1:0 --log-level warn"
 
 echo "# $(date -u +%F) $(nproc) cpus, $(uname -r); kube-userspace-proxy $(git rev-parse --short HEAD)"
+# kusp-auto is what a user gets: no flags beyond the addresses.
 python3 benches/peers.py \
-  "kusp-splice=28090=$bin --manifests $work/splice --copy-mode splice $common" \
-  "kusp-copy=28092=$bin --manifests $work/copy --copy-mode copy $common" \
-  "kusp-splice-1t=28094=$bin --manifests $work/splice1 --copy-mode splice --worker-threads 1 $common"
+  "kusp-auto=28090=$bin --manifests $work/auto $common" \
+  "kusp-splice=28092=$bin --manifests $work/splice --copy-mode splice $common" \
+  "kusp-copy=28094=$bin --manifests $work/copy --copy-mode copy $common" \
+  "kusp-auto-1t=28096=$bin --manifests $work/auto1 --worker-threads 1 $common"
