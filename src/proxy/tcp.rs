@@ -22,14 +22,16 @@ pub const BACKLOG: i32 = 4096;
 /// Minimum interval between two "no backend" log lines of one service.
 const FAIL_LOG_INTERVAL_MS: u64 = 10_000;
 
-/// Binds a listening socket (SO_REUSEADDR, SO_REUSEPORT, non-blocking) for
-/// a service port; [`spawn`] binds one more to the same port per extra
-/// worker.
+/// Binds a listening socket (SO_REUSEADDR, SO_REUSEPORT, TCP_NODELAY,
+/// non-blocking) for a service port; [`spawn`] binds one more to the same
+/// port per extra worker.
 pub fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     let domain = socket2::Domain::for_address(addr);
     let socket = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
     socket.set_reuse_address(true)?;
     socket.set_reuse_port(true)?;
+    // Accepted sockets inherit it: one setsockopt less per connection.
+    socket.set_tcp_nodelay(true)?;
     if addr.is_ipv6() {
         socket.set_only_v6(false)?;
     }
@@ -160,7 +162,6 @@ async fn serve(client: TcpStream, peer: SocketAddr, service: Arc<Service>, ctx: 
     let stats = &service.stats;
     stats.accepted.fetch_add(1, Relaxed);
     stats.active.fetch_add(1, Relaxed);
-    let _ = client.set_nodelay(true);
     let dialed = connect::dial(
         service.balancer_for(&client),
         stats,
