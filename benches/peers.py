@@ -203,10 +203,18 @@ stream {{
         return rps, p99_us, cpu * 1e6 / max(requests, 1), errors
 
     def iperf(self, port, streams):
+        """Gbit/s received; iperf3's server takes one test at a time, so a
+        refused start (the previous test still closing) is retried."""
         port = port + 1 if port else IPERF
-        out = subprocess.run(["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", str(SECONDS),
-                              "-P", str(streams), "-J"], capture_output=True, text=True, timeout=SECONDS + 30).stdout
-        return json.loads(out)["end"]["sum_received"]["bits_per_second"] / 1e9
+        for attempt in range(3):
+            out = subprocess.run(["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", str(SECONDS),
+                                  "-P", str(streams), "-J"], capture_output=True, text=True,
+                                 timeout=SECONDS + 30).stdout
+            try:
+                return json.loads(out)["end"]["sum_received"]["bits_per_second"] / 1e9
+            except (ValueError, KeyError):
+                time.sleep(1 + attempt)
+        return float("nan")
 
     def run(self):
         samples = {n: {k: [] for k, _, _ in COLUMNS} | {"errors": []} for n in self.ports}

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use common::*;
-use kube_userspace_proxy::admin::{self, AdminState, Health};
+use kube_userspace_proxy::admin::{self, Health};
 use kube_userspace_proxy::proxy::CopyMode;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -22,21 +22,7 @@ async fn metrics_count_exactly_and_vanish_with_their_service() {
     let dead = refusing_addr();
     let mut p = proxier(CopyMode::Splice);
     let addr = serve(&mut p, &snapshot("m", &[a, b, dead], None), "m");
-    let stop = CancellationToken::new();
-    let state = AdminState {
-        handle: kube_userspace_proxy::metrics::install(),
-        services: p.published(),
-        health: Arc::new(Health::new(Duration::from_secs(30))),
-        ctx: Arc::clone(p.context()),
-    };
-    let admin_addr = admin::spawn(
-        localhost(0),
-        admin::AdminListener::Metrics,
-        admin::metrics_router(state),
-        stop.clone(),
-    )
-    .await
-    .unwrap();
+    let (admin_addr, stop) = serve_metrics(&p).await;
 
     const N: usize = 30;
     for _ in 0..N {
@@ -137,12 +123,7 @@ async fn metrics_count_exactly_and_vanish_with_their_service() {
 async fn healthz_and_readyz_follow_the_sync_loop() {
     let p = proxier(CopyMode::Splice);
     let health = Arc::new(Health::new(Duration::from_secs(1)));
-    let state = AdminState {
-        handle: kube_userspace_proxy::metrics::install(),
-        services: p.published(),
-        health: Arc::clone(&health),
-        ctx: Arc::clone(p.context()),
-    };
+    let state = admin_state(&p, Arc::clone(&health));
     let stop = CancellationToken::new();
     let addr = admin::spawn(
         localhost(0),

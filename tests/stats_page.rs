@@ -9,31 +9,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use kube_userspace_proxy::admin::{self, AdminState, Health};
 use kube_userspace_proxy::proxy::CopyMode;
 use kube_userspace_proxy::stats_page;
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio_util::sync::CancellationToken;
-
-/// A GET (or `method`) answered as (status line, lower-cased head, body).
-async fn raw(addr: std::net::SocketAddr, method: &str, path: &str) -> (String, String, String) {
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    s.write_all(
-        format!(
-            "{method} {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
-        )
-        .as_bytes(),
-    )
-    .await
-    .unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).await.unwrap();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap();
-    let status = head.lines().next().unwrap().to_string();
-    (status, head.to_ascii_lowercase(), body.to_string())
-}
 
 /// One client connection: sends `hi`, reads the answer to the end.
 async fn hit(addr: std::net::SocketAddr) -> String {
@@ -77,24 +57,9 @@ async fn debug_services_carries_what_the_stats_page_draws() {
     let dead = refusing_addr();
     let mut p = proxier(CopyMode::Splice);
     let addr = serve(&mut p, &snapshot("m", &[a, b, dead], None), "m");
-    let stop = CancellationToken::new();
-    let state = AdminState {
-        handle: kube_userspace_proxy::metrics::install(),
-        services: p.published(),
-        health: Arc::new(Health::new(Duration::from_secs(30))),
-        ctx: Arc::clone(p.context()),
-    };
-    state.health.synced();
-    let admin_addr = admin::spawn(
-        localhost(0),
-        admin::AdminListener::Metrics,
-        admin::metrics_router(state),
-        stop.clone(),
-    )
-    .await
-    .unwrap();
+    let (admin_addr, stop) = serve_metrics(&p).await;
     let get = || async {
-        let (status, head, body) = raw(admin_addr, "GET", "/debug/services").await;
+        let (status, head, body) = http_raw(admin_addr, "GET", "/debug/services").await;
         assert!(status.contains(" 200 "), "{status}");
         assert!(head.contains("content-type: application/json"), "{head}");
         serde_json::from_str::<Value>(&body).unwrap()
@@ -233,21 +198,7 @@ async fn debug_services_carries_what_the_stats_page_draws() {
 #[tokio::test]
 async fn page_and_assets_are_served_with_a_strict_csp_and_get_only() {
     let p = proxier(CopyMode::Splice);
-    let state = AdminState {
-        handle: kube_userspace_proxy::metrics::install(),
-        services: p.published(),
-        health: Arc::new(Health::new(Duration::from_secs(30))),
-        ctx: Arc::clone(p.context()),
-    };
-    let stop = CancellationToken::new();
-    let admin_addr = admin::spawn(
-        localhost(0),
-        admin::AdminListener::Metrics,
-        admin::metrics_router(state),
-        stop.clone(),
-    )
-    .await
-    .unwrap();
+    let (admin_addr, stop) = serve_metrics(&p).await;
     let csp = format!(
         "content-security-policy: {}",
         stats_page::CSP.to_ascii_lowercase()
@@ -261,7 +212,7 @@ async fn page_and_assets_are_served_with_a_strict_csp_and_get_only() {
         ),
         (stats_page::STYLE_PATH, "text/css", ".svc"),
     ] {
-        let (status, head, body) = raw(admin_addr, "GET", path).await;
+        let (status, head, body) = http_raw(admin_addr, "GET", path).await;
         assert!(status.contains(" 200 "), "{path}: {status}");
         assert!(
             head.contains(&format!("content-type: {kind}")),
@@ -270,7 +221,7 @@ async fn page_and_assets_are_served_with_a_strict_csp_and_get_only() {
         assert!(head.contains(&csp), "{path}: {head}");
         assert!(head.contains("x-content-type-options: nosniff"), "{path}");
         assert!(body.contains(needle), "{path}");
-        let (status, _, _) = raw(admin_addr, "POST", path).await;
+        let (status, _, _) = http_raw(admin_addr, "POST", path).await;
         assert!(status.contains(" 405 "), "POST {path}: {status}");
     }
     // Nothing from another origin is allowed, nothing inline.

@@ -11,6 +11,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
+use kube_userspace_proxy::admin::{self, AdminState, Health};
 use kube_userspace_proxy::model::{
     Affinity, Endpoint, Protocol, ServiceEntry, ServicePort, ServicePortName, Snapshot,
 };
@@ -18,6 +19,7 @@ use kube_userspace_proxy::proxy::CopyMode;
 use kube_userspace_proxy::proxy::{Proxier, ProxyConfig, Service};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
 
 /// Short dial timeouts so retry tests stay quick.
 pub const FAST_TIMEOUTS: [Duration; 4] = [
@@ -311,8 +313,8 @@ pub async fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool 
     f()
 }
 
-/// A plain HTTP/1.1 request; returns (status code, body).
-pub async fn http(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
+/// A plain HTTP/1.1 request; returns (status line, lower-cased head, body).
+pub async fn http_raw(addr: SocketAddr, method: &str, path: &str) -> (String, String, String) {
     let mut s = TcpStream::connect(addr).await.unwrap();
     s.write_all(
         format!(
@@ -325,8 +327,42 @@ pub async fn http(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
     let mut raw = String::new();
     s.read_to_string(&mut raw).await.unwrap();
     let (head, body) = raw.split_once("\r\n\r\n").unwrap();
-    let code = head.split_whitespace().nth(1).unwrap().parse().unwrap();
-    (code, body.to_string())
+    let status = head.lines().next().unwrap().to_string();
+    (status, head.to_ascii_lowercase(), body.to_string())
+}
+
+/// A plain HTTP/1.1 request; returns (status code, body).
+pub async fn http(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
+    let (status, _, body) = http_raw(addr, method, path).await;
+    let code = status.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (code, body)
+}
+
+/// What the admin servers of proxier `p` read, with `health`.
+pub fn admin_state(p: &Proxier, health: Arc<Health>) -> AdminState {
+    AdminState {
+        handle: kube_userspace_proxy::metrics::install(),
+        services: p.published(),
+        health,
+        ctx: Arc::clone(p.context()),
+    }
+}
+
+/// Serves `p`'s metrics router (after one sync pass of its health) on a
+/// free 127.0.0.1 port; cancel the token to stop it.
+pub async fn serve_metrics(p: &Proxier) -> (SocketAddr, CancellationToken) {
+    let state = admin_state(p, Arc::new(Health::new(Duration::from_secs(30))));
+    state.health.synced();
+    let stop = CancellationToken::new();
+    let addr = admin::spawn(
+        localhost(0),
+        admin::AdminListener::Metrics,
+        admin::metrics_router(state),
+        stop.clone(),
+    )
+    .await
+    .unwrap();
+    (addr, stop)
 }
 
 /// Parses Prometheus text exposition into `series{labels}` → value
