@@ -9,11 +9,10 @@
 pub mod serve;
 
 pub use serve::{
-    AdminListener, HEADER_READ_TIMEOUT, IDLE_TIMEOUT, MAX_BODY_BYTES, MAX_CONNECTIONS,
+    spawn, AdminListener, HEADER_READ_TIMEOUT, IDLE_TIMEOUT, MAX_BODY_BYTES, MAX_CONNECTIONS,
     MAX_HEADER_BYTES, RESERVED_FDS, RESPONSE_TIMEOUT,
 };
 
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -24,7 +23,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use metrics_exporter_prometheus::PrometheusHandle;
-use tokio_util::sync::CancellationToken;
 
 use crate::proxy::{Context, Published};
 use crate::{stats_page, status};
@@ -225,18 +223,6 @@ pub fn healthz_router(state: AdminState) -> Router {
         .route("/readyz", get(readyz))
         .route("/livez", get(|| async { "ok\n" }))
         .with_state(state)
-}
-
-/// Binds `addr` and serves `router` there until `stop`, within the
-/// connection cap, deadlines and size limits of [`serve`]; returns the
-/// bound address.
-pub async fn spawn(
-    addr: SocketAddr,
-    listener: AdminListener,
-    router: Router,
-    stop: CancellationToken,
-) -> std::io::Result<SocketAddr> {
-    serve::spawn(addr, listener, router, stop).await
 }
 
 #[cfg(test)]
