@@ -115,7 +115,7 @@ endpoints: [{{addresses: ["127.0.0.1"]}}]
     proc = subprocess.Popen([binary, "--manifests", mdir, "--bind-address", "127.0.0.1", "--iptables", "off",
                              "--metrics-bind-address", "127.0.0.1:0", "--healthz-bind-address", "127.0.0.1:0",
                              "--log-level", "warn"])
-    await measure("kusp-splice", proc, 28097)
+    await measure("kusp-auto", proc, 28097)
     server.close()
 
 
