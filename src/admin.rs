@@ -239,6 +239,24 @@ pub async fn spawn(
     serve::spawn(addr, listener, router, stop).await
 }
 
+/// Binds an admin listener at `addr` (not yet served; see [`spawn_on`]).
+pub fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    serve::bind_std(addr)
+}
+
+/// Serves `router` on `socket`, a listening socket already bound (handed
+/// over by the previous process), as [`spawn`] does; returns its address.
+pub async fn spawn_on(
+    socket: std::net::TcpListener,
+    listener: AdminListener,
+    router: Router,
+    stop: CancellationToken,
+) -> std::io::Result<SocketAddr> {
+    socket.set_nonblocking(true)?;
+    let socket = tokio::net::TcpListener::from_std(socket)?;
+    serve::spawn_on(socket, listener, router, stop).await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

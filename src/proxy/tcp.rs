@@ -44,7 +44,16 @@ pub fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
 pub struct ListenerHandle {
     /// The port it listens on.
     pub port: u16,
+    /// Duplicates of its sockets, for a hand-over to the next process.
+    sockets: Vec<std::os::fd::OwnedFd>,
     stop: CancellationToken,
+}
+
+impl ListenerHandle {
+    /// New duplicates of every socket of this port (one per accept loop).
+    pub fn duplicate(&self) -> io::Result<Vec<std::os::fd::OwnedFd>> {
+        self.sockets.iter().map(|s| s.try_clone()).collect()
+    }
 }
 
 impl Drop for ListenerHandle {
@@ -53,21 +62,24 @@ impl Drop for ListenerHandle {
     }
 }
 
-/// Starts accepting for `service`: on each worker thread, an accept loop
-/// on its own socket of the port `listener` is bound to (the first one is
-/// `listener` itself), so connections stay on the thread that accepted
-/// them. Without workers, one loop on the current runtime.
+/// Starts accepting for `service` on `listeners` (bound to one port; from
+/// [`bind`], or handed over by the previous process): one accept loop per
+/// socket, spread over the worker threads, and one more socket bound to
+/// the same port for each worker left without one, so connections stay on
+/// the thread that accepted them. Every socket handed over keeps its
+/// accept loop, even beyond the worker count: closing one would reset the
+/// connections in its accept queue. Without workers, the loops run on the
+/// current runtime.
 pub fn spawn(
-    listener: std::net::TcpListener,
+    listeners: Vec<std::net::TcpListener>,
     service: Arc<Service>,
     ctx: Arc<Context>,
 ) -> io::Result<ListenerHandle> {
-    let local = listener.local_addr()?;
-    let stop = ctx.shutdown.child_token();
-    let handle = ListenerHandle {
-        port: local.port(),
-        stop: stop.clone(),
+    let Some(first) = listeners.first() else {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "no socket"));
     };
+    let local = first.local_addr()?;
+    let stop = ctx.shutdown.child_token();
     let current;
     let runtimes = match &ctx.workers {
         Some(w) => w.handles(),
@@ -76,12 +88,14 @@ pub fn spawn(
             &current[..]
         }
     };
-    let mut first = Some(listener);
-    for rt in runtimes {
-        let socket = match first.take() {
-            Some(l) => l,
-            None => bind(local)?,
-        };
+    let mut sockets = listeners;
+    while sockets.len() < runtimes.len() {
+        sockets.push(bind(local)?);
+    }
+    let mut dups = Vec::with_capacity(sockets.len());
+    for (i, socket) in sockets.into_iter().enumerate() {
+        let rt = &runtimes[i % runtimes.len()];
+        dups.push(std::os::fd::OwnedFd::from(socket.try_clone()?));
         // Registered with the worker's own event loop.
         let socket = {
             let _entered = rt.enter();
@@ -94,7 +108,11 @@ pub fn spawn(
             stop.clone(),
         ));
     }
-    Ok(handle)
+    Ok(ListenerHandle {
+        port: local.port(),
+        sockets: dups,
+        stop,
+    })
 }
 
 async fn accept_loop(
