@@ -45,6 +45,10 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::model::ServicePortName;
+use crate::proxy::{Connection, Context};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
 
 /// The protocol version spoken; a peer with another one is refused.
 pub const VERSION: u32 = 1;
@@ -112,6 +116,46 @@ pub struct ListenerDesc {
     pub counters: Counters,
 }
 
+/// A TCP connection handed over: its fds (client, backend) travel beside
+/// it; what else the new process needs to go on.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ConnDesc {
+    /// The service port it was accepted for.
+    pub service: ServicePortName,
+    /// The endpoint it was dialled to.
+    pub endpoint: SocketAddr,
+    /// The client's address.
+    pub peer: SocketAddr,
+    /// Bytes moved client → backend so far.
+    pub up_bytes: u64,
+    /// Whether the client's end was passed on (half-closed).
+    pub up_ended: bool,
+    /// Bytes moved backend → client so far.
+    pub down_bytes: u64,
+    /// Whether the backend's end was passed on (half-closed).
+    pub down_ended: bool,
+}
+
+impl ConnDesc {
+    fn of(c: &Connection) -> Self {
+        Self {
+            service: c.service.name.clone(),
+            endpoint: c.endpoint.addr,
+            peer: c.peer,
+            up_bytes: c.up.bytes(),
+            up_ended: c.up.ended(),
+            down_bytes: c.down.bytes(),
+            down_ended: c.down.ended(),
+        }
+    }
+}
+
+/// Connections per message: two fds each, within `SCM_MAX_FD`.
+const CONN_BATCH: usize = 100;
+
+/// How long the old process waits for its connections to park.
+pub const PARK_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// One message of the protocol.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -122,6 +166,8 @@ enum Msg {
     Listener(ListenerDesc),
     Done { listeners: usize },
     Serving { pid: u32 },
+    Connections { conns: Vec<ConnDesc> },
+    End { connections: usize },
 }
 
 /// A listener exported by the running process: its description and
@@ -290,8 +336,9 @@ pub struct Takeover {
 }
 
 impl Takeover {
-    /// Tells the old process we serve: it stops accepting and drains.
-    pub fn serving(self) -> Result<(), Error> {
+    /// Tells the old process we serve: it stops accepting and hands its
+    /// connections over.
+    pub fn serving(&self) -> Result<(), Error> {
         send(
             &self.sock,
             &Msg::Serving {
@@ -299,6 +346,43 @@ impl Takeover {
             },
             &[],
         )
+    }
+
+    /// Receives the old process's connections (after [`Self::serving`])
+    /// until it says it sent them all; `resume` runs each one (client fd,
+    /// backend fd). Returns how many were received.
+    pub fn receive_connections(
+        self,
+        mut resume: impl FnMut(ConnDesc, OwnedFd, OwnedFd),
+    ) -> Result<usize, Error> {
+        let mut got = 0;
+        loop {
+            match recv(&self.sock)? {
+                (Msg::Connections { conns }, fds) => {
+                    if fds.len() != 2 * conns.len() {
+                        return Err(Error::Protocol(format!(
+                            "{} connections with {} fds",
+                            conns.len(),
+                            fds.len()
+                        )));
+                    }
+                    let mut fds = fds.into_iter();
+                    for d in conns {
+                        if let (Some(c), Some(b)) = (fds.next(), fds.next()) {
+                            got += 1;
+                            resume(d, c, b);
+                        }
+                    }
+                }
+                (Msg::End { connections }, _) if connections == got => return Ok(got),
+                (Msg::End { connections }, _) => {
+                    return Err(Error::Protocol(format!(
+                        "{connections} connections announced, {got} received"
+                    )))
+                }
+                (other, _) => return Err(Error::Protocol(format!("unexpected {other:?}"))),
+            }
+        }
     }
 }
 
@@ -453,20 +537,27 @@ impl Server {
     ///
     /// `admin` are the admin listeners (kind, port, a duplicate), sent
     /// beside the service ports'.
+    ///
+    /// Once the successor serves, every connection of `ctx` parks and is
+    /// sent to it; `connections_sent` fires when that is over (sent, or
+    /// given back to run here).
     pub fn spawn(
         self,
         export: mpsc::Sender<ExportRequest>,
         handed_over: oneshot::Sender<u32>,
         admin: Vec<(Kind, u16, OwnedFd)>,
+        ctx: Arc<Context>,
+        connections_sent: oneshot::Sender<usize>,
     ) -> io::Result<ServerHandle> {
         let handle = ServerHandle {
             path: self.path.clone(),
             ino: self.ino,
         };
+        let listening = self.sock;
         std::thread::Builder::new()
             .name("kusp-handover".into())
             .spawn(move || loop {
-                let conn = match self.sock.accept() {
+                let conn = match listening.accept() {
                     Ok((c, _)) => c,
                     Err(e) => {
                         tracing::warn!(error = %e, "hand-over socket: accept failed");
@@ -478,9 +569,13 @@ impl Server {
                     Ok(pid) => {
                         tracing::info!(
                             new_pid = pid,
-                            "hand-over: successor serving; stop accepting and drain (rules kept)"
+                            "hand-over: successor serving; stop accepting, hand connections over (rules kept)"
                         );
+                        // Nobody else may start a hand-over with us now.
+                        drop(listening);
                         let _ = handed_over.send(pid);
+                        let sent = hand_connections(&conn, &ctx);
+                        let _ = connections_sent.send(sent);
                         return;
                     }
                     Err(e) => tracing::warn!(error = %e, "hand-over failed: keep serving"),
@@ -592,4 +687,77 @@ fn serve_one(
         Msg::Serving { pid } => Ok(pid),
         other => Err(Error::Protocol(format!("unexpected {other:?}"))),
     }
+}
+
+/// Old process, once the successor serves: parks every connection (each
+/// at its next safe point, at most [`PARK_TIMEOUT`]), sends them in
+/// batches, and gives back to this process the ones that could not be
+/// sent. Returns how many were sent.
+fn hand_connections(sock: &socket2::Socket, ctx: &Arc<Context>) -> usize {
+    let started = Instant::now();
+    let rx = ctx.start_parking();
+    let mut parked = Vec::new();
+    let deadline = started + PARK_TIMEOUT;
+    loop {
+        match rx.recv_timeout(Duration::from_millis(10)) {
+            Ok(c) => parked.push(c),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+        if ctx.tracker.is_empty() || Instant::now() >= deadline {
+            break;
+        }
+    }
+    ctx.stop_parking();
+    parked.extend(rx.try_iter());
+    let parked_in = started.elapsed();
+    let left = ctx.tracker.len();
+    let mut sent = 0;
+    let mut failed: Option<Error> = None;
+    let mut rest = parked.into_iter().peekable();
+    while rest.peek().is_some() {
+        let batch: Vec<Connection> = rest.by_ref().take(CONN_BATCH).collect();
+        if failed.is_some() {
+            batch
+                .into_iter()
+                .for_each(|c| crate::proxy::tcp::run_here(c, ctx));
+            continue;
+        }
+        let mut descs = Vec::with_capacity(batch.len());
+        let mut fds = Vec::with_capacity(2 * batch.len());
+        let mut kept = Vec::with_capacity(batch.len());
+        for c in batch {
+            match c.duplicate_sockets() {
+                Ok([a, b]) => {
+                    descs.push(ConnDesc::of(&c));
+                    fds.push(a);
+                    fds.push(b);
+                    kept.push(c);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "hand-over: cannot duplicate a connection's sockets; it stays here");
+                    crate::proxy::tcp::run_here(c, ctx);
+                }
+            }
+        }
+        let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
+        let n = descs.len();
+        match send(sock, &Msg::Connections { conns: descs }, &raw) {
+            // Our descriptors close; the connections live on over there.
+            Ok(()) => sent += n,
+            Err(e) => {
+                tracing::warn!(error = %e, "hand-over: cannot send connections; the rest stay here");
+                kept.into_iter()
+                    .for_each(|c| crate::proxy::tcp::run_here(c, ctx));
+                failed = Some(e);
+            }
+        }
+    }
+    if failed.is_none() {
+        if let Err(e) = send(sock, &Msg::End { connections: sent }, &[]) {
+            tracing::warn!(error = %e, "hand-over: end of connections not sent");
+        }
+    }
+    tracing::info!(sent, not_parked = left, parked_in = ?parked_in, took = ?started.elapsed(), "hand-over: connections sent");
+    sent
 }

@@ -270,19 +270,39 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         let old_pid = t.old_pid;
         match t.serving() {
             Ok(()) => {
-                tracing::info!(old_pid, listening = r.listening, not_adopted = closed, took = ?started.elapsed(), "hand-over: serving; the predecessor stops accepting and drains")
+                tracing::info!(old_pid, listening = r.listening, not_adopted = closed, took = ?started.elapsed(), "hand-over: serving; the predecessor stops accepting and hands its connections over");
+                let published = proxier.published();
+                let ctx = Arc::clone(proxier.context());
+                // Off the control loop: connections arrive while we serve.
+                tokio::task::spawn_blocking(move || {
+                    let received = std::time::Instant::now();
+                    match t.receive_connections(|d, c, b| resume(d, c, b, &published, &ctx)) {
+                        Ok(n) => {
+                            tracing::info!(old_pid, connections = n, took = ?received.elapsed(), "hand-over: connections carried over")
+                        }
+                        Err(e) => {
+                            tracing::warn!(old_pid, error = %e, "hand-over: connections not all received; the rest stay with the predecessor or are lost with it")
+                        }
+                    }
+                });
             }
             Err(e) => {
                 tracing::warn!(old_pid, error = %e, "hand-over: predecessor gone before it heard we serve; serving anyway")
             }
         }
     }
+    let mut connections_sent = None;
     let (exports, handed_over) = match &handover_path {
         None => (None, None),
         Some(path) => {
             let (tx, rx) = tokio::sync::mpsc::channel(1);
             let (done_tx, done_rx) = tokio::sync::oneshot::channel();
-            match handover::Server::bind(path).and_then(|s| s.spawn(tx, done_tx, admin_fds)) {
+            let (sent_tx, sent_rx) = tokio::sync::oneshot::channel();
+            connections_sent = Some(sent_rx);
+            let ctx = Arc::clone(proxier.context());
+            match handover::Server::bind(path)
+                .and_then(|s| s.spawn(tx, done_tx, admin_fds, ctx, sent_tx))
+            {
                 Ok(h) => {
                     tracing::info!(path = %path.display(), "hand-over socket ready: a new process started with it takes over");
                     (Some(rx), Some((h, done_rx)))
@@ -338,6 +358,13 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         proxier.close_listeners();
         stop_admin.cancel();
         drop(rules);
+        // Connections park and go to the successor; the rest drain here.
+        if let Some(rx) = connections_sent {
+            match tokio::time::timeout(Duration::from_secs(60), rx).await {
+                Ok(Ok(n)) => tracing::info!(connections = n, "connections handed over"),
+                _ => tracing::warn!("connection hand-over did not finish; draining here"),
+            }
+        }
         let left = tokio::select! {
             left = proxier.shutdown(args.shutdown_grace) => left,
             _ = shutdown_signal() => {
@@ -414,4 +441,44 @@ pub async fn rules(args: RunArgs) -> anyhow::Result<()> {
     );
     proxier.shutdown(Duration::ZERO).await;
     Ok(())
+}
+
+/// Runs a connection handed over by the predecessor: its service port and
+/// endpoint looked up by name and address (an endpoint no longer in the
+/// set still gets its bytes moved); a connection of a service port we do
+/// not serve is reset.
+fn resume(
+    d: handover::ConnDesc,
+    client: std::os::fd::OwnedFd,
+    backend: std::os::fd::OwnedFd,
+    published: &crate::proxy::Published,
+    ctx: &Arc<crate::proxy::Context>,
+) {
+    use crate::proxy::{balancer::Backend, conn::Flow, tcp};
+    let (client, backend) = (
+        std::net::TcpStream::from(client),
+        std::net::TcpStream::from(backend),
+    );
+    let views = published.load();
+    let Some(service) = views.iter().find(|v| v.service.name == d.service) else {
+        tracing::warn!(service = %d.service, "handed-over connection of a service port not served: reset");
+        for s in [&client, &backend] {
+            let _ = socket2::SockRef::from(s).set_linger(Some(Duration::ZERO));
+        }
+        return;
+    };
+    let service = Arc::clone(&service.service);
+    let endpoint = service
+        .balancer
+        .endpoints()
+        .into_iter()
+        .chain(service.external.endpoints())
+        .map(|(_, b)| b)
+        .find(|b| b.addr == d.endpoint)
+        .unwrap_or_else(|| Arc::new(Backend::detached(d.endpoint)));
+    let up = Flow::resumed(d.up_bytes, d.up_ended);
+    let down = Flow::resumed(d.down_bytes, d.down_ended);
+    if let Err(e) = tcp::resume(client, backend, d.peer, service, endpoint, up, down, ctx) {
+        tracing::warn!(error = %e, "cannot resume a handed-over connection");
+    }
 }

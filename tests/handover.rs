@@ -103,10 +103,29 @@ async fn long_lived(
     addr: SocketAddr,
     i: usize,
     stop: Arc<AtomicBool>,
+    pp: bool,
 ) -> Result<(u64, Duration), String> {
     let mut s = TcpStream::connect(addr)
         .await
         .map_err(|e| format!("{i}: connect: {e}"))?;
+    if pp {
+        // The echo backend returns the PROXY header the proxy sent first.
+        s.write_all(b"hi").await.map_err(|e| format!("{i}: {e}"))?;
+        let mut got = Vec::new();
+        let mut b = [0u8; 1];
+        while !got.ends_with(b"\r\nhi") {
+            s.read_exact(&mut b)
+                .await
+                .map_err(|e| format!("{i}: PROXY header: {e}"))?;
+            got.push(b[0]);
+            if got.len() > 200 {
+                return Err(format!("{i}: no PROXY header"));
+            }
+        }
+        if !got.starts_with(b"PROXY TCP4 127.0.0.1 ") {
+            return Err(format!("{i}: header {:?}", String::from_utf8_lossy(&got)));
+        }
+    }
     let mut total = 0u64;
     let mut longest = Duration::ZERO;
     let mut seq = 0u64;
@@ -146,6 +165,58 @@ async fn long_lived(
     Ok((total, longest))
 }
 
+/// `n` bytes of a fixed pattern.
+fn pattern(n: usize) -> Vec<u8> {
+    (0..n).map(|i| (i * 7 + i / 251) as u8).collect()
+}
+
+/// Bytes a half-closed connection gets after its FIN.
+const TAIL: usize = 40 * 1024;
+
+/// Backend for half-closed connections: reads until the client's FIN,
+/// then sends [`TAIL`] bytes of [`pattern`] 1 KiB every 50 ms (2 s, across
+/// the hand-over) and closes.
+async fn tail_backend() -> SocketAddr {
+    let (l, a) = listener().await;
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                }
+                let data = pattern(TAIL);
+                for chunk in data.chunks(1024) {
+                    if s.write_all(chunk).await.is_err() {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    a
+}
+
+/// A connection half-closed by the client before the hand-over, whose
+/// backend goes on sending through it.
+async fn half_closed(addr: SocketAddr) -> Result<(), String> {
+    let mut s = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    s.write_all(b"bye").await.map_err(|e| e.to_string())?;
+    s.shutdown().await.map_err(|e| e.to_string())?;
+    let mut got = Vec::new();
+    s.read_to_end(&mut got)
+        .await
+        .map_err(|e| format!("half-closed after {} B: {e}", got.len()))?;
+    if got != pattern(TAIL) {
+        return Err(format!("half-closed: {} B, differs", got.len()));
+    }
+    Ok(())
+}
+
 /// Short connections in a loop until `stop`: (ok, failed).
 async fn short_loop(addr: SocketAddr, stop: Arc<AtomicBool>, ok: Arc<AtomicU64>) -> Vec<String> {
     let mut errors = Vec::new();
@@ -172,22 +243,59 @@ async fn short_loop(addr: SocketAddr, stop: Arc<AtomicBool>, ok: Arc<AtomicU64>)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_second_instance_takes_over_under_traffic_and_the_first_exits_0() {
+async fn a_second_instance_takes_over_under_traffic_auto() {
+    takeover_under_traffic("auto").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_instance_takes_over_under_traffic_copy() {
+    takeover_under_traffic("copy").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_instance_takes_over_under_traffic_splice() {
+    takeover_under_traffic("splice").await
+}
+
+/// Long-lived connections and a loop of short ones through a hand-over in
+/// `--copy-mode mode`: the old process hands everything over and exits 0.
+async fn takeover_under_traffic(mode: &str) {
     raise_nofile();
     let backend = echo_backend().await;
-    let port = free_port();
+    let tail = tail_backend().await;
+    let (port, pp_port, tail_port) = (free_port(), free_port(), free_port());
+    let pp_manifest = service_manifest("pp", pp_port, &[backend]).replacen(
+        "  namespace: ns\n",
+        "  namespace: ns\n  annotations:\n    kube-userspace-proxy.io/proxy-protocol: v1\n",
+        1,
+    );
+    let manifest = format!(
+        "{}\n---\n{pp_manifest}\n---\n{}",
+        service_manifest("up", port, &[backend]),
+        service_manifest("tail", tail_port, &[tail])
+    );
     let mut old = ProxyProc::start(
-        &service_manifest("up", port, &[backend]),
+        &manifest,
         port,
-        &["--shutdown-grace", "60s"],
+        &["--shutdown-grace", "60s", "--copy-mode", mode],
         None,
     );
     let addr = old.addr;
+    let pp_addr = SocketAddr::from(([127, 0, 0, 1], pp_port));
+    let tail_addr = SocketAddr::from(([127, 0, 0, 1], tail_port));
     let stop_long = Arc::new(AtomicBool::new(false));
     let stop_short = Arc::new(AtomicBool::new(false));
     let short_ok = Arc::new(AtomicU64::new(0));
     let longs: Vec<_> = (0..LONG)
-        .map(|i| tokio::spawn(long_lived(addr, i, Arc::clone(&stop_long))))
+        .map(|i| {
+            // Every 5th through the PROXY-protocol service.
+            let (a, pp) = if i % 5 == 1 {
+                (pp_addr, true)
+            } else {
+                (addr, false)
+            };
+            tokio::spawn(long_lived(a, i, Arc::clone(&stop_long), pp))
+        })
         .collect();
     let shorts: Vec<_> = (0..2)
         .map(|_| {
@@ -205,8 +313,12 @@ async fn a_second_instance_takes_over_under_traffic_and_the_first_exits_0() {
     assert!(accepted_before >= LONG as f64, "{accepted_before}");
     let old_fds = fds_of(old.pid());
 
+    let halves: Vec<_> = (0..20)
+        .map(|_| tokio::spawn(half_closed(tail_addr)))
+        .collect();
+    tokio::time::sleep(Duration::from_millis(200)).await;
     let t0 = Instant::now();
-    let (new_child, serving) = successor(&old, &[], None);
+    let (new_child, serving) = successor(&old, &["--copy-mode", mode], None);
     let mut new = ProxyProc {
         child: new_child,
         dir: tempfile::tempdir().unwrap(),
@@ -217,16 +329,11 @@ async fn a_second_instance_takes_over_under_traffic_and_the_first_exits_0() {
         .recv_timeout(Duration::from_secs(20))
         .expect("successor serving");
     let to_serving = served_at - t0;
-    // The old one drains its long connections and stays up meanwhile.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert!(
-        old.child.try_wait().unwrap().is_none(),
-        "old process drains its connections"
-    );
-    assert!(
-        fds_of(old.pid()) < old_fds,
-        "old process closed its listeners"
-    );
+    // The old one hands its connections over and exits while they go on.
+    let status = wait_exit(&mut old.child, Duration::from_secs(10)).expect("old process exits");
+    let old_exited = t0.elapsed();
+    let _ = old_fds;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
     let after = new.scrape().await;
     let accepted_after = total(&after, "kusp_connections_accepted_total");
     assert!(
@@ -242,6 +349,11 @@ async fn a_second_instance_takes_over_under_traffic_and_the_first_exits_0() {
         errors.extend(s.await.unwrap());
     }
     let short_failed = errors.len();
+    for h in halves {
+        if let Err(e) = h.await.unwrap() {
+            errors.push(e);
+        }
+    }
     let (mut carried, mut bytes, mut longest) = (0, 0u64, Duration::ZERO);
     for l in longs {
         match l.await.unwrap() {
@@ -253,9 +365,8 @@ async fn a_second_instance_takes_over_under_traffic_and_the_first_exits_0() {
             Err(e) => errors.push(e),
         }
     }
-    let status = wait_exit(&mut old.child, Duration::from_secs(20)).expect("old process exits");
     eprintln!(
-        "hand-over: serving {to_serving:?} after the new process started; {} short connections ok, {short_failed} failed; {carried}/{LONG} long connections kept ({bytes} B echoed, longest round trip {longest:?}); old process exit {status}",
+        "hand-over ({mode}): serving {to_serving:?} after the new process started, old process exited {status} after {old_exited:?}; {} short connections ok, {short_failed} failed; {carried}/{LONG} long connections kept ({bytes} B echoed, longest round trip {longest:?})",
         short_ok.load(Relaxed)
     );
     assert!(
@@ -265,6 +376,7 @@ async fn a_second_instance_takes_over_under_traffic_and_the_first_exits_0() {
         &errors[..errors.len().min(5)]
     );
     assert_eq!(status.code(), Some(0));
+    assert_eq!(carried, LONG);
     // The new one serves on, alone.
     let mut s = TcpStream::connect(addr).await.unwrap();
     s.write_all(b"more").await.unwrap();
@@ -362,8 +474,8 @@ async fn kill_9_of_the_new_process_after_it_serves_a_restart_serves_again() {
         .expect("successor serving");
     child.kill().unwrap();
     child.wait().unwrap();
-    // The old process's connections live on in it while it drains.
-    ping(&mut long).await.unwrap();
+    // Connections already handed over died with it; ones not yet sent
+    // stay with the old process, which drains them.
     // Nobody listens until a restart: it finds a stale socket and binds.
     let (child, _) = successor(&old, &[], None);
     let restarted = ProxyProc {
@@ -374,7 +486,6 @@ async fn kill_9_of_the_new_process_after_it_serves_a_restart_serves_again() {
     };
     restarted.wait_listening(Duration::from_secs(10));
     assert!(connect_ok(old.addr).await);
-    ping(&mut long).await.unwrap();
     drop(long);
     let status = wait_exit(&mut old.child, Duration::from_secs(20)).expect("old exits");
     assert_eq!(status.code(), Some(0));

@@ -115,6 +115,45 @@ pub struct Context {
     pub closed_since_release: AtomicU64,
     /// The data path's threads (none: TCP runs on the caller's runtime).
     pub workers: Option<Workers>,
+    /// Cancelled to hand the connections over: each parks at a safe point
+    /// and goes to `parked`.
+    pub park: CancellationToken,
+    /// Where parked connections go while a hand-over collects them; none:
+    /// a parked connection runs on here.
+    pub parked: std::sync::Mutex<Option<std::sync::mpsc::Sender<Connection>>>,
+}
+
+impl Context {
+    /// Starts a connection hand-over: every connection parks at its next
+    /// safe point and arrives on the returned receiver, until
+    /// [`Self::stop_parking`].
+    pub fn start_parking(&self) -> std::sync::mpsc::Receiver<Connection> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        if let Ok(mut p) = self.parked.lock() {
+            *p = Some(tx);
+        }
+        self.park.cancel();
+        rx
+    }
+
+    /// Ends the collection: connections parking later run on here.
+    pub fn stop_parking(&self) {
+        if let Ok(mut p) = self.parked.lock() {
+            *p = None;
+        }
+    }
+
+    /// Gives a parked connection to the hand-over; back when none collects.
+    #[allow(clippy::result_large_err)] // returned once per connection, at most
+    fn hand_over(&self, conn: Connection) -> Result<(), Connection> {
+        let Ok(p) = self.parked.lock() else {
+            return Err(conn);
+        };
+        match p.as_ref() {
+            Some(tx) => tx.send(conn).map_err(|e| e.0),
+            None => Err(conn),
+        }
+    }
 }
 
 /// Whether an error means the proxy itself ran out of fds, memory or local
@@ -455,6 +494,8 @@ impl Proxier {
             connection_limit,
             limit_waits: AtomicU64::new(0),
             closed_since_release: AtomicU64::new(0),
+            park: CancellationToken::new(),
+            parked: std::sync::Mutex::new(None),
         });
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(housekeeping(Arc::downgrade(&ctx)));
