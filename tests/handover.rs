@@ -21,7 +21,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// Long-lived connections carried through the hand-over.
-const LONG: usize = 200;
+const LONG: usize = 1000;
 /// Every `HALF`-th long connection ends half-closed (client FIN first).
 const HALF: usize = 10;
 
@@ -96,14 +96,16 @@ fn total(m: &std::collections::BTreeMap<String, f64>, name: &str) -> f64 {
         .sum()
 }
 
-/// A long-lived connection: 1 KiB messages echoed every 50 ms until `stop`,
+/// A long-lived connection: 1 KiB messages echoed every 200 ms until `stop`,
 /// checked byte for byte; then (every `HALF`-th) a half-close whose echo
-/// must still arrive in full. Returns (bytes echoed, longest round trip).
+/// must still arrive in full. Returns (bytes echoed, longest round trip
+/// begun after `since` was set).
 async fn long_lived(
     addr: SocketAddr,
     i: usize,
     stop: Arc<AtomicBool>,
     pp: bool,
+    since: Arc<std::sync::OnceLock<Instant>>,
 ) -> Result<(u64, Duration), String> {
     let mut s = TcpStream::connect(addr)
         .await
@@ -141,13 +143,16 @@ async fn long_lived(
         s.read_exact(&mut back)
             .await
             .map_err(|e| format!("{i}: read after {total}: {e}"))?;
-        longest = longest.max(t.elapsed());
+        // The longest round trip begun once the hand-over started.
+        if since.get().is_some_and(|s| t >= *s) {
+            longest = longest.max(t.elapsed());
+        }
         if back != msg {
             return Err(format!("{i}: echo differs after {total}"));
         }
         total += 1024;
         seq += 1;
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
     if i.is_multiple_of(HALF) {
         s.write_all(b"last words")
@@ -284,6 +289,7 @@ async fn takeover_under_traffic(mode: &str) {
     let pp_addr = SocketAddr::from(([127, 0, 0, 1], pp_port));
     let tail_addr = SocketAddr::from(([127, 0, 0, 1], tail_port));
     let stop_long = Arc::new(AtomicBool::new(false));
+    let since = Arc::new(std::sync::OnceLock::new());
     let stop_short = Arc::new(AtomicBool::new(false));
     let short_ok = Arc::new(AtomicU64::new(0));
     let longs: Vec<_> = (0..LONG)
@@ -294,7 +300,13 @@ async fn takeover_under_traffic(mode: &str) {
             } else {
                 (addr, false)
             };
-            tokio::spawn(long_lived(a, i, Arc::clone(&stop_long), pp))
+            tokio::spawn(long_lived(
+                a,
+                i,
+                Arc::clone(&stop_long),
+                pp,
+                Arc::clone(&since),
+            ))
         })
         .collect();
     let shorts: Vec<_> = (0..2)
@@ -318,6 +330,7 @@ async fn takeover_under_traffic(mode: &str) {
         .collect();
     tokio::time::sleep(Duration::from_millis(200)).await;
     let t0 = Instant::now();
+    let _ = since.set(t0);
     let (new_child, serving) = successor(&old, &["--copy-mode", mode], None);
     let mut new = ProxyProc {
         child: new_child,
@@ -366,7 +379,7 @@ async fn takeover_under_traffic(mode: &str) {
         }
     }
     eprintln!(
-        "hand-over ({mode}): serving {to_serving:?} after the new process started, old process exited {status} after {old_exited:?}; {} short connections ok, {short_failed} failed; {carried}/{LONG} long connections kept ({bytes} B echoed, longest round trip {longest:?})",
+        "hand-over ({mode}): serving {to_serving:?} after the new process started, old process exited {status} after {old_exited:?}; {} short connections ok, {short_failed} failed; {carried}/{LONG} long connections kept ({bytes} B echoed, longest round trip begun after the new process started {longest:?})",
         short_ok.load(Relaxed)
     );
     assert!(
