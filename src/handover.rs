@@ -19,9 +19,18 @@
 //!    removed), runs its first sync, and sends `serving {pid}`;
 //! 5. only then the old process stops accepting: it closes its copies of
 //!    the sockets (the kernel objects, with their accept queues, live on
-//!    in the new process), keeps the iptables rules, drains its open
-//!    connections for `--shutdown-grace` and exits 0. The new process
-//!    takes the socket path over for its own successor.
+//!    in the new process) and keeps the iptables rules;
+//! 6. old → new: its TCP connections. Each one parks at a safe point
+//!    ([`crate::proxy::conn::Stopped::Parked`]: no byte held in user memory
+//!    or a pipe) within [`PARK_TIMEOUT`], and goes over as its two sockets
+//!    and a [`ConnDesc`] (service port, endpoint, client, bytes and end of
+//!    each direction), 100 per `connections` message, then
+//!    `end`. The new process rebuilds each [`Connection`] and runs it with
+//!    the same movers. A connection that parks too late, or that cannot be
+//!    sent, runs on in the old process, which drains it for
+//!    `--shutdown-grace` and exits 0. The new process takes the socket
+//!    path over for its own successor. UDP sessions are not sent: the new
+//!    process opens new ones on the clients' next datagrams.
 //!
 //! Failures: a version mismatch, a refusal, a timeout or an old process
 //! that goes away before `done` makes the new process exit with an error

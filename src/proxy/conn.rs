@@ -34,6 +34,13 @@
 //! skips the `shutdown`: closing the socket sends the same FIN). An error
 //! on either side resets both sockets (SO_LINGER 0), so a truncated
 //! transfer never looks like a clean end.
+//!
+//! Parking ([`Connection::run_parkable`]): for a hand-over to the next
+//! process, each direction stops where it holds nothing (waiting for its
+//! source to become readable, or between two reads once everything read
+//! was written; never with bytes held or a pipe leased). The connection
+//! is then just its two sockets and its [`Flow`]s, which
+//! [`Connection::resume`] rebuilds in the new process.
 
 use std::cell::RefCell;
 use std::io;
