@@ -97,6 +97,21 @@ pub struct Counters {
     pub datagrams_out: u64,
 }
 
+/// Counters of one endpoint of a service port, carried over.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackendCounters {
+    /// The endpoint.
+    pub addr: SocketAddr,
+    /// Connections ever established to it.
+    pub total: u64,
+    /// Dials that failed.
+    pub dial_failures: u64,
+    /// Bytes sent to it.
+    pub bytes_in: u64,
+    /// Bytes received from it.
+    pub bytes_out: u64,
+}
+
 /// What a handed-over socket is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -123,6 +138,9 @@ pub struct ListenerDesc {
     /// The service port's counters at the time of the hand-over.
     #[serde(default)]
     pub counters: Counters,
+    /// Its endpoints' counters (the internal endpoint set's).
+    #[serde(default)]
+    pub backends: Vec<BackendCounters>,
 }
 
 /// A TCP connection handed over: its fds (client, backend) travel beside
@@ -294,13 +312,16 @@ fn seqpacket() -> io::Result<socket2::Socket> {
     Ok(s)
 }
 
+/// The counters of a service port and of its endpoints, carried over.
+pub type Carried = (Counters, Vec<BackendCounters>);
+
 /// The sockets received from the previous process, waiting to be adopted.
 #[derive(Debug, Default)]
 pub struct Inherited {
     /// TCP service ports: port, sockets, counters.
-    pub tcp: BTreeMap<ServicePortName, (u16, Vec<std::net::TcpListener>, Counters)>,
+    pub tcp: BTreeMap<ServicePortName, (u16, Vec<std::net::TcpListener>, Carried)>,
     /// UDP service ports: port, socket, counters.
-    pub udp: BTreeMap<ServicePortName, (u16, std::net::UdpSocket, Counters)>,
+    pub udp: BTreeMap<ServicePortName, (u16, std::net::UdpSocket, Carried)>,
     /// The admin listeners, by kind.
     pub admin: Vec<(Kind, std::net::TcpListener)>,
 }
@@ -481,7 +502,9 @@ fn adopt(inherited: &mut Inherited, desc: ListenerDesc, fds: Vec<OwnedFd>) -> Re
             if ls.is_empty() {
                 return Err(Error::Protocol(format!("{name}: no socket")));
             }
-            inherited.tcp.insert(name, (desc.port, ls, desc.counters));
+            inherited
+                .tcp
+                .insert(name, (desc.port, ls, (desc.counters, desc.backends)));
         }
         (Kind::Udp, Some(name)) => {
             let Some(fd) = fds.first() else {
@@ -490,7 +513,7 @@ fn adopt(inherited: &mut Inherited, desc: ListenerDesc, fds: Vec<OwnedFd>) -> Re
             let s = check(fd, socket2::Type::DGRAM)?;
             inherited
                 .udp
-                .insert(name, (desc.port, s.into(), desc.counters));
+                .insert(name, (desc.port, s.into(), (desc.counters, desc.backends)));
         }
         (kind @ (Kind::Metrics | Kind::Healthz), None) => {
             let Some(fd) = fds.first() else {
@@ -671,6 +694,7 @@ fn serve_one(
                 service: None,
                 port: *port,
                 counters: Counters::default(),
+                backends: Vec::new(),
             },
             fds: vec![fd.try_clone()?],
         });

@@ -322,6 +322,8 @@ async fn takeover_under_traffic(mode: &str) {
     let before = old.scrape().await;
     let accepted_before = total(&before, "kusp_connections_accepted_total");
     let bytes_before = total(&before, "kusp_bytes_total");
+    let backend_bytes_before = total(&before, "kusp_backend_bytes_total");
+    let backend_conns_before = total(&before, "kusp_backend_connections_total");
     assert!(accepted_before >= LONG as f64, "{accepted_before}");
     let old_fds = fds_of(old.pid());
 
@@ -354,6 +356,15 @@ async fn takeover_under_traffic(mode: &str) {
         "counters continue in the new process: {accepted_before} → {accepted_after}"
     );
     assert!(total(&after, "kusp_bytes_total") >= bytes_before);
+    assert!(total(&after, "kusp_backend_bytes_total") >= backend_bytes_before);
+    assert!(
+        total(&after, "kusp_backend_connections_total") >= backend_conns_before,
+        "per-endpoint counters continue too"
+    );
+    assert!(
+        total(&after, "kusp_connections_active") >= LONG as f64,
+        "carried connections count as open in the new process"
+    );
 
     stop_short.store(true, Relaxed);
     stop_long.store(true, Relaxed);

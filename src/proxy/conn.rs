@@ -213,6 +213,9 @@ impl Connection {
         down: Flow,
     ) -> Self {
         let mut c = Self::new(client, backend, peer, service, endpoint);
+        // Open here, but established (and counted in the carried totals)
+        // by the previous process.
+        c.endpoint.total.fetch_sub(1, Relaxed);
         c.up = up;
         c.down = down;
         c

@@ -564,6 +564,19 @@ impl Proxier {
                         datagrams_in: st.datagrams_in.load(Relaxed),
                         datagrams_out: st.datagrams_out.load(Relaxed),
                     },
+                    backends: s
+                        .service
+                        .balancer
+                        .endpoints()
+                        .into_iter()
+                        .map(|(_, b)| crate::handover::BackendCounters {
+                            addr: b.addr,
+                            total: b.total.load(Relaxed),
+                            dial_failures: b.dial_failures.load(Relaxed),
+                            bytes_in: b.bytes_in.load(Relaxed),
+                            bytes_out: b.bytes_out.load(Relaxed),
+                        })
+                        .collect(),
                 },
                 fds,
             });
@@ -577,7 +590,7 @@ impl Proxier {
         &mut self,
         name: &ServicePortName,
         node_port: Option<u16>,
-    ) -> Option<(Bound, u16, crate::handover::Counters)> {
+    ) -> Option<(Bound, u16, crate::handover::Carried)> {
         let (bound, port, counters) = match name.protocol {
             Protocol::Udp => {
                 let (port, s, c) = self.inherited.udp.remove(name)?;
@@ -735,8 +748,17 @@ impl Proxier {
         let Some(served) = self.served.get(name) else {
             return false;
         };
-        let result = if let Some((bound, port, c)) = inherited {
+        let result = if let Some((bound, port, (c, backends))) = inherited {
             let st = &served.service.stats;
+            let ours = served.service.balancer.endpoints();
+            for b in &backends {
+                if let Some((_, e)) = ours.iter().find(|(_, e)| e.addr == b.addr) {
+                    e.total.fetch_add(b.total, Relaxed);
+                    e.dial_failures.fetch_add(b.dial_failures, Relaxed);
+                    e.bytes_in.fetch_add(b.bytes_in, Relaxed);
+                    e.bytes_out.fetch_add(b.bytes_out, Relaxed);
+                }
+            }
             for (counter, v) in [
                 (&st.accepted, c.accepted),
                 (&st.completed, c.completed),
