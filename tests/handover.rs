@@ -1,9 +1,11 @@
 //! Hand-over to the next process (`--handover-socket`): a second instance
-//! started with the same socket path takes the listeners over while short
-//! connections loop and long-lived ones talk both ways; nothing is
-//! refused or cut, counters continue, the first one drains and exits 0.
-//! Faults: `kill -9` of the new process before and after it serves, and of
-//! the old one mid hand-over.
+//! started with the same socket path takes the listeners and the open
+//! connections over while short connections loop and 1,000 long-lived ones
+//! talk both ways (some through PROXY protocol, some half-closed), in each
+//! copy mode; nothing is refused or cut, bytes are exact, counters
+//! continue, the first one exits 0. Faults: `kill -9` of the new process
+//! before and after it serves, of the old one mid hand-over, and a
+//! predecessor speaking another version.
 
 mod common;
 
@@ -537,4 +539,35 @@ async fn kill_9_of_the_old_process_mid_hand_over_the_new_one_serves() {
     assert!(connect_ok(new.addr).await);
     let (code, _) = http(new.metrics, "GET", "/metrics").await;
     assert_eq!(code, 200, "admin listener handed over too");
+}
+
+#[test]
+fn a_predecessor_speaking_another_version_keeps_the_port_and_the_new_process_exits_1() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = socket_path(dir.path());
+    // A fake predecessor: answers every hello with version 99.
+    let l = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::SEQPACKET, None).unwrap();
+    l.bind(&socket2::SockAddr::unix(&path).unwrap()).unwrap();
+    l.listen(4).unwrap();
+    std::thread::spawn(move || {
+        while let Ok((c, _)) = l.accept() {
+            let mut buf = [std::mem::MaybeUninit::new(0u8); 4096];
+            let _ = c.recv(&mut buf);
+            let _ = c.send(br#"{"type":"welcome","version":99,"pid":1}"#);
+        }
+    });
+    let port = free_port();
+    std::fs::write(
+        dir.path().join("svc.yaml"),
+        service_manifest("v", port, &["127.0.0.1:9".parse().unwrap()]),
+    )
+    .unwrap();
+    let metrics = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let mut child = ProxyProc::spawn(dir.path(), metrics, &[], None);
+    let status = wait_exit(&mut child, Duration::from_secs(10)).expect("exits");
+    assert_eq!(status.code(), Some(1), "a failed hand-over exits 1");
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+        "nothing was bound"
+    );
 }
