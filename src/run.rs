@@ -307,6 +307,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                     tracing::info!(path = %path.display(), "hand-over socket ready: a new process started with it takes over");
                     (Some(rx), Some((h, done_rx)))
                 }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    tracing::info!(path = %path.display(), "no hand-over socket (its directory does not exist): a restart will drain instead");
+                    (None, None)
+                }
                 Err(e) => {
                     tracing::warn!(path = %path.display(), error = %e, "no hand-over socket: a restart will drain instead");
                     (None, None)
