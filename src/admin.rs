@@ -13,6 +13,7 @@ pub use serve::{
     MAX_HEADER_BYTES, RESERVED_FDS, RESPONSE_TIMEOUT,
 };
 
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -23,6 +24,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use metrics_exporter_prometheus::PrometheusHandle;
+
+use tokio_util::sync::CancellationToken;
 
 use crate::proxy::{Context, Published};
 use crate::{stats_page, status};
@@ -223,6 +226,24 @@ pub fn healthz_router(state: AdminState) -> Router {
         .route("/readyz", get(readyz))
         .route("/livez", get(|| async { "ok\n" }))
         .with_state(state)
+}
+
+/// Binds an admin listener at `addr` (not yet served; see [`spawn_on`]).
+pub fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    serve::bind_std(addr)
+}
+
+/// Serves `router` on `socket`, a listening socket already bound (handed
+/// over by the previous process), as [`spawn`] does; returns its address.
+pub async fn spawn_on(
+    socket: std::net::TcpListener,
+    listener: AdminListener,
+    router: Router,
+    stop: CancellationToken,
+) -> std::io::Result<SocketAddr> {
+    socket.set_nonblocking(true)?;
+    let socket = tokio::net::TcpListener::from_std(socket)?;
+    serve::spawn_on(socket, listener, router, stop).await
 }
 
 #[cfg(test)]

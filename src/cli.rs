@@ -166,6 +166,12 @@ pub struct RunArgs {
     /// How long open connections may finish after SIGTERM.
     #[arg(long, default_value = DEFAULT_SHUTDOWN_GRACE, value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
+    /// Unix socket of the hand-over to the next process (upgrades): a new
+    /// process started with the same path takes the listeners of the one
+    /// running there, which then drains and exits without removing the
+    /// rules. The directory must exist; empty disables it.
+    #[arg(long, value_name = "PATH", default_value = crate::handover::DEFAULT_SOCKET)]
+    pub handover_socket: PathBuf,
     /// Logging.
     #[command(flatten)]
     pub log: LogArgs,

@@ -19,6 +19,7 @@ pub mod admin;
 pub mod cli;
 pub mod demo;
 pub mod discovery;
+pub mod handover;
 pub mod iptables;
 pub mod metrics;
 pub mod model;

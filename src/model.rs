@@ -8,7 +8,9 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 /// Transport protocol of a service port.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub enum Protocol {
     /// TCP: served by `proxy::tcp`.
     #[serde(rename = "TCP")]
@@ -50,7 +52,9 @@ impl fmt::Display for Protocol {
 
 /// Identity of one port of one Service: the unit the proxy serves
 /// (one listener, one balancer).
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+#[derive(
+    Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub struct ServicePortName {
     /// Namespace of the Service.
     pub namespace: String,

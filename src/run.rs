@@ -9,6 +9,7 @@ use tokio_util::sync::CancellationToken;
 use crate::admin::{self, AdminState, Health, RulesState};
 use crate::cli::RunArgs;
 use crate::discovery::{self, manifests};
+use crate::handover;
 use crate::iptables::{self, Iptables};
 use crate::model::Snapshot;
 use crate::proxy::{Proxier, ProxyConfig};
@@ -120,6 +121,47 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     if matches!(source, Source::Manifests(manifests::Source::Embedded)) {
         tracing::info!("no --manifests and no cluster: serving the embedded example manifests");
     }
+    // Before binding anything: a running predecessor hands its listeners over.
+    let handover_path =
+        (!args.handover_socket.as_os_str().is_empty()).then(|| args.handover_socket.clone());
+    let started = std::time::Instant::now();
+    let mut takeover = match handover_path.clone() {
+        None => None,
+        Some(path) => {
+            match tokio::task::spawn_blocking(move || handover::take_over(&path)).await? {
+                Ok(t) => t,
+                Err(e) => {
+                    tracing::error!(error = %e, "hand-over from the running proxy failed: it keeps serving; exiting without binding anything");
+                    return Err(anyhow::anyhow!("hand-over failed: {e}"));
+                }
+            }
+        }
+    };
+    let mut inherited = takeover
+        .as_mut()
+        .map(|t| std::mem::take(&mut t.inherited))
+        .unwrap_or_default();
+    if let Some(t) = &takeover {
+        tracing::info!(
+            old_pid = t.old_pid,
+            service_ports = inherited.len(),
+            admin = inherited.admin.len(),
+            "hand-over: listeners received"
+        );
+        // Fault tests kill either process here, between receiving the
+        // listeners and serving them.
+        if let Some(ms) = std::env::var(handover::TEST_STALL_ENV)
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+        {
+            tracing::warn!(
+                ms,
+                "{} set: stalling the hand-over",
+                handover::TEST_STALL_ENV
+            );
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+        }
+    }
     let handle = metrics::install();
     let health = Arc::new(Health::new(args.iptables_sync_period));
     let rules = Iptables::setup(args.iptables, args.iptables_backend, args.bind_address)
@@ -133,7 +175,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     if rules.is_some() {
         health.set_rules(RulesState::Pending);
     }
-    let proxier = Proxier::new(config);
+    let mut proxier = Proxier::new(config);
+    proxier.adopt(&mut inherited);
     let stop_admin = CancellationToken::new();
     let state = AdminState {
         handle,
@@ -141,19 +184,42 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         health: Arc::clone(&health),
         ctx: Arc::clone(proxier.context()),
     };
-    for (addr, router, what) in [
+    // Our admin listeners, duplicated, for a hand-over to our successor.
+    let mut admin_fds: Vec<(handover::Kind, u16, std::os::fd::OwnedFd)> = Vec::new();
+    for (addr, router, what, kind) in [
         (
             args.metrics_bind_address,
             admin::metrics_router(state.clone()),
             admin::AdminListener::Metrics,
+            handover::Kind::Metrics,
         ),
         (
             args.healthz_bind_address,
             admin::healthz_router(state),
             admin::AdminListener::Healthz,
+            handover::Kind::Healthz,
         ),
     ] {
-        match admin::spawn(addr, what, router, stop_admin.clone()).await {
+        let socket = match inherited.take_admin(kind, addr) {
+            Some(l) => Ok(l),
+            None => admin::bind(addr),
+        };
+        let spawned = match socket {
+            Ok(l) => {
+                match l.try_clone() {
+                    Ok(dup) => {
+                        let port = dup.local_addr().map_or(0, |a| a.port());
+                        admin_fds.push((kind, port, dup.into()));
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot keep the {} listener for a hand-over", what.as_str())
+                    }
+                }
+                admin::spawn_on(l, what, router, stop_admin.clone()).await
+            }
+            Err(e) => Err(e),
+        };
+        match spawned {
             Ok(bound) => tracing::info!(address = %bound, "{} server listening", what.as_str()),
             // The proxy itself still works; the probe or scrape will say so.
             Err(e) => {
@@ -183,7 +249,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                     _ = &mut stop => {
                         tracing::info!("stopped before the first list");
                         stop_discovery.cancel();
-                        if let Some(r) = rules {
+                        // Mid hand-over the predecessor still serves with these rules.
+                        if let Some(r) = rules.filter(|_| takeover.is_none()) {
                             if let Err(e) = r.iptables.cleanup().await {
                                 tracing::error!(error = %e, "cannot remove iptables rules; run --cleanup");
                             }
@@ -195,16 +262,129 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             }
         }
     };
+    if let Some(t) = takeover.take() {
+        // Serve the handed-over sockets before the predecessor stops accepting.
+        let snapshot = Arc::clone(&snapshots.borrow());
+        let r = proxier.sync(&snapshot);
+        let closed = proxier.drop_unadopted();
+        let old_pid = t.old_pid;
+        match t.serving() {
+            Ok(()) => {
+                tracing::info!(old_pid, listening = r.listening, not_adopted = closed, took = ?started.elapsed(), "hand-over: serving; the predecessor stops accepting and hands its connections over");
+                let published = proxier.published();
+                let ctx = Arc::clone(proxier.context());
+                // Off the control loop: connections arrive while we serve.
+                tokio::task::spawn_blocking(move || {
+                    let received = std::time::Instant::now();
+                    match t.receive_connections(|d, c, b| resume(d, c, b, &published, &ctx)) {
+                        Ok(n) => {
+                            tracing::info!(old_pid, connections = n, took = ?received.elapsed(), "hand-over: connections carried over")
+                        }
+                        Err(e) => {
+                            tracing::warn!(old_pid, error = %e, "hand-over: connections not all received; the rest stay with the predecessor or are lost with it")
+                        }
+                    }
+                });
+            }
+            Err(e) => {
+                tracing::warn!(old_pid, error = %e, "hand-over: predecessor gone before it heard we serve; serving anyway")
+            }
+        }
+    }
+    let mut connections_sent = None;
+    let (exports, handed_over) = match &handover_path {
+        None => (None, None),
+        Some(path) => {
+            let (tx, rx) = tokio::sync::mpsc::channel(1);
+            let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+            let (sent_tx, sent_rx) = tokio::sync::oneshot::channel();
+            connections_sent = Some(sent_rx);
+            let ctx = Arc::clone(proxier.context());
+            match handover::Server::bind(path)
+                .and_then(|s| s.spawn(tx, done_tx, admin_fds, ctx, sent_tx))
+            {
+                Ok(h) => {
+                    tracing::info!(path = %path.display(), "hand-over socket ready: a new process started with it takes over");
+                    (Some(rx), Some((h, done_rx)))
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    tracing::info!(path = %path.display(), "no hand-over socket (its directory does not exist): a restart will drain instead");
+                    (None, None)
+                }
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "no hand-over socket: a restart will drain instead");
+                    (None, None)
+                }
+            }
+        }
+    };
+    let (server, handed_over) = match handed_over {
+        Some((h, rx)) => (Some(h), Some(rx)),
+        None => (None, None),
+    };
+    let successor = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let stop = {
+        let successor = Arc::clone(&successor);
+        async move {
+            let handed = async {
+                match handed_over {
+                    Some(rx) => match rx.await {
+                        Ok(pid) => {
+                            successor.store(pid.max(1), std::sync::atomic::Ordering::Relaxed)
+                        }
+                        Err(_) => std::future::pending().await,
+                    },
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = shutdown_signal() => {}
+                _ = handed => {}
+            }
+        }
+    };
     let run_loop = Loop {
         proxier,
         rules,
         health,
         sync_period: args.iptables_sync_period,
+        exports,
     };
     let Loop {
         mut proxier, rules, ..
-    } = run_loop.serve(snapshots, shutdown_signal()).await;
+    } = run_loop.serve(snapshots, stop).await;
     stop_discovery.cancel();
+    let new_pid = successor.load(std::sync::atomic::Ordering::Relaxed);
+    if new_pid != 0 {
+        // Handed over: our copies of the listeners close (the successor's
+        // accept them, queues included); the rules stay, they are its rules.
+        tracing::info!(new_pid, grace = ?args.shutdown_grace, "handed over: listeners closed here, rules kept, draining connections");
+        proxier.close_listeners();
+        stop_admin.cancel();
+        drop(rules);
+        // Connections park and go to the successor; the rest drain here.
+        if let Some(rx) = connections_sent {
+            match tokio::time::timeout(Duration::from_secs(60), rx).await {
+                Ok(Ok(n)) => tracing::info!(connections = n, "connections handed over"),
+                _ => tracing::warn!("connection hand-over did not finish; draining here"),
+            }
+        }
+        let left = tokio::select! {
+            left = proxier.shutdown(args.shutdown_grace) => left,
+            _ = shutdown_signal() => {
+                tracing::warn!("signal while draining after the hand-over: exiting at once");
+                std::process::exit(1);
+            }
+        };
+        if left > 0 {
+            tracing::warn!(connections = left, "grace period over; closing the rest");
+        }
+        tracing::info!("hand-over complete: exiting");
+        return Ok(());
+    }
+    if let Some(server) = &server {
+        server.remove();
+    }
     tracing::info!(grace = ?args.shutdown_grace, "shutting down: listeners closed, draining connections");
     proxier.close_listeners();
     let finish = async {
@@ -265,4 +445,44 @@ pub async fn rules(args: RunArgs) -> anyhow::Result<()> {
     );
     proxier.shutdown(Duration::ZERO).await;
     Ok(())
+}
+
+/// Runs a connection handed over by the predecessor: its service port and
+/// endpoint looked up by name and address (an endpoint no longer in the
+/// set still gets its bytes moved); a connection of a service port we do
+/// not serve is reset.
+fn resume(
+    d: handover::ConnDesc,
+    client: std::os::fd::OwnedFd,
+    backend: std::os::fd::OwnedFd,
+    published: &crate::proxy::Published,
+    ctx: &Arc<crate::proxy::Context>,
+) {
+    use crate::proxy::{balancer::Backend, conn::Flow, tcp};
+    let (client, backend) = (
+        std::net::TcpStream::from(client),
+        std::net::TcpStream::from(backend),
+    );
+    let views = published.load();
+    let Some(service) = views.iter().find(|v| v.service.name == d.service) else {
+        tracing::warn!(service = %d.service, "handed-over connection of a service port not served: reset");
+        for s in [&client, &backend] {
+            let _ = socket2::SockRef::from(s).set_linger(Some(Duration::ZERO));
+        }
+        return;
+    };
+    let service = Arc::clone(&service.service);
+    let endpoint = service
+        .balancer
+        .endpoints()
+        .into_iter()
+        .chain(service.external.endpoints())
+        .map(|(_, b)| b)
+        .find(|b| b.addr == d.endpoint)
+        .unwrap_or_else(|| Arc::new(Backend::detached(d.endpoint)));
+    let up = Flow::resumed(d.up_bytes, d.up_ended);
+    let down = Flow::resumed(d.down_bytes, d.down_ended);
+    if let Err(e) = tcp::resume(client, backend, d.peer, service, endpoint, up, down, ctx) {
+        tracing::warn!(error = %e, "cannot resume a handed-over connection");
+    }
 }

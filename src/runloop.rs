@@ -33,6 +33,8 @@ pub struct Loop {
     pub health: Arc<Health>,
     /// A sync pass runs at least this often, even with no change.
     pub sync_period: Duration,
+    /// Requests of the hand-over server: every listener, duplicated.
+    pub exports: Option<tokio::sync::mpsc::Receiver<crate::handover::ExportRequest>>,
 }
 
 impl Loop {
@@ -111,6 +113,14 @@ impl Loop {
             let retry = self.proxier.has_pending();
             tokio::select! {
                 _ = &mut stop => return self,
+                req = async { self.exports.as_mut()?.recv().await }, if self.exports.is_some() => {
+                    match req {
+                        Some(reply) => {
+                            let _ = reply.send(self.proxier.export());
+                        }
+                        None => self.exports = None,
+                    }
+                }
                 changed = snapshots.changed(), if source_open => {
                     match changed {
                         Ok(()) => {

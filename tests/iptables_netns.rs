@@ -37,9 +37,8 @@ impl Proxy {
     }
 
     fn start_with(ns: &Netns, dir: &Path, extra: &[&str]) -> Self {
-        let child = ns
-            .command(&[BIN, "--manifests"])
-            .arg(dir)
+        let mut cmd = ns.command(&[BIN, "--manifests"]);
+        cmd.arg(dir)
             .args([
                 "--iptables",
                 "on",
@@ -49,10 +48,12 @@ impl Proxy {
                 "warn",
             ])
             .args(extra)
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
-        Proxy(child)
+            .stdout(Stdio::null());
+        // A hand-over socket of the test's own, never the node's default.
+        if !extra.contains(&"--handover-socket") {
+            cmd.arg("--handover-socket").arg(dir.join("handover.sock"));
+        }
+        Proxy(cmd.spawn().unwrap())
     }
 
     fn signal(&self, sig: nix::sys::signal::Signal) {
@@ -382,4 +383,149 @@ fn a_failed_restore_names_the_line_and_keeps_the_previous_rules() {
         2,
         "previous rules kept:\n{nat}"
     );
+}
+
+/// An echo backend in `ns` on `addr`, a thread per connection.
+fn echo_backend(ns: &Netns, addr: SocketAddr) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    ns.spawn(move || {
+        let l = TcpListener::bind(addr).unwrap();
+        tx.send(()).unwrap();
+        for s in l.incoming().take(100_000) {
+            let Ok(s) = s else { continue };
+            std::thread::spawn(move || {
+                let Ok(mut r) = s.try_clone() else { return };
+                let mut w = s;
+                let _ = std::io::copy(&mut r, &mut w);
+            });
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(5)).unwrap();
+}
+
+/// One message echoed over `s`.
+fn echo_once(s: &mut std::net::TcpStream, msg: &[u8]) -> std::io::Result<()> {
+    use std::io::Read;
+    s.write_all(msg)?;
+    let mut back = vec![0u8; msg.len()];
+    s.read_exact(&mut back)?;
+    if back != msg {
+        return Err(std::io::Error::other("echo differs"));
+    }
+    Ok(())
+}
+
+#[test]
+fn a_hand_over_keeps_the_rules_and_cluster_ip_connections() {
+    use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+    use std::sync::Arc;
+    if !require_root("a_hand_over_keeps_the_rules_and_cluster_ip_connections") {
+        return;
+    }
+    let (node, pod, _) = node_and_pod("ho", "10.234.3");
+    let backend_addr: SocketAddr = "10.234.3.2:8080".parse().unwrap();
+    echo_backend(&pod, backend_addr);
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("web.yaml"),
+        manifest("10.96.0.30", backend_addr),
+    )
+    .unwrap();
+    let mut old = Proxy::start_with(&node, dir.path(), &["--shutdown-grace", "30s"]);
+    wait_for("rules for ns/web", Duration::from_secs(10), || {
+        count(&node.nat(), "ns/web:http") == 4
+    });
+    let vip: SocketAddr = "10.96.0.30:80".parse().unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    // Long-lived ClusterIP connections from the pod, talking every 50 ms.
+    let longs: Vec<_> = (0..20)
+        .map(|i| {
+            let stop = Arc::clone(&stop);
+            pod.spawn(move || -> Result<usize, String> {
+                let mut s = std::net::TcpStream::connect_timeout(&vip, Duration::from_secs(3))
+                    .map_err(|e| format!("{i}: {e}"))?;
+                s.set_read_timeout(Some(Duration::from_secs(5))).ok();
+                let mut n = 0;
+                while !stop.load(Relaxed) {
+                    echo_once(&mut s, format!("{i}:{n:08}").as_bytes())
+                        .map_err(|e| format!("{i} after {n}: {e}"))?;
+                    n += 1;
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Ok(n)
+            })
+        })
+        .collect();
+    // Short ClusterIP connections in a loop.
+    let shorts = {
+        let stop = Arc::clone(&stop);
+        pod.spawn(move || {
+            let (mut ok, mut failed) = (0, Vec::new());
+            while !stop.load(Relaxed) {
+                let r = std::net::TcpStream::connect_timeout(&vip, Duration::from_secs(3))
+                    .and_then(|mut s| {
+                        s.set_read_timeout(Some(Duration::from_secs(3)))?;
+                        echo_once(&mut s, b"short")
+                    });
+                match r {
+                    Ok(()) => ok += 1,
+                    Err(e) => failed.push(e.to_string()),
+                }
+            }
+            (ok, failed)
+        })
+    };
+    // The rules, sampled throughout.
+    let sampler = {
+        let stop = Arc::clone(&stop);
+        let name = node.name.clone();
+        std::thread::spawn(move || {
+            let (mut samples, mut missing) = (0, Vec::new());
+            while !stop.load(Relaxed) {
+                let out = std::process::Command::new("ip")
+                    .args(["netns", "exec", &name, "iptables-save", "-t", "nat"])
+                    .output()
+                    .unwrap();
+                let nat = String::from_utf8_lossy(&out.stdout).into_owned();
+                samples += 1;
+                if count(&nat, "ns/web:http") != 4
+                    || count(&nat, "-j KUSP-PORTALS-CONTAINER") != 1
+                    || count(&nat, "-j KUSP-PORTALS-HOST") != 1
+                {
+                    missing.push(nat);
+                }
+            }
+            (samples, missing)
+        })
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    let new = Proxy::start_with(&node, dir.path(), &["--shutdown-grace", "30s"]);
+    assert_eq!(
+        old.wait(Duration::from_secs(15)),
+        Some(0),
+        "the old process exits 0 after the hand-over"
+    );
+    std::thread::sleep(Duration::from_millis(700));
+    stop.store(true, Relaxed);
+    let (samples, missing) = sampler.join().unwrap();
+    let (ok, failed) = shorts.join().unwrap();
+    let mut errors: Vec<String> = failed;
+    for l in longs {
+        if let Err(e) = l.join().unwrap() {
+            errors.push(e);
+        }
+    }
+    eprintln!(
+        "hand-over in a netns: {samples} iptables-save samples, {} without our rules; {ok} short ClusterIP connections ok, {} errors",
+        missing.len(),
+        errors.len()
+    );
+    assert!(missing.is_empty(), "rules missing:\n{}", missing[0]);
+    assert!(errors.is_empty(), "{errors:?}");
+    assert!(ok > 0);
+    // The new one owns the rules now: a plain stop removes them.
+    let mut new = new;
+    new.signal(nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(new.wait(Duration::from_secs(15)), Some(0));
+    assert!(!node.nat().contains("KUSP"), "rules left after SIGTERM");
 }

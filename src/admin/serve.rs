@@ -271,7 +271,17 @@ pub async fn spawn(
     router: Router,
     stop: CancellationToken,
 ) -> std::io::Result<SocketAddr> {
-    let socket = bind(addr)?;
+    spawn_on(bind(addr)?, listener, router, stop).await
+}
+
+/// As [`spawn`], on a socket already listening (e.g. handed over by the
+/// previous process).
+pub async fn spawn_on(
+    socket: tokio::net::TcpListener,
+    listener: AdminListener,
+    router: Router,
+    stop: CancellationToken,
+) -> std::io::Result<SocketAddr> {
     let bound = socket.local_addr()?;
     let label = listener.as_str();
     for phase in [Phase::Head, Phase::Busy, Phase::Idle] {
@@ -298,6 +308,12 @@ pub async fn spawn(
 
 /// A listening socket with room for a burst in its accept queue.
 fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::from_std(bind_std(addr)?)
+}
+
+/// A listening socket (non-blocking) with room for a burst in its accept
+/// queue, not yet served.
+pub fn bind_std(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     use socket2::{Domain, Protocol, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     // As tokio's and std's bind do: a restart finds the port free.
@@ -305,7 +321,7 @@ fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
     socket.bind(&addr.into())?;
     socket.listen(BACKLOG)?;
     socket.set_nonblocking(true)?;
-    tokio::net::TcpListener::from_std(socket.into())
+    Ok(socket.into())
 }
 
 /// Accepts a connection, takes a slot for it (shedding the oldest

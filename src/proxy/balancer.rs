@@ -88,6 +88,12 @@ pub struct Backend {
 pub const SED_FLOOR_US: u64 = 500;
 
 impl Backend {
+    /// A backend outside any endpoint set: the endpoint of a connection
+    /// handed over after the endpoint left its service.
+    pub fn detached(addr: SocketAddr) -> Self {
+        Self::new(addr)
+    }
+
     fn new(addr: SocketAddr) -> Self {
         Self {
             addr,

@@ -34,6 +34,13 @@
 //! skips the `shutdown`: closing the socket sends the same FIN). An error
 //! on either side resets both sockets (SO_LINGER 0), so a truncated
 //! transfer never looks like a clean end.
+//!
+//! Parking ([`Connection::run_parkable`]): for a hand-over to the next
+//! process, each direction stops where it holds nothing (waiting for its
+//! source to become readable, or between two reads once everything read
+//! was written; never with bytes held or a pipe leased). The connection
+//! is then just its two sockets and its [`Flow`]s, which
+//! [`Connection::resume`] rebuilds in the new process.
 
 use std::cell::RefCell;
 use std::io;
@@ -46,6 +53,7 @@ use std::time::Duration;
 use nix::sys::socket::MsgFlags;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
 
 use super::balancer::Backend;
 use super::splice::{splice_io, Lease, PipePool, PIPE_SIZE};
@@ -108,6 +116,15 @@ pub struct Flow {
 }
 
 impl Flow {
+    /// A flow that already moved `bytes` and, if `ended`, passed its end
+    /// on (a connection handed over by the previous process).
+    pub fn resumed(bytes: u64, ended: bool) -> Self {
+        Self {
+            bytes: AtomicU64::new(bytes),
+            ended: AtomicBool::new(ended),
+        }
+    }
+
     /// Bytes moved this way so far.
     pub fn bytes(&self) -> u64 {
         self.bytes.load(Relaxed)
@@ -140,8 +157,22 @@ pub struct Connection {
     pub down: Flow,
 }
 
+/// How [`Connection::run_parkable`] stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stopped {
+    /// Both directions ended.
+    Done,
+    /// Asked to park: both directions stopped at a safe point (no byte
+    /// held in user memory or in a pipe; every byte read was written), so
+    /// the connection can be handed over as its two sockets and its
+    /// [`Flow`]s, and resumed with [`Connection::run`].
+    Parked,
+}
+
 /// What one `auto`/`copy` read brought.
 enum Read {
+    /// Asked to park, waiting for bytes with none held.
+    Parked,
     /// End of stream.
     Eof,
     /// This many bytes, all passed on or held.
@@ -168,6 +199,35 @@ impl Connection {
             up: Flow::default(),
             down: Flow::default(),
         }
+    }
+
+    /// Rebuilds a connection handed over by the previous process: both
+    /// sockets, its flows as they were, counted on its endpoint again.
+    pub fn resume(
+        client: TcpStream,
+        backend: TcpStream,
+        peer: SocketAddr,
+        service: Arc<Service>,
+        endpoint: Arc<Backend>,
+        up: Flow,
+        down: Flow,
+    ) -> Self {
+        let mut c = Self::new(client, backend, peer, service, endpoint);
+        // Open here, but established (and counted in the carried totals)
+        // by the previous process.
+        c.endpoint.total.fetch_sub(1, Relaxed);
+        c.up = up;
+        c.down = down;
+        c
+    }
+
+    /// Duplicates of both sockets (client, backend), to hand the
+    /// connection over; dropping the connection afterwards closes only its
+    /// own descriptors, not the connections.
+    pub fn duplicate_sockets(&self) -> io::Result<[std::os::fd::OwnedFd; 2]> {
+        let c = socket2::SockRef::from(&self.client).try_clone()?;
+        let b = socket2::SockRef::from(&self.backend).try_clone()?;
+        Ok([c.into(), b.into()])
     }
 
     /// The direction's flow.
@@ -210,23 +270,49 @@ impl Connection {
     /// Moves bytes both ways until both have ended. Half-close is passed
     /// on; once one direction has ended, the other ends after
     /// `fin_timeout` without a byte. On error both sockets are set to
-    /// reset on close.
+    /// reset on close. A direction whose flow had already ended (a
+    /// resumed connection) stays ended.
     pub async fn run(
         &self,
         mode: CopyMode,
         pipes: &PipePool,
         fin_timeout: Duration,
     ) -> io::Result<()> {
-        let up = self.pump(Dir::Up, mode, pipes);
-        let down = self.pump(Dir::Down, mode, pipes);
+        let never = CancellationToken::new();
+        self.run_parkable(mode, pipes, fin_timeout, &never)
+            .await
+            .map(|_| ())
+    }
+
+    /// As [`Self::run`], but once `park` is cancelled each direction stops
+    /// at its next safe point (see [`Stopped::Parked`]) and the connection
+    /// is given back instead of finishing.
+    pub async fn run_parkable(
+        &self,
+        mode: CopyMode,
+        pipes: &PipePool,
+        fin_timeout: Duration,
+        park: &CancellationToken,
+    ) -> io::Result<Stopped> {
+        let pump = |dir: Dir| async move {
+            if self.flow(dir).ended() {
+                Ok(Stopped::Done)
+            } else {
+                self.pump(dir, mode, pipes, park).await
+            }
+        };
+        let up = pump(Dir::Up);
+        let down = pump(Dir::Down);
         tokio::pin!(up, down);
         let result = tokio::select! {
             r = &mut up => match r {
-                Ok(()) => finish_half_closed(down, &self.down, fin_timeout).await,
+                Ok(Stopped::Done) => finish_half_closed(down, &self.down, fin_timeout).await,
+                Ok(Stopped::Parked) => down.await.map(|_| Stopped::Parked),
                 Err(e) => Err(e),
             },
             r = &mut down => match r {
-                Ok(()) => finish_half_closed(up, &self.up, fin_timeout).await,
+                Ok(Stopped::Done) => finish_half_closed(up, &self.up, fin_timeout).await,
+                Ok(Stopped::Parked) => up.await.map(|_| Stopped::Parked),
                 Err(e) => Err(e),
             },
         };
@@ -238,23 +324,37 @@ impl Connection {
         result
     }
 
-    /// One direction until EOF, then its end is passed on.
-    async fn pump(&self, dir: Dir, mode: CopyMode, pipes: &PipePool) -> io::Result<()> {
+    /// One direction until EOF, then its end is passed on; or until
+    /// `park`, at a safe point.
+    async fn pump(
+        &self,
+        dir: Dir,
+        mode: CopyMode,
+        pipes: &PipePool,
+        park: &CancellationToken,
+    ) -> io::Result<Stopped> {
         let mut held = Vec::new();
         let mut bulk = mode == CopyMode::Splice;
         loop {
+            // Nothing held here: every byte read so far was written.
+            if park.is_cancelled() {
+                return Ok(Stopped::Parked);
+            }
             if bulk {
                 match self
-                    .splice_burst(dir, pipes, mode == CopyMode::Auto)
+                    .splice_burst(dir, pipes, mode == CopyMode::Auto, park)
                     .await?
                 {
+                    Burst::Parked => return Ok(Stopped::Parked),
                     Burst::Eof => break,
                     Burst::Small => bulk = false,
                     Burst::Drained => {}
                     Burst::NoPipe => {
                         pipes.fallbacks.fetch_add(1, Relaxed);
-                        if let Read::Eof = self.read_through(dir, COPY_CHUNK, &mut held).await? {
-                            break;
+                        match self.read_through(dir, COPY_CHUNK, &mut held, park).await? {
+                            Read::Eof => break,
+                            Read::Parked => return Ok(Stopped::Parked),
+                            Read::Moved(_) => {}
                         }
                     }
                 }
@@ -265,8 +365,9 @@ impl Connection {
             } else {
                 SMALL_CHUNK
             };
-            match self.read_through(dir, cap, &mut held).await? {
+            match self.read_through(dir, cap, &mut held, park).await? {
                 Read::Eof => break,
+                Read::Parked => return Ok(Stopped::Parked),
                 Read::Moved(n) => bulk = mode == CopyMode::Auto && n == cap,
             }
         }
@@ -280,13 +381,19 @@ impl Connection {
             let (_, dst) = self.ends(dir);
             let _ = socket2::SockRef::from(dst).shutdown(Shutdown::Write);
         }
-        Ok(())
+        Ok(Stopped::Done)
     }
 
     /// Reads what the source has (at most `cap`) through the scratch
     /// buffer and writes it on; what the destination cannot take now is
     /// held and written before returning.
-    async fn read_through(&self, dir: Dir, cap: usize, held: &mut Vec<u8>) -> io::Result<Read> {
+    async fn read_through(
+        &self,
+        dir: Dir,
+        cap: usize,
+        held: &mut Vec<u8>,
+        park: &CancellationToken,
+    ) -> io::Result<Read> {
         let (src, dst) = self.ends(dir);
         loop {
             let mut got = 0;
@@ -317,7 +424,11 @@ impl Connection {
                 Ok(Some(got))
             })?;
             match read {
-                None => src.readable().await?,
+                // Waiting for bytes with none held: a safe point.
+                None => tokio::select! {
+                    r = src.readable() => r?,
+                    _ = park.cancelled() => return Ok(Read::Parked),
+                },
                 Some(0) => return Ok(Read::Eof),
                 Some(n) => {
                     self.flush(dir, held).await?;
@@ -342,9 +453,19 @@ impl Connection {
     }
 
     /// Splices while the source has bytes, through one leased pipe.
-    async fn splice_burst(&self, dir: Dir, pipes: &PipePool, auto: bool) -> io::Result<Burst> {
+    async fn splice_burst(
+        &self,
+        dir: Dir,
+        pipes: &PipePool,
+        auto: bool,
+        park: &CancellationToken,
+    ) -> io::Result<Burst> {
         let (src, dst) = self.ends(dir);
-        src.readable().await?;
+        // No pipe taken yet: a safe point.
+        tokio::select! {
+            r = src.readable() => r?,
+            _ = park.cancelled() => return Ok(Burst::Parked),
+        }
         let Some(pipe) = pipes.take() else {
             return Ok(Burst::NoPipe);
         };
@@ -386,6 +507,8 @@ impl Drop for Connection {
 
 /// How a splice burst ended.
 enum Burst {
+    /// Asked to park before a pipe was taken.
+    Parked,
     /// End of stream.
     Eof,
     /// The source ran dry (`EAGAIN`); the pipe went back to the pool.
@@ -424,10 +547,10 @@ fn write_now(dst: &TcpStream, buf: &[u8]) -> io::Result<usize> {
 /// that vanished (a client gone while its backend never answers) does not
 /// hold two sockets for ever.
 async fn finish_half_closed(
-    rest: impl std::future::Future<Output = io::Result<()>>,
+    rest: impl std::future::Future<Output = io::Result<Stopped>>,
     flow: &Flow,
     fin_timeout: Duration,
-) -> io::Result<()> {
+) -> io::Result<Stopped> {
     tokio::pin!(rest);
     loop {
         let seen = flow.bytes();

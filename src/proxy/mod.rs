@@ -115,6 +115,45 @@ pub struct Context {
     pub closed_since_release: AtomicU64,
     /// The data path's threads (none: TCP runs on the caller's runtime).
     pub workers: Option<Workers>,
+    /// Cancelled to hand the connections over: each parks at a safe point
+    /// and goes to `parked`.
+    pub park: CancellationToken,
+    /// Where parked connections go while a hand-over collects them; none:
+    /// a parked connection runs on here.
+    pub parked: std::sync::Mutex<Option<std::sync::mpsc::Sender<Connection>>>,
+}
+
+impl Context {
+    /// Starts a connection hand-over: every connection parks at its next
+    /// safe point and arrives on the returned receiver, until
+    /// [`Self::stop_parking`].
+    pub fn start_parking(&self) -> std::sync::mpsc::Receiver<Connection> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        if let Ok(mut p) = self.parked.lock() {
+            *p = Some(tx);
+        }
+        self.park.cancel();
+        rx
+    }
+
+    /// Ends the collection: connections parking later run on here.
+    pub fn stop_parking(&self) {
+        if let Ok(mut p) = self.parked.lock() {
+            *p = None;
+        }
+    }
+
+    /// Gives a parked connection to the hand-over; back when none collects.
+    #[allow(clippy::result_large_err)] // returned once per connection, at most
+    fn hand_over(&self, conn: Connection) -> Result<(), Connection> {
+        let Ok(p) = self.parked.lock() else {
+            return Err(conn);
+        };
+        match p.as_ref() {
+            Some(tx) => tx.send(conn).map_err(|e| e.0),
+            None => Err(conn),
+        }
+    }
 }
 
 /// Whether an error means the proxy itself ran out of fds, memory or local
@@ -334,9 +373,10 @@ fn proto_index(p: Protocol) -> usize {
     usize::from(p == Protocol::Udp)
 }
 
-/// A bound, not yet running, listening socket.
+/// A bound, not yet running, listening socket (TCP: all the sockets of
+/// one port).
 enum Bound {
-    Tcp(std::net::TcpListener),
+    Tcp(Vec<std::net::TcpListener>),
     Udp(std::net::UdpSocket),
 }
 
@@ -344,13 +384,16 @@ impl Bound {
     fn bind(proto: Protocol, addr: SocketAddr) -> std::io::Result<Self> {
         match proto {
             Protocol::Udp => udp::bind(addr).map(Self::Udp),
-            _ => tcp::bind(addr).map(Self::Tcp),
+            _ => tcp::bind(addr).map(|l| Self::Tcp(vec![l])),
         }
     }
 
     fn port(&self) -> std::io::Result<u16> {
         match self {
-            Self::Tcp(l) => l.local_addr().map(|a| a.port()),
+            Self::Tcp(l) => match l.first() {
+                Some(l) => l.local_addr().map(|a| a.port()),
+                None => Err(std::io::ErrorKind::InvalidInput.into()),
+            },
             Self::Udp(l) => l.local_addr().map(|a| a.port()),
         }
     }
@@ -375,6 +418,13 @@ impl Listener {
         match self {
             Self::Tcp(h) => h.port,
             Self::Udp(h) => h.port,
+        }
+    }
+
+    fn duplicate(&self) -> std::io::Result<Vec<std::os::fd::OwnedFd>> {
+        match self {
+            Self::Tcp(h) => h.duplicate(),
+            Self::Udp(h) => h.duplicate().map(|fd| vec![fd]),
         }
     }
 }
@@ -414,6 +464,9 @@ pub struct Proxier {
     /// Non-TCP ports already reported as not served, to log them once.
     unserved: BTreeSet<ServicePortName>,
     published: Published,
+    /// Sockets handed over by the previous process, adopted by the first
+    /// sync that serves their service port.
+    inherited: crate::handover::Inherited,
 }
 
 impl Proxier {
@@ -441,6 +494,8 @@ impl Proxier {
             connection_limit,
             limit_waits: AtomicU64::new(0),
             closed_since_release: AtomicU64::new(0),
+            park: CancellationToken::new(),
+            parked: std::sync::Mutex::new(None),
         });
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(housekeeping(Arc::downgrade(&ctx)));
@@ -451,7 +506,106 @@ impl Proxier {
             ports,
             unserved: BTreeSet::new(),
             published: Published::default(),
+            inherited: crate::handover::Inherited::default(),
         }
+    }
+
+    /// Takes the service ports' sockets handed over by the previous
+    /// process: the next [`Self::sync`] serves each of them from its
+    /// socket (same port) instead of binding, and starts its counters
+    /// from the old totals. Call [`Self::drop_unadopted`] after it.
+    pub fn adopt(&mut self, inherited: &mut crate::handover::Inherited) {
+        self.inherited.tcp = std::mem::take(&mut inherited.tcp);
+        self.inherited.udp = std::mem::take(&mut inherited.udp);
+    }
+
+    /// Closes handed-over sockets no service port took (the service is
+    /// gone, or its nodePort changed); returns how many.
+    pub fn drop_unadopted(&mut self) -> usize {
+        let left = self.inherited.len();
+        for name in self.inherited.tcp.keys().chain(self.inherited.udp.keys()) {
+            tracing::info!(service = %name, "handed-over listener not adopted: closed");
+        }
+        self.inherited = crate::handover::Inherited::default();
+        left
+    }
+
+    /// Duplicates of every listening socket with its description and
+    /// counters, for a hand-over to the next process.
+    pub fn export(&self) -> Vec<crate::handover::Exported> {
+        use crate::handover::{Counters, Exported, Kind, ListenerDesc};
+        let mut out = Vec::new();
+        for (name, s) in &self.served {
+            let Some(listener) = &s.listener else {
+                continue;
+            };
+            let fds = match listener.duplicate() {
+                Ok(fds) => fds,
+                Err(e) => {
+                    tracing::warn!(service = %name, error = %e, "cannot duplicate the listener for the hand-over");
+                    continue;
+                }
+            };
+            let st = &s.service.stats;
+            out.push(Exported {
+                desc: ListenerDesc {
+                    kind: match listener {
+                        Listener::Tcp(_) => Kind::Tcp,
+                        Listener::Udp(_) => Kind::Udp,
+                    },
+                    service: Some(name.clone()),
+                    port: listener.port(),
+                    counters: Counters {
+                        accepted: st.accepted.load(Relaxed),
+                        completed: st.completed.load(Relaxed),
+                        failed: st.failed.load(Relaxed),
+                        bytes_in: st.bytes_in.load(Relaxed),
+                        bytes_out: st.bytes_out.load(Relaxed),
+                        datagrams_in: st.datagrams_in.load(Relaxed),
+                        datagrams_out: st.datagrams_out.load(Relaxed),
+                    },
+                    backends: s
+                        .service
+                        .balancer
+                        .endpoints()
+                        .into_iter()
+                        .map(|(_, b)| crate::handover::BackendCounters {
+                            addr: b.addr,
+                            total: b.total.load(Relaxed),
+                            dial_failures: b.dial_failures.load(Relaxed),
+                            bytes_in: b.bytes_in.load(Relaxed),
+                            bytes_out: b.bytes_out.load(Relaxed),
+                        })
+                        .collect(),
+                },
+                fds,
+            });
+        }
+        out
+    }
+
+    /// The handed-over socket of `name`, if it fits the spec (a nodePort
+    /// must match), with its counters; a misfit is closed.
+    fn take_inherited(
+        &mut self,
+        name: &ServicePortName,
+        node_port: Option<u16>,
+    ) -> Option<(Bound, u16, crate::handover::Carried)> {
+        let (bound, port, counters) = match name.protocol {
+            Protocol::Udp => {
+                let (port, s, c) = self.inherited.udp.remove(name)?;
+                (Bound::Udp(s), port, c)
+            }
+            _ => {
+                let (port, ls, c) = self.inherited.tcp.remove(name)?;
+                (Bound::Tcp(ls), port, c)
+            }
+        };
+        if node_port.is_some_and(|np| np != port) {
+            tracing::info!(service = %name, port, "handed-over listener is not on the nodePort now: closed");
+            return None;
+        }
+        Some((bound, port, counters))
     }
 
     /// The served service ports, kept current: hand this to readers.
@@ -587,10 +741,38 @@ impl Proxier {
     fn open(&mut self, name: &ServicePortName, node_ports: &BTreeSet<u16>) -> bool {
         let bind_ip = self.ctx.config.bind_address;
         let proto = name.protocol;
+        let Some(node_port) = self.served.get(name).map(|s| s.spec.node_port) else {
+            return false;
+        };
+        let inherited = self.take_inherited(name, node_port);
         let Some(served) = self.served.get(name) else {
             return false;
         };
-        let result = if let Some(np) = served.spec.node_port {
+        let result = if let Some((bound, port, (c, backends))) = inherited {
+            let st = &served.service.stats;
+            let ours = served.service.balancer.endpoints();
+            for b in &backends {
+                if let Some((_, e)) = ours.iter().find(|(_, e)| e.addr == b.addr) {
+                    e.total.fetch_add(b.total, Relaxed);
+                    e.dial_failures.fetch_add(b.dial_failures, Relaxed);
+                    e.bytes_in.fetch_add(b.bytes_in, Relaxed);
+                    e.bytes_out.fetch_add(b.bytes_out, Relaxed);
+                }
+            }
+            for (counter, v) in [
+                (&st.accepted, c.accepted),
+                (&st.completed, c.completed),
+                (&st.failed, c.failed),
+                (&st.bytes_in, c.bytes_in),
+                (&st.bytes_out, c.bytes_out),
+                (&st.datagrams_in, c.datagrams_in),
+                (&st.datagrams_out, c.datagrams_out),
+            ] {
+                counter.fetch_add(v, Relaxed);
+            }
+            tracing::info!(service = %name, port, "serving from the handed-over listener");
+            Ok((bound, node_port.is_none().then_some(port)))
+        } else if let Some(np) = served.spec.node_port {
             let taken = self.served.iter().find(|(n, s)| {
                 *n != name
                     && n.protocol == proto

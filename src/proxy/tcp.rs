@@ -12,7 +12,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 use super::balancer::now_ms;
-use super::conn::Connection;
+use super::conn::{Connection, Flow, Stopped};
 use super::{connect, proxy_protocol, Context, Service};
 
 /// Listen backlog: large, as connections are accepted and dialed
@@ -46,7 +46,16 @@ pub fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
 pub struct ListenerHandle {
     /// The port it listens on.
     pub port: u16,
+    /// Duplicates of its sockets, for a hand-over to the next process.
+    sockets: Vec<std::os::fd::OwnedFd>,
     stop: CancellationToken,
+}
+
+impl ListenerHandle {
+    /// New duplicates of every socket of this port (one per accept loop).
+    pub fn duplicate(&self) -> io::Result<Vec<std::os::fd::OwnedFd>> {
+        self.sockets.iter().map(|s| s.try_clone()).collect()
+    }
 }
 
 impl Drop for ListenerHandle {
@@ -55,21 +64,24 @@ impl Drop for ListenerHandle {
     }
 }
 
-/// Starts accepting for `service`: on each worker thread, an accept loop
-/// on its own socket of the port `listener` is bound to (the first one is
-/// `listener` itself), so connections stay on the thread that accepted
-/// them. Without workers, one loop on the current runtime.
+/// Starts accepting for `service` on `listeners` (bound to one port; from
+/// [`bind`], or handed over by the previous process): one accept loop per
+/// socket, spread over the worker threads, and one more socket bound to
+/// the same port for each worker left without one, so connections stay on
+/// the thread that accepted them. Every socket handed over keeps its
+/// accept loop, even beyond the worker count: closing one would reset the
+/// connections in its accept queue. Without workers, the loops run on the
+/// current runtime.
 pub fn spawn(
-    listener: std::net::TcpListener,
+    listeners: Vec<std::net::TcpListener>,
     service: Arc<Service>,
     ctx: Arc<Context>,
 ) -> io::Result<ListenerHandle> {
-    let local = listener.local_addr()?;
-    let stop = ctx.shutdown.child_token();
-    let handle = ListenerHandle {
-        port: local.port(),
-        stop: stop.clone(),
+    let Some(first) = listeners.first() else {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "no socket"));
     };
+    let local = first.local_addr()?;
+    let stop = ctx.shutdown.child_token();
     let current;
     let runtimes = match &ctx.workers {
         Some(w) => w.handles(),
@@ -78,12 +90,14 @@ pub fn spawn(
             &current[..]
         }
     };
-    let mut first = Some(listener);
-    for rt in runtimes {
-        let socket = match first.take() {
-            Some(l) => l,
-            None => bind(local)?,
-        };
+    let mut sockets = listeners;
+    while sockets.len() < runtimes.len() {
+        sockets.push(bind(local)?);
+    }
+    let mut dups = Vec::with_capacity(sockets.len());
+    for (i, socket) in sockets.into_iter().enumerate() {
+        let rt = &runtimes[i % runtimes.len()];
+        dups.push(std::os::fd::OwnedFd::from(socket.try_clone()?));
         // Registered with the worker's own event loop.
         let socket = {
             let _entered = rt.enter();
@@ -96,7 +110,11 @@ pub fn spawn(
             stop.clone(),
         ));
     }
-    Ok(handle)
+    Ok(ListenerHandle {
+        port: local.port(),
+        sockets: dups,
+        stop,
+    })
 }
 
 async fn accept_loop(
@@ -173,15 +191,11 @@ async fn serve(client: TcpStream, peer: SocketAddr, service: Arc<Service>, ctx: 
         Ok(connect::Dialed { stream, backend }) => {
             let conn = Connection::new(client, stream, peer, Arc::clone(&service), backend);
             // The PROXY header, when the service wants one, precedes any client byte.
-            let mut r = proxy_protocol::send(service.proxy_protocol(), &conn).await;
-            if r.is_ok() {
-                let config = &ctx.config;
-                r = conn
-                    .run(config.copy_mode, &ctx.pipes, config.tcp_fin_timeout)
-                    .await;
-            }
-            if let Err(e) = r {
-                tracing::debug!(service = %service.name, backend = %conn.endpoint.addr, error = %e, "connection ended with an error");
+            match proxy_protocol::send(service.proxy_protocol(), &conn).await {
+                Ok(()) => drive(conn, &ctx).await,
+                Err(e) => {
+                    tracing::debug!(service = %service.name, backend = %conn.endpoint.addr, error = %e, "connection ended with an error")
+                }
             }
         }
         Err(e) => {
@@ -202,4 +216,107 @@ async fn serve(client: TcpStream, peer: SocketAddr, service: Arc<Service>, ctx: 
     }
     stats.active.fetch_sub(1, Relaxed);
     ctx.closed_since_release.fetch_add(1, Relaxed);
+}
+
+/// Runs a connection to its end, or until a hand-over parks it and takes
+/// it (when no hand-over collects it any more, it runs on here).
+async fn drive(conn: Connection, ctx: &Context) {
+    let config = &ctx.config;
+    let (mode, fin) = (config.copy_mode, config.tcp_fin_timeout);
+    let r = match conn.run_parkable(mode, &ctx.pipes, fin, &ctx.park).await {
+        Ok(Stopped::Done) => return,
+        Ok(Stopped::Parked) => match ctx.hand_over(conn) {
+            Ok(()) => return,
+            Err(conn) => {
+                let r = conn.run(mode, &ctx.pipes, fin).await;
+                if let Err(e) = r {
+                    tracing::debug!(service = %conn.service.name, backend = %conn.endpoint.addr, error = %e, "connection ended with an error");
+                }
+                return;
+            }
+        },
+        Err(e) => e,
+    };
+    tracing::debug!(service = %conn.service.name, backend = %conn.endpoint.addr, error = %r, "connection ended with an error");
+}
+
+/// Runs a connection handed over by the previous process (or given back
+/// by a failed hand-over) on one of the workers: both sockets, its
+/// service port and endpoint, its flows as they were. It counts in the
+/// service's open connections and takes a `--max-connections` permit if
+/// one is free (it is served either way).
+#[allow(clippy::too_many_arguments)]
+pub fn resume(
+    client: std::net::TcpStream,
+    backend: std::net::TcpStream,
+    peer: SocketAddr,
+    service: Arc<Service>,
+    endpoint: Arc<super::balancer::Backend>,
+    up: Flow,
+    down: Flow,
+    ctx: &Arc<Context>,
+) -> io::Result<()> {
+    client.set_nonblocking(true)?;
+    backend.set_nonblocking(true)?;
+    let current;
+    let runtimes = match &ctx.workers {
+        Some(w) => w.handles(),
+        None => {
+            current = [tokio::runtime::Handle::try_current().map_err(io::Error::other)?];
+            &current[..]
+        }
+    };
+    let rt = &runtimes[usize::from(peer.port()) % runtimes.len()];
+    let (client, backend) = {
+        let _entered = rt.enter();
+        (TcpStream::from_std(client)?, TcpStream::from_std(backend)?)
+    };
+    let permit = ctx
+        .connection_limit
+        .as_ref()
+        .and_then(|l| Arc::clone(l).try_acquire_owned().ok());
+    let conn = Connection::resume(
+        client,
+        backend,
+        peer,
+        Arc::clone(&service),
+        endpoint,
+        up,
+        down,
+    );
+    service.stats.active.fetch_add(1, Relaxed);
+    let ctx2 = Arc::clone(ctx);
+    rt.spawn(ctx.tracker.track_future(async move {
+        drive(conn, &ctx2).await;
+        drop(permit);
+        service.stats.active.fetch_sub(1, Relaxed);
+        ctx2.closed_since_release.fetch_add(1, Relaxed);
+    }));
+    Ok(())
+}
+
+/// Runs `conn` to its end on a worker (a parked connection no hand-over
+/// could take): it counts in the service's open connections again.
+pub fn run_here(conn: Connection, ctx: &Arc<Context>) {
+    let rt = match &ctx.workers {
+        Some(w) => w.handles().first().cloned(),
+        None => tokio::runtime::Handle::try_current().ok(),
+    };
+    let Some(rt) = rt else {
+        return; // no runtime left: the connection closes
+    };
+    let service = Arc::clone(&conn.service);
+    service.stats.active.fetch_add(1, Relaxed);
+    let ctx2 = Arc::clone(ctx);
+    rt.spawn(ctx.tracker.track_future(async move {
+        let config = &ctx2.config;
+        if let Err(e) = conn
+            .run(config.copy_mode, &ctx2.pipes, config.tcp_fin_timeout)
+            .await
+        {
+            tracing::debug!(service = %service.name, error = %e, "connection ended with an error");
+        }
+        drop(conn);
+        service.stats.active.fetch_sub(1, Relaxed);
+    }));
 }

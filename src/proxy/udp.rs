@@ -73,7 +73,16 @@ pub fn bind(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
 pub struct UdpHandle {
     /// The port it listens on.
     pub port: u16,
+    /// A duplicate of its socket, for a hand-over to the next process.
+    socket: std::os::fd::OwnedFd,
     stop: CancellationToken,
+}
+
+impl UdpHandle {
+    /// A new duplicate of the listening socket.
+    pub fn duplicate(&self) -> io::Result<std::os::fd::OwnedFd> {
+        self.socket.try_clone()
+    }
 }
 
 impl Drop for UdpHandle {
@@ -124,6 +133,7 @@ pub fn spawn(
     ctx: Arc<Context>,
 ) -> io::Result<UdpHandle> {
     let local = socket.local_addr()?;
+    let dup = std::os::fd::OwnedFd::from(socket.try_clone()?);
     let stop = ctx.shutdown.child_token();
     let shared = Arc::new(Shared {
         listener: UdpSocket::from_std(socket)?,
@@ -136,6 +146,7 @@ pub fn spawn(
     tokio::spawn(receive_loop(shared, stop.clone()));
     Ok(UdpHandle {
         port: local.port(),
+        socket: dup,
         stop,
     })
 }

@@ -99,6 +99,11 @@ impl ProxyProc {
             ])
             .args(extra)
             .stdout(Stdio::null());
+        // A hand-over socket of its own (next to its manifests, so a
+        // restart on the same directory takes over) unless the test names one.
+        if !extra.contains(&"--handover-socket") {
+            cmd.arg("--handover-socket").arg(dir.join("handover.sock"));
+        }
         // An ephemeral port unless the test names one.
         if !extra.contains(&"--healthz-bind-address") {
             cmd.args(["--healthz-bind-address", "127.0.0.1:0"]);
