@@ -82,14 +82,7 @@ pub fn spawn(
     };
     let local = first.local_addr()?;
     let stop = ctx.shutdown.child_token();
-    let current;
-    let runtimes = match &ctx.workers {
-        Some(w) => w.handles(),
-        None => {
-            current = [tokio::runtime::Handle::try_current().map_err(io::Error::other)?];
-            &current[..]
-        }
-    };
+    let runtimes = runtimes(&ctx)?;
     let mut sockets = listeners;
     while sockets.len() < runtimes.len() {
         sockets.push(bind(local)?);
@@ -115,6 +108,17 @@ pub fn spawn(
         sockets: dups,
         stop,
     })
+}
+
+/// The runtimes TCP connections run on: the workers, or without them the
+/// current runtime.
+fn runtimes(ctx: &Context) -> io::Result<Vec<tokio::runtime::Handle>> {
+    match &ctx.workers {
+        Some(w) => Ok(w.handles().to_vec()),
+        None => Ok(vec![
+            tokio::runtime::Handle::try_current().map_err(io::Error::other)?
+        ]),
+    }
 }
 
 async fn accept_loop(
@@ -258,14 +262,7 @@ pub fn resume(
 ) -> io::Result<()> {
     client.set_nonblocking(true)?;
     backend.set_nonblocking(true)?;
-    let current;
-    let runtimes = match &ctx.workers {
-        Some(w) => w.handles(),
-        None => {
-            current = [tokio::runtime::Handle::try_current().map_err(io::Error::other)?];
-            &current[..]
-        }
-    };
+    let runtimes = runtimes(ctx)?;
     let rt = &runtimes[usize::from(peer.port()) % runtimes.len()];
     let (client, backend) = {
         let _entered = rt.enter();
