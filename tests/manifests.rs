@@ -14,6 +14,25 @@ use tokio_util::sync::CancellationToken;
 
 const BIN: &str = env!("CARGO_BIN_EXE_kube-userspace-proxy");
 
+/// The proxy serving `dir` on 127.0.0.1, quietly, with no iptables and
+/// admin servers on free ports.
+fn proxy_on(dir: &std::path::Path) -> Command {
+    let mut c = Command::new(BIN);
+    c.arg("--manifests").arg(dir).args([
+        "--bind-address",
+        "127.0.0.1",
+        "--log-level",
+        "warn",
+        "--iptables",
+        "off",
+        "--metrics-bind-address",
+        "127.0.0.1:0",
+        "--healthz-bind-address",
+        "127.0.0.1:0",
+    ]);
+    c
+}
+
 fn service_yaml(name: &str, port: &str, node_port: Option<u16>) -> String {
     let np = node_port
         .map(|p| format!("\n      nodePort: {p}"))
@@ -227,26 +246,7 @@ async fn the_binary_serves_a_directory_and_follows_edits() {
         )
     };
     write(dir.path(), "web.yaml", &body(a.port()));
-    let _child = Child(
-        Command::new(BIN)
-            .args(["--manifests"])
-            .arg(dir.path())
-            .args([
-                "--bind-address",
-                "127.0.0.1",
-                "--log-level",
-                "warn",
-                "--iptables",
-                "off",
-                "--metrics-bind-address",
-                "127.0.0.1:0",
-                "--healthz-bind-address",
-                "127.0.0.1:0",
-            ])
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let _child = Child(proxy_on(dir.path()).stdout(Stdio::null()).spawn().unwrap());
     let addr = localhost(node_port);
     assert!(
         eventually(Duration::from_secs(10), || std::net::TcpStream::connect(
@@ -389,20 +389,8 @@ async fn hostile_files_stall_neither_traffic_nor_the_other_files() {
     let grow_head = service_manifest("grow", grow_port, &[grow_backend]);
     write(dir.path(), "growing.yaml", &grow_head);
 
-    let mut child = Command::new(BIN)
-        .arg("--manifests")
-        .arg(dir.path())
+    let mut child = proxy_on(dir.path())
         .args([
-            "--bind-address",
-            "127.0.0.1",
-            "--log-level",
-            "warn",
-            "--iptables",
-            "off",
-            "--metrics-bind-address",
-            "127.0.0.1:0",
-            "--healthz-bind-address",
-            "127.0.0.1:0",
             // One worker: anything that blocks it in the manifests path
             // stops the data path too, so the test catches it for sure.
             "--worker-threads",
