@@ -46,14 +46,15 @@ use std::cell::RefCell;
 use std::io;
 use std::net::{Shutdown, SocketAddr};
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use nix::sys::socket::MsgFlags;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
-use tokio_util::sync::CancellationToken;
+use tokio::sync::Notify;
 
 use super::balancer::Backend;
 use super::splice::{splice_io, Lease, PipePool, PIPE_SIZE};
@@ -95,6 +96,28 @@ thread_local! {
     /// thread runs: a read is written out before the next await, so no
     /// connection keeps it.
     static SCRATCH: RefCell<Vec<u8>> = RefCell::new(vec![0; COPY_CHUNK]);
+}
+
+/// The hand-over's signal to every connection: stop at the next safe
+/// point. Checking it is one atomic load; a connection registers its task
+/// once to be woken when it is raised, not at every wait for bytes.
+#[derive(Debug, Default)]
+pub struct Park {
+    raised: AtomicBool,
+    notify: Notify,
+}
+
+impl Park {
+    /// Raises it: every connection parks at its next safe point.
+    pub fn raise(&self) {
+        self.raised.store(true, SeqCst);
+        self.notify.notify_waiters();
+    }
+
+    /// Whether it was raised.
+    pub fn is_raised(&self) -> bool {
+        self.raised.load(SeqCst)
+    }
 }
 
 /// Which way bytes go.
@@ -278,13 +301,12 @@ impl Connection {
         pipes: &PipePool,
         fin_timeout: Duration,
     ) -> io::Result<()> {
-        let never = CancellationToken::new();
-        self.run_parkable(mode, pipes, fin_timeout, &never)
+        self.run_parkable(mode, pipes, fin_timeout, &Park::default())
             .await
             .map(|_| ())
     }
 
-    /// As [`Self::run`], but once `park` is cancelled each direction stops
+    /// As [`Self::run`], but once `park` is raised each direction stops
     /// at its next safe point (see [`Stopped::Parked`]) and the connection
     /// is given back instead of finishing.
     pub async fn run_parkable(
@@ -292,7 +314,7 @@ impl Connection {
         mode: CopyMode,
         pipes: &PipePool,
         fin_timeout: Duration,
-        park: &CancellationToken,
+        park: &Park,
     ) -> io::Result<Stopped> {
         let pump = |dir: Dir| async move {
             if self.flow(dir).ended() {
@@ -301,10 +323,20 @@ impl Connection {
                 self.pump(dir, mode, pipes, park).await
             }
         };
+        // Registered once for the whole connection: a raise wakes this
+        // task wherever it waits, and each wait checks the flag.
+        let raised = park.notify.notified();
+        tokio::pin!(raised);
+        std::future::poll_fn(|cx| {
+            let _ = std::future::Future::poll(raised.as_mut(), cx);
+            Poll::Ready(())
+        })
+        .await;
         let up = pump(Dir::Up);
         let down = pump(Dir::Down);
         tokio::pin!(up, down);
         let result = tokio::select! {
+            biased;
             r = &mut up => match r {
                 Ok(Stopped::Done) => finish_half_closed(down, &self.down, fin_timeout).await,
                 Ok(Stopped::Parked) => down.await.map(|_| Stopped::Parked),
@@ -331,13 +363,13 @@ impl Connection {
         dir: Dir,
         mode: CopyMode,
         pipes: &PipePool,
-        park: &CancellationToken,
+        park: &Park,
     ) -> io::Result<Stopped> {
         let mut held = Vec::new();
         let mut bulk = mode == CopyMode::Splice;
         loop {
             // Nothing held here: every byte read so far was written.
-            if park.is_cancelled() {
+            if park.is_raised() {
                 return Ok(Stopped::Parked);
             }
             if bulk {
@@ -392,7 +424,7 @@ impl Connection {
         dir: Dir,
         cap: usize,
         held: &mut Vec<u8>,
-        park: &CancellationToken,
+        park: &Park,
     ) -> io::Result<Read> {
         let (src, dst) = self.ends(dir);
         loop {
@@ -425,10 +457,11 @@ impl Connection {
             })?;
             match read {
                 // Waiting for bytes with none held: a safe point.
-                None => tokio::select! {
-                    r = src.readable() => r?,
-                    _ = park.cancelled() => return Ok(Read::Parked),
-                },
+                None => {
+                    if !readable(src, park).await? {
+                        return Ok(Read::Parked);
+                    }
+                }
                 Some(0) => return Ok(Read::Eof),
                 Some(n) => {
                     self.flush(dir, held).await?;
@@ -443,7 +476,7 @@ impl Connection {
         let (_, dst) = self.ends(dir);
         let mut off = 0;
         while off < held.len() {
-            dst.writable().await?;
+            writable(dst).await?;
             let m = write_now(dst, &held[off..])?;
             self.count(dir, m);
             off += m;
@@ -458,13 +491,12 @@ impl Connection {
         dir: Dir,
         pipes: &PipePool,
         auto: bool,
-        park: &CancellationToken,
+        park: &Park,
     ) -> io::Result<Burst> {
         let (src, dst) = self.ends(dir);
         // No pipe taken yet: a safe point.
-        tokio::select! {
-            r = src.readable() => r?,
-            _ = park.cancelled() => return Ok(Burst::Parked),
+        if !readable(src, park).await? {
+            return Ok(Burst::Parked);
         }
         let Some(pipe) = pipes.take() else {
             return Ok(Burst::NoPipe);
@@ -487,7 +519,7 @@ impl Connection {
                         lease.pending -= m;
                         self.count(dir, m);
                     }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => dst.writable().await?,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => writable(dst).await?,
                     Err(e) => return Err(e),
                 }
             }
@@ -518,6 +550,24 @@ enum Burst {
     Small,
     /// No pipe could be had: copy this chunk.
     NoPipe,
+}
+
+/// Waits until `src` is readable (true) or `park` is raised (false).
+/// `poll_read_ready` keeps one waker slot per socket instead of a waiter
+/// list entry per wait; only this direction reads `src`.
+async fn readable(src: &TcpStream, park: &Park) -> io::Result<bool> {
+    std::future::poll_fn(|cx| {
+        if park.is_raised() {
+            return Poll::Ready(Ok(false));
+        }
+        src.poll_read_ready(cx).map_ok(|()| true)
+    })
+    .await
+}
+
+/// Waits until `dst` is writable; only the other direction writes it.
+async fn writable(dst: &TcpStream) -> io::Result<()> {
+    std::future::poll_fn(|cx| dst.poll_write_ready(cx)).await
 }
 
 /// `recv(2)` on a non-blocking socket (`EAGAIN` as `WouldBlock`).

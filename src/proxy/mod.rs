@@ -115,9 +115,9 @@ pub struct Context {
     pub closed_since_release: AtomicU64,
     /// The data path's threads (none: TCP runs on the caller's runtime).
     pub workers: Option<Workers>,
-    /// Cancelled to hand the connections over: each parks at a safe point
+    /// Raised to hand the connections over: each parks at a safe point
     /// and goes to `parked`.
-    pub park: CancellationToken,
+    pub park: conn::Park,
     /// Where parked connections go while a hand-over collects them; none:
     /// a parked connection runs on here.
     pub parked: std::sync::Mutex<Option<std::sync::mpsc::Sender<Connection>>>,
@@ -132,7 +132,7 @@ impl Context {
         if let Ok(mut p) = self.parked.lock() {
             *p = Some(tx);
         }
-        self.park.cancel();
+        self.park.raise();
         rx
     }
 
@@ -494,7 +494,7 @@ impl Proxier {
             connection_limit,
             limit_waits: AtomicU64::new(0),
             closed_since_release: AtomicU64::new(0),
-            park: CancellationToken::new(),
+            park: conn::Park::default(),
             parked: std::sync::Mutex::new(None),
         });
         if let Ok(rt) = tokio::runtime::Handle::try_current() {

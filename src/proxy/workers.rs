@@ -34,8 +34,11 @@ impl Workers {
         let stop = CancellationToken::new();
         let mut handles = Vec::with_capacity(count.max(1));
         for i in 0..count.max(1) {
+            // I/O and timers only: no signal or process driver to poll at
+            // every park.
             let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
+                .enable_io()
+                .enable_time()
                 .build()?;
             handles.push(rt.handle().clone());
             let stop = stop.clone();
