@@ -54,10 +54,19 @@ manifests "$work/copy" 28094
 manifests "$work/auto1" 28096
 common="--bind-address 127.0.0.1 --iptables off --metrics-bind-address 127.0.0.1:0 --healthz-bind-address 127.0.0.1:0 --log-level warn"
 
+# The floor: a minimal C epoll proxy (benches/floor.c) with no work of its
+# own, so its row is what the kernel alone costs; the gap between it and a
+# kusp row is ours. Left out when no C compiler is there.
+floor=()
+if command -v cc >/dev/null && cc -O2 -pthread -o "$work/floor" benches/floor.c; then
+  floor=("floor=28098=$work/floor 28098 $(nproc)")
+fi
+
 echo "# $(date -u +%F) $(nproc) cpus, $(uname -r); kube-userspace-proxy $(git rev-parse --short HEAD)"
 # kusp-auto is what a user gets: no flags beyond the addresses.
 python3 benches/peers.py \
   "kusp-auto=28090=$bin --manifests $work/auto $common" \
   "kusp-splice=28092=$bin --manifests $work/splice --copy-mode splice $common" \
   "kusp-copy=28094=$bin --manifests $work/copy --copy-mode copy $common" \
-  "kusp-auto-1t=28096=$bin --manifests $work/auto1 --worker-threads 1 $common"
+  "kusp-auto-1t=28096=$bin --manifests $work/auto1 --worker-threads 1 $common" \
+  "${floor[@]}"
