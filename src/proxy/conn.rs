@@ -617,3 +617,129 @@ async fn finish_half_closed(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Protocol, ServicePortName};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    /// A connection over loopback, with the client's and the backend's
+    /// far ends.
+    async fn connection() -> (Connection, TcpStream, TcpStream) {
+        let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let back = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client_end = TcpStream::connect(front.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (client, peer) = front.accept().await.unwrap();
+        let backend = TcpStream::connect(back.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (backend_end, _) = back.accept().await.unwrap();
+        let service = Arc::new(Service::new(ServicePortName {
+            namespace: "ns".into(),
+            name: "park".into(),
+            port_name: String::new(),
+            protocol: Protocol::Tcp,
+        }));
+        let endpoint = Arc::new(Backend::detached(back.local_addr().unwrap()));
+        let conn = Connection::new(client, backend, peer, service, endpoint);
+        (conn, client_end, backend_end)
+    }
+
+    /// One message each way through whatever drives `conn`.
+    async fn exchange(client: &mut TcpStream, backend: &mut TcpStream) {
+        let mut buf = [0; 4];
+        client.write_all(b"ping").await.unwrap();
+        backend.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"ping");
+        backend.write_all(b"pong").await.unwrap();
+        client.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"pong");
+    }
+
+    /// Runs `conn` parkably on a task of its own, as `tcp::drive` does:
+    /// only a raise (not the test's own task) can wake it.
+    fn spawn_parkable(
+        conn: Arc<Connection>,
+        mode: CopyMode,
+        pipes: &Arc<PipePool>,
+        park: &Arc<Park>,
+    ) -> tokio::task::JoinHandle<io::Result<Stopped>> {
+        let (pipes, park) = (Arc::clone(pipes), Arc::clone(park));
+        tokio::spawn(async move {
+            conn.run_parkable(mode, &pipes, Duration::from_secs(60), &park)
+                .await
+        })
+    }
+
+    /// The hand-over must reach a connection that waits for bytes and will
+    /// get none: its task is woken by the raise, not by traffic.
+    #[tokio::test]
+    async fn an_idle_connection_parks_when_the_park_is_raised_and_runs_on_after() {
+        let pipes = Arc::new(PipePool::new(4, 16));
+        for mode in [CopyMode::Auto, CopyMode::Splice, CopyMode::Copy] {
+            let (conn, mut client, mut backend) = connection().await;
+            let conn = Arc::new(conn);
+            let park = Arc::new(Park::default());
+            let task = spawn_parkable(Arc::clone(&conn), mode, &pipes, &park);
+            exchange(&mut client, &mut backend).await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            park.raise();
+            let stopped = tokio::time::timeout(Duration::from_secs(2), task)
+                .await
+                .unwrap_or_else(|_| panic!("{mode}: an idle connection did not park"));
+            assert_eq!(stopped.unwrap().unwrap(), Stopped::Parked, "{mode}");
+            assert_eq!((conn.up.bytes(), conn.down.bytes()), (4, 4), "{mode}");
+            assert!(!conn.up.ended() && !conn.down.ended(), "{mode}");
+
+            // Resumed (as the next process does), it carries on.
+            let run = conn.run(mode, &pipes, Duration::from_secs(60));
+            let more = async {
+                exchange(&mut client, &mut backend).await;
+                drop(client);
+                drop(backend);
+            };
+            let (done, ()) =
+                tokio::time::timeout(Duration::from_secs(5), async { tokio::join!(run, more) })
+                    .await
+                    .unwrap_or_else(|_| panic!("{mode}: the resumed connection did not end"));
+            assert!(done.is_ok(), "{mode}: {done:?}");
+            assert_eq!((conn.up.bytes(), conn.down.bytes()), (8, 8), "{mode}");
+        }
+    }
+
+    /// A park raised before the connection runs, and one raised while a
+    /// direction is already half-closed, both park at once.
+    #[tokio::test]
+    async fn a_park_raised_early_or_on_a_half_closed_connection_parks() {
+        let pipes = Arc::new(PipePool::new(4, 16));
+
+        let (conn, _client, _backend) = connection().await;
+        let park = Arc::new(Park::default());
+        park.raise();
+        let task = spawn_parkable(Arc::new(conn), CopyMode::Auto, &pipes, &park);
+        let stopped = tokio::time::timeout(Duration::from_secs(2), task)
+            .await
+            .expect("parks at once");
+        assert_eq!(stopped.unwrap().unwrap(), Stopped::Parked);
+
+        let (conn, mut client, mut backend) = connection().await;
+        let conn = Arc::new(conn);
+        let park = Arc::new(Park::default());
+        let task = spawn_parkable(Arc::clone(&conn), CopyMode::Auto, &pipes, &park);
+        exchange(&mut client, &mut backend).await;
+        client.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        backend.read_to_end(&mut rest).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        park.raise();
+        let stopped = tokio::time::timeout(Duration::from_secs(2), task)
+            .await
+            .expect("a half-closed connection parks");
+        assert_eq!(stopped.unwrap().unwrap(), Stopped::Parked);
+        assert!(conn.up.ended() && !conn.down.ended());
+    }
+}
