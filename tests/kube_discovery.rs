@@ -605,12 +605,19 @@ fn free_port() -> u16 {
 
 /// Starts the binary on the host: loopback only, no iptables.
 fn proxy_on_host(kubeconfig: &std::path::Path, healthz: u16, via_env: bool) -> Proxy {
-    proxy_on_host_with(kubeconfig, healthz, via_env, &[])
+    proxy_on_host_with(kubeconfig, healthz, 0, via_env, &[])
 }
 
+/// A proxy on the host with its `/metrics` on `metrics`.
+fn proxy_with_metrics(kubeconfig: &std::path::Path, metrics: u16) -> Proxy {
+    proxy_on_host_with(kubeconfig, 0, metrics, false, &[])
+}
+
+/// As [`proxy_on_host`], with the metrics port (0: any) and `extra` flags.
 fn proxy_on_host_with(
     kubeconfig: &std::path::Path,
     healthz: u16,
+    metrics: u16,
     via_env: bool,
     extra: &[&str],
 ) -> Proxy {
@@ -627,7 +634,7 @@ fn proxy_on_host_with(
             "--bind-address",
             "127.0.0.1",
             "--metrics-bind-address",
-            "127.0.0.1:0",
+            &format!("127.0.0.1:{metrics}"),
             "--healthz-bind-address",
             &format!("127.0.0.1:{healthz}"),
             "--hostname-override",
@@ -655,7 +662,7 @@ async fn readyz_is_503_until_the_first_list_then_200() {
     let healthz = free_port();
     // KUBECONFIG alone selects Kubernetes discovery. A short sync period:
     // /healthz would turn 503 after two of them if waiting counted as stale.
-    let _proxy = proxy_on_host_with(&kc, healthz, true, &["--iptables-sync-period", "1s"]);
+    let _proxy = proxy_on_host_with(&kc, healthz, 0, true, &["--iptables-sync-period", "1s"]);
     let mut code = None;
     for _ in 0..200 {
         code = try_get(healthz, "/readyz").await;
@@ -690,14 +697,7 @@ async fn api_restart_mid_run_keeps_open_connections_and_converges() {
     let echo = echo_backend().await;
     let api = FakeApi::new().await;
     let (np1, np2) = (free_port(), free_port());
-    api.apply(node_port_service("ns", "web", "10.96.0.10", 80, np1));
-    api.apply(slice(
-        "ns",
-        "web-a",
-        "web",
-        echo.port(),
-        &[("127.0.0.1", true, None)],
-    ));
+    apply_echo_service(&api, "web", "10.96.0.10", np1, echo);
     let dir = tempfile::tempdir().unwrap();
     let kc = api.kubeconfig(dir.path());
     let _proxy = proxy_on_host(&kc, free_port(), false);
@@ -723,14 +723,7 @@ async fn api_restart_mid_run_keeps_open_connections_and_converges() {
     conn.write_all(b"still").await.unwrap();
     conn.read_exact(&mut buf).await.unwrap();
     assert_eq!(&buf, b"still", "open connection survives the API outage");
-    api.apply(node_port_service("ns", "db", "10.96.0.11", 80, np2));
-    api.apply(slice(
-        "ns",
-        "db-a",
-        "db",
-        echo.port(),
-        &[("127.0.0.1", true, None)],
-    ));
+    apply_echo_service(&api, "db", "10.96.0.11", np2, echo);
     api.start().await;
 
     let db = localhost(np2);
@@ -760,26 +753,23 @@ async fn api_restart_mid_run_keeps_open_connections_and_converges() {
     assert_eq!(&buf, b"final");
 }
 
-/// A proxy on the host with its `/metrics` on `metrics`.
-fn proxy_with_metrics(kubeconfig: &std::path::Path, metrics: u16) -> Proxy {
-    let mut cmd = Command::new(BIN);
-    cmd.arg("--kubeconfig")
-        .arg(kubeconfig)
-        .env_remove("KUBERNETES_SERVICE_HOST")
-        .args([
-            "--iptables",
-            "off",
-            "--bind-address",
-            "127.0.0.1",
-            "--metrics-bind-address",
-            &format!("127.0.0.1:{metrics}"),
-            "--healthz-bind-address",
-            "127.0.0.1:0",
-            "--log-level",
-            "warn",
-        ])
-        .stdout(Stdio::null());
-    Proxy(cmd.spawn().unwrap())
+/// Applies nodePort Service `ns/name` with one ready endpoint: `echo`
+/// on 127.0.0.1.
+fn apply_echo_service(
+    api: &FakeApi,
+    name: &str,
+    cluster_ip: &str,
+    node_port: u16,
+    echo: SocketAddr,
+) {
+    api.apply(node_port_service("ns", name, cluster_ip, 80, node_port));
+    api.apply(slice(
+        "ns",
+        &format!("{name}-a"),
+        name,
+        echo.port(),
+        &[("127.0.0.1", true, None)],
+    ));
 }
 
 /// The value of the first `/metrics` line starting with `prefix`.
@@ -796,25 +786,8 @@ async fn a_restart_on_a_fresh_store_serves_new_services_within_2s_and_closes_van
     let echo = echo_backend().await;
     let api = FakeApi::new().await;
     let (np_web, np_old, np_new) = (free_port(), free_port(), free_port());
-    let web = |api: &FakeApi| {
-        api.apply(node_port_service("ns", "web", "10.96.0.10", 80, np_web));
-        api.apply(slice(
-            "ns",
-            "web-a",
-            "web",
-            echo.port(),
-            &[("127.0.0.1", true, None)],
-        ));
-    };
-    web(&api);
-    api.apply(node_port_service("ns", "old", "10.96.0.11", 80, np_old));
-    api.apply(slice(
-        "ns",
-        "old-a",
-        "old",
-        echo.port(),
-        &[("127.0.0.1", true, None)],
-    ));
+    apply_echo_service(&api, "web", "10.96.0.10", np_web, echo);
+    apply_echo_service(&api, "old", "10.96.0.11", np_old, echo);
     // Versions the fresh store will not reach for a long time.
     for i in 0..50 {
         api.apply(service("churn", &format!("s{i}"), "10.96.1.1", 80));
@@ -841,15 +814,8 @@ async fn a_restart_on_a_fresh_store_serves_new_services_within_2s_and_closes_van
     // as after a restore; web is created again, old never is.
     api.start_fresh(5).await;
     let t = Instant::now();
-    web(&api);
-    api.apply(node_port_service("ns", "new", "10.96.0.12", 80, np_new));
-    api.apply(slice(
-        "ns",
-        "new-a",
-        "new",
-        echo.port(),
-        &[("127.0.0.1", true, None)],
-    ));
+    apply_echo_service(&api, "web", "10.96.0.10", np_web, echo);
+    apply_echo_service(&api, "new", "10.96.0.12", np_new, echo);
     let served = eventually(Duration::from_secs(10), || {
         std::net::TcpStream::connect(at_new).is_ok()
     })
@@ -1106,14 +1072,7 @@ async fn a_new_service_is_served_within_a_second_and_type_changes_re_home_it() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
 
     let t = Instant::now();
-    api.apply(node_port_service("ns", "web", "10.96.0.10", 80, np1));
-    api.apply(slice(
-        "ns",
-        "web-a",
-        "web",
-        echo.port(),
-        &[("127.0.0.1", true, None)],
-    ));
+    apply_echo_service(&api, "web", "10.96.0.10", np1, echo);
     let mut served = false;
     while t.elapsed() < Duration::from_secs(10) {
         if tokio::net::TcpStream::connect(at1).await.is_ok() {
