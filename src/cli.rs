@@ -124,10 +124,12 @@ pub struct RunArgs {
     #[arg(long, default_value_t = crate::proxy::DEFAULT_UDP_MAX_SESSIONS)]
     pub udp_max_sessions: usize,
     /// Most TCP client connections open at once, all services together;
-    /// further clients wait in the listen backlog. Default: from the fd
-    /// limit (raised to its hard maximum at start-up), two fds a
-    /// connection after a reserve, so accepted clients never leave no fd
-    /// to dial their backend. 0: no limit.
+    /// further clients wait in the listen backlog. Default: what the fd
+    /// limit (raised to its hard maximum at start-up) leaves after the
+    /// process's own share, every Service port's listener and a headroom
+    /// for pipes and UDP sessions, two fds a connection; it follows the
+    /// number of Service ports. A value the fd limit cannot hold is
+    /// refused at start-up. 0: no limit.
     #[arg(long)]
     pub max_connections: Option<usize>,
     /// Once one side of a connection has closed, the other direction is
@@ -135,6 +137,20 @@ pub struct RunArgs {
     /// its backend never answers holds nothing for ever).
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     pub tcp_fin_timeout: Duration,
+    /// TCP keepalive on both sockets of every proxied connection: idle
+    /// time before the first probe (`TCP_KEEPIDLE`). A client or backend
+    /// that vanished without FIN or RST is found after time + probes ×
+    /// interval, and its connection closed. Go's default, which upstream's
+    /// userspace proxy had. 0 turns keepalive off.
+    #[arg(long, default_value = "15s", value_parser = parse_keepalive_time)]
+    pub tcp_keepalive_time: Duration,
+    /// Time between keepalive probes (`TCP_KEEPINTVL`).
+    #[arg(long, default_value = "15s", value_parser = parse_keepalive_interval)]
+    pub tcp_keepalive_interval: Duration,
+    /// Unanswered keepalive probes before the peer is declared dead
+    /// (`TCP_KEEPCNT`).
+    #[arg(long, default_value_t = 9, value_parser = clap::value_parser!(u32).range(1..=127))]
+    pub tcp_keepalive_probes: u32,
     /// Threads moving TCP bytes, each with its own event loop and its own
     /// `SO_REUSEPORT` socket per service port: a connection stays on the
     /// thread that accepted it (HAProxy's `nbthread`). Default: the CPUs
@@ -233,6 +249,29 @@ pub struct StatusArgs {
 /// A list of durations (`--dial-timeouts`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Durations(pub Vec<Duration>);
+
+/// The kernel's range of `TCP_KEEPIDLE` and `TCP_KEEPINTVL`, whole seconds.
+const KEEPALIVE_MAX_SECS: u64 = 32_767;
+
+/// `--tcp-keepalive-time`: 0 (off) or 1 s to 32,767 s, whole seconds.
+fn parse_keepalive_time(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    if d.is_zero() {
+        return Ok(d);
+    }
+    parse_keepalive_interval(s)
+}
+
+/// `--tcp-keepalive-interval`: 1 s to 32,767 s, whole seconds.
+fn parse_keepalive_interval(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    if d.subsec_nanos() != 0 || d.as_secs() == 0 || d.as_secs() > KEEPALIVE_MAX_SECS {
+        return Err(format!(
+            "{s:?}: TCP keepalive takes whole seconds from 1s to {KEEPALIVE_MAX_SECS}s"
+        ));
+    }
+    Ok(d)
+}
 
 fn parse_durations(s: &str) -> Result<Durations, String> {
     let v = s

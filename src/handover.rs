@@ -40,9 +40,8 @@
 //! unreachable socket (no file, or nobody listening: a stale file after
 //! `kill -9`) means no predecessor: the new process starts as usual.
 
-use std::collections::BTreeMap;
 use std::io::{self, IoSlice, IoSliceMut};
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -54,6 +53,9 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::model::ServicePortName;
+pub use crate::proxy::carry::{
+    BackendCounters, Carried, Counters, Exported, Inherited, Kind, ListenerDesc, SharedFd,
+};
 use crate::proxy::{Connection, Context};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -77,71 +79,6 @@ const MAX_MESSAGE: usize = 64 * 1024;
 
 /// Most fds attached to one message (the kernel's `SCM_MAX_FD` is 253).
 const MAX_FDS: usize = 253;
-
-/// Counters of a service port carried over so metrics continue.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Counters {
-    /// Client connections accepted.
-    pub accepted: u64,
-    /// Connections that reached a backend and ended.
-    pub completed: u64,
-    /// Connections closed because no backend could be reached.
-    pub failed: u64,
-    /// Bytes client → backend.
-    pub bytes_in: u64,
-    /// Bytes backend → client.
-    pub bytes_out: u64,
-    /// UDP datagrams from clients.
-    pub datagrams_in: u64,
-    /// UDP datagrams to clients.
-    pub datagrams_out: u64,
-}
-
-/// Counters of one endpoint of a service port, carried over.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct BackendCounters {
-    /// The endpoint.
-    pub addr: SocketAddr,
-    /// Connections ever established to it.
-    pub total: u64,
-    /// Dials that failed.
-    pub dial_failures: u64,
-    /// Bytes sent to it.
-    pub bytes_in: u64,
-    /// Bytes received from it.
-    pub bytes_out: u64,
-}
-
-/// What a handed-over socket is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Kind {
-    /// A TCP service port: one `SO_REUSEPORT` socket per worker of the old process.
-    Tcp,
-    /// A UDP service port.
-    Udp,
-    /// The `--metrics-bind-address` listener.
-    Metrics,
-    /// The `--healthz-bind-address` listener.
-    Healthz,
-}
-
-/// The description of one handed-over listener (its fds travel beside it).
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct ListenerDesc {
-    /// What it is.
-    pub kind: Kind,
-    /// The service port, for `Tcp` and `Udp`.
-    pub service: Option<ServicePortName>,
-    /// The port it is bound to.
-    pub port: u16,
-    /// The service port's counters at the time of the hand-over.
-    #[serde(default)]
-    pub counters: Counters,
-    /// Its endpoints' counters (the internal endpoint set's).
-    #[serde(default)]
-    pub backends: Vec<BackendCounters>,
-}
 
 /// A TCP connection handed over: its fds (client, backend) travel beside
 /// it; what else the new process needs to go on.
@@ -195,16 +132,6 @@ enum Msg {
     Serving { pid: u32 },
     Connections { conns: Vec<ConnDesc> },
     End { connections: usize },
-}
-
-/// A listener exported by the running process: its description and
-/// duplicates of its fds (closed once sent).
-#[derive(Debug)]
-pub struct Exported {
-    /// What it is.
-    pub desc: ListenerDesc,
-    /// Duplicates of its sockets.
-    pub fds: Vec<OwnedFd>,
 }
 
 /// A request from the hand-over server to the run loop: export every
@@ -310,48 +237,6 @@ fn seqpacket() -> io::Result<socket2::Socket> {
     s.set_read_timeout(Some(STEP_TIMEOUT))?;
     s.set_write_timeout(Some(STEP_TIMEOUT))?;
     Ok(s)
-}
-
-/// The counters of a service port and of its endpoints, carried over.
-pub type Carried = (Counters, Vec<BackendCounters>);
-
-/// The sockets received from the previous process, waiting to be adopted.
-#[derive(Debug, Default)]
-pub struct Inherited {
-    /// TCP service ports: port, sockets, counters.
-    pub tcp: BTreeMap<ServicePortName, (u16, Vec<std::net::TcpListener>, Carried)>,
-    /// UDP service ports: port, socket, counters.
-    pub udp: BTreeMap<ServicePortName, (u16, std::net::UdpSocket, Carried)>,
-    /// The admin listeners, by kind.
-    pub admin: Vec<(Kind, std::net::TcpListener)>,
-}
-
-impl Inherited {
-    /// Takes the admin listener of `kind` when it is bound where `want`
-    /// asks (port 0: any port on that address).
-    pub fn take_admin(
-        &mut self,
-        kind: Kind,
-        want: std::net::SocketAddr,
-    ) -> Option<std::net::TcpListener> {
-        let i = self.admin.iter().position(|(k, l)| {
-            *k == kind
-                && l.local_addr().is_ok_and(|a| {
-                    a.ip() == want.ip() && (want.port() == 0 || a.port() == want.port())
-                })
-        })?;
-        Some(self.admin.swap_remove(i).1)
-    }
-
-    /// Service ports received.
-    pub fn len(&self) -> usize {
-        self.tcp.len() + self.udp.len()
-    }
-
-    /// Whether no service port was received.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 /// A hand-over in progress, seen from the new process: the sockets, and
@@ -696,7 +581,7 @@ fn serve_one(
                 counters: Counters::default(),
                 backends: Vec::new(),
             },
-            fds: vec![fd.try_clone()?],
+            fds: vec![Arc::new(fd.try_clone()?) as SharedFd],
         });
     }
     let mut sent = 0;
@@ -709,7 +594,7 @@ fn serve_one(
                 l.fds.len()
             )));
         }
-        let raw: Vec<RawFd> = l.fds.iter().map(AsRawFd::as_raw_fd).collect();
+        let raw: Vec<RawFd> = l.fds.iter().map(|f| f.as_fd().as_raw_fd()).collect();
         send(conn, &Msg::Listener(l.desc.clone()), &raw)?;
         sent += 1;
     }

@@ -62,15 +62,6 @@ pub fn init_logging(args: &LogArgs, default_level: &str) -> Result<(), ConfigErr
     Ok(())
 }
 
-/// The default `--max-connections` for an fd limit: two fds a connection,
-/// after a reserve for listeners, pipes and UDP sessions (a quarter of the
-/// limit, 32 to 1024) plus the admin servers' capped connections
-/// ([`admin::RESERVED_FDS`]).
-pub fn connections_for_fd_limit(limit: u64) -> usize {
-    let reserve = (limit / 4).clamp(32, 1024) + admin::RESERVED_FDS;
-    (limit.saturating_sub(reserve) / 2).max(1) as usize
-}
-
 /// Raises the soft `RLIMIT_NOFILE` to the hard limit (each proxied
 /// connection costs two descriptors) and returns the new value.
 pub fn raise_fd_limit() -> std::io::Result<u64> {
@@ -96,21 +87,5 @@ pub async fn shutdown_signal() {
     tokio::select! {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::connections_for_fd_limit;
-
-    #[test]
-    fn connection_limit_follows_the_fd_limit() {
-        // The admin servers' 68 fds come on top of the quarter.
-        assert_eq!(connections_for_fd_limit(64), 1);
-        assert_eq!(connections_for_fd_limit(134), 16);
-        assert_eq!(connections_for_fd_limit(1024), 350);
-        assert_eq!(connections_for_fd_limit(20_000), 9454);
-        assert_eq!(connections_for_fd_limit(1 << 20), 523_742);
-        assert_eq!(connections_for_fd_limit(0), 1);
     }
 }

@@ -19,7 +19,7 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use crate::proxy::connect::DialResult;
 use crate::proxy::stats::CONNECT_BUCKETS;
 use crate::proxy::Context;
-use crate::proxy::ServiceView;
+use crate::proxy::{ServiceView, UnservedReason};
 
 // === Proxier-wide (facade) ===
 
@@ -178,6 +178,12 @@ pub const BIND_FAILURES: &str = "kusp_listener_bind_failures_total";
 pub const ACCEPT_ERRORS: &str = "kusp_accept_errors_total";
 /// Listener port of the service port (absent while unbound).
 pub const LISTENER_PORT: &str = "kusp_listener_port";
+/// Listening sockets of the service port (1, or one per worker once busy).
+pub const LISTENER_SOCKETS: &str = "kusp_listener_sockets";
+/// Connections closed because TCP keepalive found a peer dead.
+pub const PEERS_DEAD: &str = "kusp_connections_peer_dead_total";
+/// Service ports without a listener, label `reason` (`fd_limit`, `bind`).
+pub const UNSERVED: &str = "kusp_service_ports_unserved";
 /// UDP: datagrams, label `direction`.
 pub const UDP_DATAGRAMS: &str = "kusp_udp_datagrams_total";
 /// UDP: sessions open now.
@@ -261,6 +267,21 @@ const FAMILIES: &[Family] = &[
         LISTENER_PORT,
         "gauge",
         "Port of the service port's listener.",
+    ),
+    Family(
+        LISTENER_SOCKETS,
+        "gauge",
+        "Listening sockets of the service port: 1, or one per worker once the port is busy.",
+    ),
+    Family(
+        PEERS_DEAD,
+        "counter",
+        "Connections closed because TCP keepalive (or retransmission) found the client or backend dead.",
+    ),
+    Family(
+        UNSERVED,
+        "gauge",
+        "Service ports with no listener, by reason (fd_limit: the fd budget holds no more; bind: the port could not be bound).",
     ),
     Family(
         CONFIG_ERRORS,
@@ -401,7 +422,15 @@ pub fn render_services(services: &[ServiceView]) -> String {
         );
         if let Some(p) = v.listener_port {
             push(LISTENER_PORT, format!("{LISTENER_PORT}{{{l}}} {p}"));
+            push(
+                LISTENER_SOCKETS,
+                format!("{LISTENER_SOCKETS}{{{l}}} {}", v.sockets),
+            );
         }
+        push(
+            PEERS_DEAD,
+            format!("{PEERS_DEAD}{{{l}}} {}", s.peers_dead.load(Relaxed)),
+        );
         for (a, n) in crate::proxy::CONFIG_ANNOTATIONS
             .iter()
             .zip(&s.config_errors)
@@ -502,6 +531,16 @@ pub fn render_services(services: &[ServiceView]) -> String {
                 ),
             );
         }
+    }
+    for reason in UnservedReason::ALL {
+        let n = services
+            .iter()
+            .filter(|v| v.unserved.as_ref().is_some_and(|u| u.reason == reason))
+            .count();
+        push(
+            UNSERVED,
+            format!("{UNSERVED}{{reason=\"{}\"}} {n}", reason.as_str()),
+        );
     }
     let mut out = String::new();
     for (f, lines) in FAMILIES.iter().zip(samples) {
@@ -609,23 +648,50 @@ pub fn render_process(ctx: &Context) -> String {
         "Chunks copied through user memory because no pipe could be had.",
         pipes.fallbacks.load(Relaxed) as f64,
     );
-    if let Some(limit) = &ctx.connection_limit {
+    let fds = &ctx.fds;
+    if fds.limit() > 0 {
+        series(
+            "kusp_fd_limit",
+            "gauge",
+            "RLIMIT_NOFILE the fd budget splits.",
+            fds.limit() as f64,
+        );
+        series(
+            "kusp_fd_reserved",
+            "gauge",
+            "Fds of the process itself (runtimes, admin servers, control plane), never handed out.",
+            fds.fixed() as f64,
+        );
+    }
+    series(
+        "kusp_fd_held",
+        "gauge",
+        "Fds held by listeners, pipes and UDP sessions.",
+        fds.held() as f64,
+    );
+    series(
+        "kusp_fd_refused_total",
+        "counter",
+        "Fds asked of the budget (listener, pipe, UDP session) and refused because it was spent.",
+        fds.refused() as f64,
+    );
+    if let Some(limit) = fds.connections() {
         series(
             "kusp_connection_limit",
             "gauge",
-            "--max-connections: most TCP client connections open at once.",
-            ctx.config.max_connections as f64,
+            "Most TCP client connections open at once: --max-connections, or what the fd budget leaves beside the listeners.",
+            fds.connection_limit() as f64,
         );
         series(
             "kusp_connection_limit_available",
             "gauge",
-            "Connections that may still be accepted under --max-connections.",
+            "Connections that may still be accepted under the connection limit.",
             limit.available_permits() as f64,
         );
         series(
             "kusp_connection_limit_waits_total",
             "counter",
-            "Times a listener found --max-connections reached and left clients in the backlog.",
+            "Times a listener found the connection limit reached and left clients in the backlog.",
             ctx.limit_waits.load(Relaxed) as f64,
         );
     }

@@ -12,11 +12,9 @@ use crate::discovery::{self, manifests};
 use crate::handover;
 use crate::iptables::{self, Iptables};
 use crate::model::Snapshot;
-use crate::proxy::{Proxier, ProxyConfig};
+use crate::proxy::{Keepalive, Proxier, ProxyConfig};
 use crate::runloop::{Loop, RuleSync};
-use crate::{
-    connections_for_fd_limit, metrics, privileges, raise_fd_limit, shutdown_signal, ConfigError,
-};
+use crate::{metrics, privileges, raise_fd_limit, shutdown_signal, ConfigError};
 
 /// Where snapshots come from, as the flags and environment choose.
 enum Source {
@@ -77,10 +75,15 @@ fn proxy_config(args: &RunArgs, fd_limit: u64) -> ProxyConfig {
         copy_mode: args.copy_mode,
         udp_timeout: args.udp_timeout,
         udp_max_sessions: args.udp_max_sessions,
-        max_connections: args
-            .max_connections
-            .unwrap_or_else(|| connections_for_fd_limit(fd_limit)),
+        max_connections: args.max_connections,
+        fd_limit: usize::try_from(fd_limit).unwrap_or(usize::MAX),
+        reserved_fds: admin::RESERVED_FDS as usize,
         tcp_fin_timeout: args.tcp_fin_timeout,
+        tcp_keepalive: (!args.tcp_keepalive_time.is_zero()).then_some(Keepalive {
+            time: args.tcp_keepalive_time,
+            interval: args.tcp_keepalive_interval,
+            probes: args.tcp_keepalive_probes,
+        }),
         scheduler: args.scheduler,
         workers: args
             .worker_threads
@@ -114,9 +117,16 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     };
     let config = proxy_config(&args, fd_limit);
-    match config.max_connections {
-        0 => tracing::info!("--max-connections 0: no connection limit"),
-        n => tracing::info!(max_connections = n, "connection limit"),
+    let budget = config.fd_budget().map_err(|e| ConfigError(e.to_string()))?;
+    match (config.max_connections, budget.connection_limit()) {
+        (Some(0), _) => tracing::info!("--max-connections 0: no connection limit"),
+        (Some(n), _) => tracing::info!(max_connections = n, "connection limit"),
+        (None, n) => tracing::info!(
+            fd_limit,
+            fixed = budget.fixed(),
+            max_connections = n,
+            "connection limit: what the fd limit leaves, lowered as Service ports need listeners"
+        ),
     }
     if matches!(source, Source::Manifests(manifests::Source::Embedded)) {
         tracing::info!("no --manifests and no cluster: serving the embedded example manifests");
@@ -175,7 +185,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     if rules.is_some() {
         health.set_rules(RulesState::Pending);
     }
-    let mut proxier = Proxier::new(config);
+    let mut proxier = Proxier::with_fds(config, budget);
     proxier.adopt(&mut inherited);
     let stop_admin = CancellationToken::new();
     let state = AdminState {

@@ -679,7 +679,11 @@ mod tests {
     /// get none: its task is woken by the raise, not by traffic.
     #[tokio::test]
     async fn an_idle_connection_parks_when_the_park_is_raised_and_runs_on_after() {
-        let pipes = Arc::new(PipePool::new(4, 16));
+        let pipes = Arc::new(PipePool::new(
+            4,
+            16,
+            super::super::fds::FdBudget::unlimited(),
+        ));
         for mode in [CopyMode::Auto, CopyMode::Splice, CopyMode::Copy] {
             let (conn, mut client, mut backend) = connection().await;
             let conn = Arc::new(conn);
@@ -715,7 +719,11 @@ mod tests {
     /// direction is already half-closed, both park at once.
     #[tokio::test]
     async fn a_park_raised_early_or_on_a_half_closed_connection_parks() {
-        let pipes = Arc::new(PipePool::new(4, 16));
+        let pipes = Arc::new(PipePool::new(
+            4,
+            16,
+            super::super::fds::FdBudget::unlimited(),
+        ));
 
         let (conn, _client, _backend) = connection().await;
         let park = Arc::new(Park::default());

@@ -10,10 +10,12 @@
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use nix::fcntl::{fcntl, splice, FcntlArg, OFlag, SpliceFFlags};
+
+use super::fds::{FdBudget, FdLease};
 
 /// Requested pipe capacity: large enough that one splice moves a big chunk,
 /// small enough that thousands in flight stay cheap (pages are only
@@ -25,6 +27,8 @@ pub const PIPE_SIZE: usize = 256 * 1024;
 pub struct Pipe {
     r: OwnedFd,
     w: OwnedFd,
+    /// Its two fds in the budget.
+    _fds: FdLease,
 }
 
 /// Idle pipes and the fewest that sat idle since the last [`PipePool::trim`].
@@ -47,6 +51,7 @@ pub struct PipePool {
     max_live: usize,
     live: AtomicUsize,
     size: AtomicUsize,
+    budget: Arc<FdBudget>,
     /// Pipes created since start, for observability.
     pub created: AtomicU64,
     /// Chunks copied through user memory because no pipe could be had
@@ -55,9 +60,11 @@ pub struct PipePool {
 }
 
 impl PipePool {
-    /// A pool of at most `max_live` pipes, keeping at most `max_idle` idle.
-    pub fn new(max_idle: usize, max_live: usize) -> Self {
+    /// A pool of at most `max_live` pipes, keeping at most `max_idle` idle,
+    /// each pipe's fds taken from `budget`.
+    pub fn new(max_idle: usize, max_live: usize, budget: Arc<FdBudget>) -> Self {
         Self {
+            budget,
             free: Mutex::new(Free::default()),
             max_idle,
             max_live,
@@ -86,6 +93,10 @@ impl PipePool {
             self.live.fetch_sub(1, Relaxed);
             return None;
         }
+        let Some(fds) = self.budget.try_take(2) else {
+            self.live.fetch_sub(1, Relaxed);
+            return None;
+        };
         match nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC) {
             Ok((r, w)) => {
                 let want = self.size.load(Relaxed);
@@ -98,7 +109,7 @@ impl PipePool {
                     }
                 }
                 self.created.fetch_add(1, Relaxed);
-                Some(Pipe { r, w })
+                Some(Pipe { r, w, _fds: fds })
             }
             Err(e) => {
                 self.live.fetch_sub(1, Relaxed);
@@ -219,7 +230,7 @@ mod tests {
 
     #[test]
     fn pool_caps_live_pipes_and_trims_the_unused() {
-        let pool = PipePool::new(4, 3);
+        let pool = PipePool::new(4, 3, FdBudget::unlimited());
         let a: Vec<Pipe> = (0..3).filter_map(|_| pool.take()).collect();
         assert_eq!(a.len(), 3);
         assert!(pool.take().is_none(), "max_live reached");
@@ -242,7 +253,7 @@ mod tests {
 
     #[test]
     fn pool_closes_pipes_beyond_max_idle() {
-        let pool = PipePool::new(1, 8);
+        let pool = PipePool::new(1, 8, FdBudget::unlimited());
         let (a, b) = (pool.take().expect("a"), pool.take().expect("b"));
         pool.give(a);
         pool.give(b);

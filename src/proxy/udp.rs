@@ -34,7 +34,9 @@ use tokio::net::UdpSocket;
 use tokio_util::sync::CancellationToken;
 
 use super::balancer::{now_ms, Backend};
+use super::carry::SharedFd;
 use super::connect::DialResult;
+use super::fds::FdLease;
 use super::{Context, Service};
 
 /// Largest datagram relayed intact (the IPv4/IPv6 UDP maximum fits).
@@ -73,15 +75,15 @@ pub fn bind(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
 pub struct UdpHandle {
     /// The port it listens on.
     pub port: u16,
-    /// A duplicate of its socket, for a hand-over to the next process.
-    socket: std::os::fd::OwnedFd,
+    /// Its socket, shared with the receive loop (for a hand-over).
+    socket: Arc<UdpSocket>,
     stop: CancellationToken,
 }
 
 impl UdpHandle {
-    /// A new duplicate of the listening socket.
-    pub fn duplicate(&self) -> io::Result<std::os::fd::OwnedFd> {
-        self.socket.try_clone()
+    /// The listening socket, shared (not duplicated).
+    pub fn socket(&self) -> SharedFd {
+        Arc::clone(&self.socket) as SharedFd
     }
 }
 
@@ -114,12 +116,16 @@ struct Session {
     /// Set once by [`close`], so counters drop exactly once.
     closed: AtomicBool,
     stop: CancellationToken,
+    /// The session socket's fd in the budget.
+    _fd: FdLease,
 }
 
 type Sessions = Arc<Mutex<HashMap<SocketAddr, Arc<Session>>>>;
 
 struct Shared {
-    listener: UdpSocket,
+    listener: Arc<UdpSocket>,
+    /// The listener's fd in the budget.
+    _fd: FdLease,
     pktinfo: bool,
     sessions: Sessions,
     service: Arc<Service>,
@@ -129,14 +135,16 @@ struct Shared {
 /// Starts the receive loop and the session sweeper of `socket`.
 pub fn spawn(
     socket: std::net::UdpSocket,
+    lease: FdLease,
     service: Arc<Service>,
     ctx: Arc<Context>,
 ) -> io::Result<UdpHandle> {
     let local = socket.local_addr()?;
-    let dup = std::os::fd::OwnedFd::from(socket.try_clone()?);
+    let listener = Arc::new(UdpSocket::from_std(socket)?);
     let stop = ctx.shutdown.child_token();
     let shared = Arc::new(Shared {
-        listener: UdpSocket::from_std(socket)?,
+        listener: Arc::clone(&listener),
+        _fd: lease,
         pktinfo: local.ip().is_unspecified(),
         sessions: Sessions::default(),
         service,
@@ -146,7 +154,7 @@ pub fn spawn(
     tokio::spawn(receive_loop(shared, stop.clone()));
     Ok(UdpHandle {
         port: local.port(),
-        socket: dup,
+        socket: listener,
         stop,
     })
 }
@@ -352,6 +360,11 @@ async fn open_session(
         stats.sessions_dropped.fetch_add(1, Relaxed);
         return None;
     }
+    let Some(fd) = s.ctx.fds.try_take(1) else {
+        // The fd budget is spent: like the session cap, new clients wait.
+        stats.sessions_dropped.fetch_add(1, Relaxed);
+        return None;
+    };
     let mut tried = Vec::new();
     let conn = loop {
         let Some(backend) = s.service.balancer.pick(client.ip(), &tried) else {
@@ -385,6 +398,7 @@ async fn open_session(
         resent: AtomicBool::new(false),
         closed: AtomicBool::new(false),
         stop: stop.child_token(),
+        _fd: fd,
     });
     s.sessions
         .lock()

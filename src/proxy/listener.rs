@@ -1,0 +1,404 @@
+//! The listening sockets of a service port, and who owns them.
+//!
+//! A port starts with **one** socket, living on one worker (ports are
+//! dealt out round-robin), whatever the worker count: 10,000 idle Service
+//! ports hold 10,000 fds. While a port has one socket, its accept loop
+//! deals the connections it accepts out over every worker, so even a few
+//! long connections use all of them. Once the port accepts
+//! [`GROW_ACCEPTS`] connections within [`GROW_WINDOW`] it **grows**: one
+//! more `SO_REUSEPORT` socket per other worker, each with its own accept
+//! loop, so the kernel spreads new connections and each connection stays
+//! on the thread that accepted it (no hand-off per connection). A grown
+//! port stays grown until it is removed: closing a `SO_REUSEPORT` socket
+//! would reset the connections in its accept queue.
+//!
+//! No duplicate of a socket is kept for the hand-over: an export shares
+//! the sockets ([`SharedFd`]) and the kernel copies them into the message.
+//! Every socket is counted in the fd budget.
+
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::net::TcpListener;
+use tokio::runtime::Handle;
+use tokio_util::sync::CancellationToken;
+
+use super::carry::SharedFd;
+use super::config::Keepalive;
+use super::fds::FdLease;
+use super::{tcp, udp, Context, Service};
+use crate::model::Protocol;
+
+/// Accepts within [`GROW_WINDOW`] that make a port grow a socket per worker.
+pub const GROW_ACCEPTS: u32 = 64;
+
+/// The window [`GROW_ACCEPTS`] are counted in.
+pub const GROW_WINDOW: Duration = Duration::from_secs(1);
+
+/// Listen backlog: large, as connections are accepted and dialed
+/// concurrently; the kernel caps it at `net.core.somaxconn`.
+pub const BACKLOG: i32 = 4096;
+
+/// Binds a TCP listening socket (SO_REUSEADDR, SO_REUSEPORT, TCP_NODELAY,
+/// non-blocking) for a service port; a busy port binds one more to the
+/// same port per extra worker.
+pub fn bind_tcp(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    let domain = socket2::Domain::for_address(addr);
+    let socket = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    // Accepted sockets inherit it: one setsockopt less per connection.
+    socket.set_tcp_nodelay(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(false)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(BACKLOG)?;
+    Ok(socket.into())
+}
+
+/// Sets (or clears) TCP keepalive on a socket. On a listening socket,
+/// accepted connections inherit it (Linux copies the options and starts
+/// their keepalive timer, `tcp_create_openreq_child`): no syscall per
+/// client socket.
+pub fn set_keepalive(s: impl AsFd, keepalive: Option<&Keepalive>) -> io::Result<()> {
+    let s = socket2::SockRef::from(&s);
+    match keepalive {
+        Some(k) => s.set_tcp_keepalive(&k.socket2()),
+        None => s.set_keepalive(false),
+    }
+}
+
+/// A bound, not yet running, listening socket (TCP: all the sockets of
+/// one port) with its fds in the budget.
+pub(super) struct Bound {
+    sockets: Sockets,
+    lease: FdLease,
+}
+
+enum Sockets {
+    Tcp(Vec<std::net::TcpListener>),
+    Udp(std::net::UdpSocket),
+}
+
+impl Bound {
+    /// Binds one socket for `proto` at `addr`, its fd taken from `lease`.
+    pub(super) fn bind(proto: Protocol, addr: SocketAddr, lease: FdLease) -> io::Result<Self> {
+        let sockets = match proto {
+            Protocol::Udp => Sockets::Udp(udp::bind(addr)?),
+            _ => Sockets::Tcp(vec![bind_tcp(addr)?]),
+        };
+        Ok(Self { sockets, lease })
+    }
+
+    /// Sockets handed over by the previous process (already open: their
+    /// fds are counted in `lease`).
+    pub(super) fn inherited_tcp(sockets: Vec<std::net::TcpListener>, lease: FdLease) -> Self {
+        Self {
+            sockets: Sockets::Tcp(sockets),
+            lease,
+        }
+    }
+
+    /// A UDP socket handed over by the previous process.
+    pub(super) fn inherited_udp(socket: std::net::UdpSocket, lease: FdLease) -> Self {
+        Self {
+            sockets: Sockets::Udp(socket),
+            lease,
+        }
+    }
+
+    /// The port it is bound to.
+    pub(super) fn port(&self) -> io::Result<u16> {
+        match &self.sockets {
+            Sockets::Tcp(l) => match l.first() {
+                Some(l) => l.local_addr().map(|a| a.port()),
+                None => Err(io::ErrorKind::InvalidInput.into()),
+            },
+            Sockets::Udp(l) => l.local_addr().map(|a| a.port()),
+        }
+    }
+
+    /// Starts serving `service` on it.
+    pub(super) fn spawn(self, service: Arc<Service>, ctx: Arc<Context>) -> io::Result<Listener> {
+        match self.sockets {
+            Sockets::Tcp(l) => spawn_tcp(l, self.lease, service, ctx).map(Listener::Tcp),
+            Sockets::Udp(l) => udp::spawn(l, self.lease, service, ctx).map(Listener::Udp),
+        }
+    }
+}
+
+/// A running listener of either protocol; dropping it stops it.
+#[derive(Debug)]
+pub(super) enum Listener {
+    Tcp(TcpListenerHandle),
+    Udp(udp::UdpHandle),
+}
+
+impl Listener {
+    /// The port it listens on.
+    pub(super) fn port(&self) -> u16 {
+        match self {
+            Self::Tcp(h) => h.port,
+            Self::Udp(h) => h.port,
+        }
+    }
+
+    /// Its sockets, shared, for a hand-over.
+    pub(super) fn sockets(&self) -> Vec<SharedFd> {
+        match self {
+            Self::Tcp(h) => h.sockets(),
+            Self::Udp(h) => vec![h.socket()],
+        }
+    }
+
+    /// How many listening sockets it holds.
+    pub(super) fn socket_count(&self) -> usize {
+        match self {
+            Self::Tcp(h) => h.group.lock().sockets.len(),
+            Self::Udp(_) => 1,
+        }
+    }
+}
+
+/// A running TCP listener; dropping it stops accepting (open connections
+/// go on).
+#[derive(Debug)]
+pub struct TcpListenerHandle {
+    /// The port it listens on.
+    pub port: u16,
+    group: Arc<Group>,
+}
+
+impl TcpListenerHandle {
+    /// Every socket of the port, shared (no fd is duplicated).
+    pub fn sockets(&self) -> Vec<SharedFd> {
+        self.group
+            .lock()
+            .sockets
+            .iter()
+            .map(|s| Arc::clone(&s.listener) as SharedFd)
+            .collect()
+    }
+}
+
+impl Drop for TcpListenerHandle {
+    fn drop(&mut self) {
+        self.group.stop.cancel();
+    }
+}
+
+/// The sockets of one TCP port and what their accept loops share. The
+/// sockets close when the last accept loop has ended.
+#[derive(Debug)]
+struct Group {
+    service: Arc<Service>,
+    ctx: Arc<Context>,
+    local: SocketAddr,
+    /// The runtimes connections may run on (the workers).
+    runtimes: Vec<Handle>,
+    /// The runtime of the first socket.
+    home: usize,
+    /// Whether every worker has a socket of its own (no dealing out).
+    grown: AtomicBool,
+    /// The worker the next dealt-out connection goes to.
+    next: AtomicUsize,
+    stop: CancellationToken,
+    held: Mutex<Held>,
+}
+
+#[derive(Debug, Default)]
+struct Held {
+    sockets: Vec<Socket>,
+    leases: Vec<FdLease>,
+}
+
+#[derive(Debug)]
+struct Socket {
+    listener: Arc<TcpListener>,
+}
+
+impl Group {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Held> {
+        self.held.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Registers `socket` with runtime `rt` and starts its accept loop.
+    fn add(self: &Arc<Self>, socket: std::net::TcpListener, rt: usize) -> io::Result<()> {
+        set_keepalive(&socket, self.ctx.config.tcp_keepalive.as_ref())?;
+        let handle = &self.runtimes[rt];
+        let listener = {
+            let _entered = handle.enter();
+            Arc::new(TcpListener::from_std(socket)?)
+        };
+        self.lock().sockets.push(Socket {
+            listener: Arc::clone(&listener),
+        });
+        handle.spawn(accept_loop(Arc::clone(self), listener, rt));
+        Ok(())
+    }
+
+    /// One more socket per worker without one (once): the port is busy.
+    fn grow(self: &Arc<Self>) {
+        if self.grown.swap(true, Relaxed) {
+            return;
+        }
+        let mut added = 0;
+        for rt in (0..self.runtimes.len()).filter(|&rt| rt != self.home) {
+            if self.stop.is_cancelled() {
+                return;
+            }
+            let Some(lease) = self.ctx.fds.try_take(1) else {
+                tracing::info!(service = %self.service.name, added, "busy port: the fd budget holds no more sockets for it; it stays on fewer workers");
+                break;
+            };
+            let bound = bind_tcp(self.local).and_then(|s| self.add(s, rt));
+            if let Err(e) = bound {
+                tracing::warn!(service = %self.service.name, error = %e, "busy port: cannot add a socket for a worker");
+                break;
+            }
+            self.lock().leases.push(lease);
+            added += 1;
+        }
+        tracing::debug!(service = %self.service.name, added, "busy port: grown to a listening socket per worker");
+    }
+
+    /// The runtime a connection accepted on runtime `here` should run on,
+    /// when not `here`: round-robin while the port has a single socket.
+    fn deal(&self, here: usize) -> Option<&Handle> {
+        if self.grown.load(Relaxed) {
+            return None;
+        }
+        let rt = self.next.fetch_add(1, Relaxed) % self.runtimes.len();
+        (rt != here).then(|| &self.runtimes[rt])
+    }
+}
+
+/// Starts accepting for `service` on `listeners` (bound to one port: one
+/// from [`bind_tcp`], or all those handed over by the previous process,
+/// each of which keeps an accept loop: closing one would reset the
+/// connections in its queue).
+fn spawn_tcp(
+    listeners: Vec<std::net::TcpListener>,
+    lease: FdLease,
+    service: Arc<Service>,
+    ctx: Arc<Context>,
+) -> io::Result<TcpListenerHandle> {
+    let Some(first) = listeners.first() else {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "no socket"));
+    };
+    let local = first.local_addr()?;
+    let runtimes = ctx.runtimes()?;
+    let home = ctx.next_home.fetch_add(1, Relaxed) % runtimes.len();
+    let grown = runtimes.len() == 1 || listeners.len() > 1;
+    let group = Arc::new(Group {
+        stop: ctx.shutdown.child_token(),
+        service,
+        ctx,
+        local,
+        home,
+        grown: AtomicBool::new(grown),
+        next: AtomicUsize::new(home),
+        held: Mutex::new(Held {
+            sockets: Vec::new(),
+            leases: vec![lease],
+        }),
+        runtimes,
+    });
+    let n = group.runtimes.len();
+    for (i, socket) in listeners.into_iter().enumerate() {
+        if let Err(e) = group.add(socket, (home + i) % n) {
+            group.stop.cancel();
+            return Err(e);
+        }
+    }
+    Ok(TcpListenerHandle {
+        port: local.port(),
+        group,
+    })
+}
+
+/// Counts accepts in a window, to tell a busy port.
+struct Rate {
+    since: Instant,
+    accepts: u32,
+}
+
+impl Rate {
+    /// Counts one accept; true when the window holds [`GROW_ACCEPTS`].
+    fn busy(&mut self) -> bool {
+        let now = Instant::now();
+        if now.duration_since(self.since) > GROW_WINDOW {
+            self.since = now;
+            self.accepts = 0;
+        }
+        self.accepts += 1;
+        self.accepts >= GROW_ACCEPTS
+    }
+}
+
+/// Accepts on one socket of `group` (on runtime `here`) until stopped.
+async fn accept_loop(group: Arc<Group>, listener: Arc<TcpListener>, here: usize) {
+    let (service, ctx, stop) = (&group.service, &group.ctx, &group.stop);
+    let mut backoff = Duration::from_millis(5);
+    let mut rate = Rate {
+        since: Instant::now(),
+        accepts: 0,
+    };
+    loop {
+        // With a connection limit, hold a permit before accepting: at the
+        // limit, clients wait in the backlog instead of being accepted.
+        let permit = match ctx.fds.connections() {
+            None => None,
+            Some(limit) => {
+                if limit.available_permits() == 0 {
+                    ctx.limit_waits.fetch_add(1, Relaxed);
+                }
+                tokio::select! {
+                    biased;
+                    _ = stop.cancelled() => break,
+                    p = Arc::clone(limit).acquire_owned() => match p {
+                        Ok(p) => Some(p),
+                        Err(_) => break, // closed: shutting down
+                    },
+                }
+            }
+        };
+        let accepted = tokio::select! {
+            biased;
+            _ = stop.cancelled() => break,
+            r = listener.accept() => r,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                backoff = Duration::from_millis(5);
+                if !group.grown.load(Relaxed) && rate.busy() {
+                    group.grow();
+                }
+                match group.deal(here) {
+                    None => tcp::serve_here(stream, peer, Arc::clone(service), ctx, permit),
+                    Some(rt) => tcp::serve_on(rt, stream, peer, Arc::clone(service), ctx, permit),
+                }
+            }
+            // Out of fds or memory: back off instead of spinning (upstream
+            // panicked here).
+            Err(e) if super::is_local_exhaustion(&e) => {
+                service.stats.accept_errors.fetch_add(1, Relaxed);
+                tracing::warn!(service = %service.name, error = %e, backoff = ?backoff, "accept failed: out of resources, backing off");
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
+            // ECONNABORTED and friends: the client gave up; nothing to do.
+            Err(e) => tracing::debug!(service = %service.name, error = %e, "accept failed"),
+        }
+    }
+    tracing::debug!(service = %service.name, "listener closed");
+}

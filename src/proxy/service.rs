@@ -1,0 +1,249 @@
+//! One service port's live state ([`Service`]): its balancers, settings
+//! and counters, shared by its listener and its connections, and the
+//! read-only view of it that status and metrics get ([`ServiceView`]).
+
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering::Relaxed};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+
+use super::balancer::Balancer;
+use super::connect::DialResult;
+use super::proxy_protocol;
+use super::stats::LatencyHistogram;
+use crate::model::{
+    Protocol, ProxyProtocol, Scheduler, ServiceEntry, ServicePort, ServicePortName, Setting,
+    ANNOTATION_PROXY_PROTOCOL, ANNOTATION_SCHEDULER,
+};
+
+/// Counters of one service port; read by status and metrics.
+#[derive(Debug, Default)]
+pub struct ServiceStats {
+    /// Client connections accepted.
+    pub accepted: AtomicU64,
+    /// Client connections open now.
+    pub active: AtomicU64,
+    /// Connections that reached a backend and ended.
+    pub completed: AtomicU64,
+    /// Connections closed because no backend could be reached.
+    pub failed: AtomicU64,
+    /// Dial attempts by [`DialResult`], in [`DialResult::ALL`] order.
+    pub dials: [AtomicU64; DialResult::ALL.len()],
+    /// Attempts after the first one of a connection.
+    pub retries: AtomicU64,
+    /// Bytes client → backend.
+    pub bytes_in: AtomicU64,
+    /// Bytes backend → client.
+    pub bytes_out: AtomicU64,
+    /// Failed attempts to bind the listener.
+    pub bind_failures: AtomicU64,
+    /// Accept errors from resource exhaustion (EMFILE, ENFILE, ...).
+    pub accept_errors: AtomicU64,
+    /// Connections closed because TCP keepalive found a peer dead
+    /// (`ETIMEDOUT` on an established connection).
+    pub peers_dead: AtomicU64,
+    /// When "no backend" was last logged ([`balancer::now_ms`]).
+    pub last_fail_log_ms: AtomicU64,
+    /// Time from accept to a connected backend.
+    pub connect_latency: LatencyHistogram,
+    /// UDP: datagrams from clients.
+    pub datagrams_in: AtomicU64,
+    /// UDP: datagrams to clients.
+    pub datagrams_out: AtomicU64,
+    /// UDP: sessions ended by `--udp-timeout`.
+    pub sessions_expired: AtomicU64,
+    /// UDP: new clients dropped at `--udp-max-sessions`.
+    pub sessions_dropped: AtomicU64,
+    /// Unknown annotation values seen, by [`CONFIG_ANNOTATIONS`] entry.
+    pub config_errors: [AtomicU64; 2],
+}
+
+/// The annotations whose unknown values are counted, as metric label values.
+pub const CONFIG_ANNOTATIONS: [&str; 2] = ["scheduler", "proxy-protocol"];
+
+impl ServiceStats {
+    /// Counts one dial attempt.
+    pub fn count_dial(&self, r: DialResult) {
+        self.dials[r as usize].fetch_add(1, Relaxed);
+    }
+
+    /// Dial attempts with result `r`.
+    pub fn dials(&self, r: DialResult) -> u64 {
+        self.dials[r as usize].load(Relaxed)
+    }
+
+    /// Failed dial attempts, all reasons.
+    pub fn failed_dials(&self) -> u64 {
+        self.dials.iter().skip(1).map(|d| d.load(Relaxed)).sum()
+    }
+}
+
+/// The data-path state of one service port, shared by its listener and
+/// its connections (which outlive the listener when the port is removed).
+#[derive(Debug)]
+pub struct Service {
+    /// Which service port.
+    pub name: ServicePortName,
+    /// Its endpoints and how to choose among them.
+    pub balancer: Balancer,
+    /// The endpoints for external traffic (nodePort, external IPs, LB IPs)
+    /// when `externalTrafficPolicy` gives it its own set (see
+    /// [`ServiceEntry::external_endpoints`]).
+    pub external: Balancer,
+    /// Whether `external` is in use.
+    split: AtomicBool,
+    /// ClusterIPs: a connection REDIRECTed from one of them is internal.
+    cluster_ips: ArcSwap<Vec<IpAddr>>,
+    /// Its counters.
+    pub stats: ServiceStats,
+    /// PROXY protocol header for backends: 0 off, 1 v1, 2 v2; switched in
+    /// place like the scheduler (new connections follow, open ones keep theirs).
+    proxy_protocol: AtomicU8,
+}
+
+// === impl Service ===
+
+impl Service {
+    /// A service port with no endpoints yet, round-robin, no PROXY header.
+    pub fn new(name: ServicePortName) -> Self {
+        Self {
+            name,
+            balancer: Balancer::default(),
+            external: Balancer::default(),
+            split: AtomicBool::new(false),
+            cluster_ips: ArcSwap::from_pointee(Vec::new()),
+            stats: ServiceStats::default(),
+            proxy_protocol: AtomicU8::new(0),
+        }
+    }
+
+    /// The PROXY protocol version sent to backends, if any.
+    pub fn proxy_protocol(&self) -> Option<ProxyProtocol> {
+        match self.proxy_protocol.load(Relaxed) {
+            1 => Some(ProxyProtocol::V1),
+            2 => Some(ProxyProtocol::V2),
+            _ => None,
+        }
+    }
+
+    /// Sets the PROXY protocol version for new connections.
+    pub fn set_proxy_protocol(&self, v: Option<ProxyProtocol>) {
+        let n = match v {
+            None => 0,
+            Some(ProxyProtocol::V1) => 1,
+            Some(ProxyProtocol::V2) => 2,
+        };
+        self.proxy_protocol.store(n, Relaxed);
+    }
+
+    /// The balancer for a client connection: the external one when the
+    /// service has one and the client did not come REDIRECTed from a
+    /// ClusterIP (it dialled the nodePort, an external IP or an LB IP).
+    pub fn balancer_for(&self, client: &tokio::net::TcpStream) -> &Balancer {
+        if !self.split.load(Relaxed) {
+            return &self.balancer;
+        }
+        let internal = proxy_protocol::original_dst(client)
+            .is_ok_and(|dst| self.cluster_ips.load().contains(&dst.ip().to_canonical()));
+        if internal {
+            &self.balancer
+        } else {
+            &self.external
+        }
+    }
+
+    /// Swaps in the endpoints of `entry` (both traffic views); true when
+    /// they changed.
+    pub(super) fn update_endpoints(&self, entry: &ServiceEntry) -> bool {
+        let affinity = entry.port.affinity;
+        let external = entry.external_endpoints.as_deref();
+        let changed = self.balancer.update(&entry.endpoints, affinity);
+        let external_changed = self.external.update(external.unwrap_or(&[]), affinity);
+        self.split.store(external.is_some(), Relaxed);
+        changed || external_changed
+    }
+
+    /// Applies the annotation settings of `spec` in place (`default`: the
+    /// `--scheduler` flag). Unknown values are logged and counted, and the
+    /// default applies; the service is served either way.
+    pub fn apply_settings(&self, spec: &ServicePort, default: Scheduler) {
+        if let Setting::Invalid(v) = &spec.scheduler {
+            self.stats.config_errors[0].fetch_add(1, Relaxed);
+            tracing::warn!(service = %self.name, annotation = ANNOTATION_SCHEDULER, value = %v, default = %default,
+                "unknown scheduler (want rr, lc, sh, sed, nq, p2c or random); using the default");
+        }
+        if let Setting::Invalid(v) = &spec.proxy_protocol {
+            self.stats.config_errors[1].fetch_add(1, Relaxed);
+            tracing::warn!(service = %self.name, annotation = ANNOTATION_PROXY_PROTOCOL, value = %v,
+                "unknown PROXY protocol version (want v1, v2 or off); no header is sent");
+        }
+        let scheduler = spec.scheduler.or(default);
+        self.cluster_ips.store(Arc::new(spec.cluster_ips.clone()));
+        self.external.set_scheduler(scheduler);
+        if self.balancer.set_scheduler(scheduler) {
+            tracing::info!(service = %self.name, scheduler = %scheduler, "scheduler in force");
+        }
+        // TCP only: a UDP port of the same Service sends no header.
+        let pp = match &spec.proxy_protocol {
+            Setting::Set(v) if self.name.protocol == Protocol::Tcp => Some(*v),
+            _ => None,
+        };
+        if pp != self.proxy_protocol() {
+            tracing::info!(service = %self.name, proxy_protocol = pp.map_or("off", |p| p.as_str()), "PROXY protocol header");
+            self.set_proxy_protocol(pp);
+        }
+    }
+}
+
+/// A service port as status and metrics see it: live counters, spec, port.
+#[derive(Clone, Debug)]
+pub struct ServiceView {
+    /// Live state and counters.
+    pub service: Arc<Service>,
+    /// The spec in force.
+    pub spec: ServicePort,
+    /// The listener's port, once bound.
+    pub listener_port: Option<u16>,
+    /// Listening sockets of the port (1 until it is busy, then one per
+    /// worker).
+    pub sockets: usize,
+    /// Why it has no listener, when it has none.
+    pub unserved: Option<Unserved>,
+}
+
+/// Why a service port has no listener (reported on the Service, retried
+/// at every sync).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Unserved {
+    /// The kind, a metric label.
+    pub reason: UnservedReason,
+    /// What happened, for people.
+    pub detail: String,
+}
+
+/// The kinds of [`Unserved`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum UnservedReason {
+    /// The fd budget holds no more listeners.
+    FdLimit,
+    /// The port could not be bound (in use, no free port in the range, ...).
+    Bind,
+}
+
+impl UnservedReason {
+    /// Every kind, in metric order.
+    pub const ALL: [Self; 2] = [Self::FdLimit, Self::Bind];
+
+    /// The metric label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::FdLimit => "fd_limit",
+            Self::Bind => "bind",
+        }
+    }
+}
+
+/// The served service ports, republished after every sync, for readers on
+/// other tasks (admin HTTP).
+pub type Published = Arc<ArcSwap<Vec<ServiceView>>>;
