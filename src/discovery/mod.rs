@@ -15,6 +15,7 @@
 pub mod kube;
 pub mod list_watch;
 pub mod manifests;
+pub mod raw;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
