@@ -36,8 +36,9 @@ use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::list_watch;
 use super::raw::{ObjectKey, Raw};
-use super::{build_snapshot_with, list_watch, Options, Sourced};
+use super::snapshot::{build_snapshot_with, Options, Sourced};
 use crate::model::Snapshot;
 
 /// Quiet time after the last watch event before a snapshot is published:
