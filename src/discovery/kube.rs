@@ -22,27 +22,23 @@
 //!   version of it decoded, that last good version stays.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fmt;
-use std::marker::PhantomData;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::config::{KubeConfigOptions, Kubeconfig};
-use kube::runtime::utils::Backoff;
 use kube::runtime::watcher::Event;
 use kube::{Api, Client};
 use serde::de::DeserializeOwned;
-use serde::Deserialize;
-use serde_json::Value;
 use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::{build_snapshot_with, list_watch, Options, Sourced};
+use super::list_watch;
+use super::raw::{ObjectKey, Raw};
+use super::snapshot::{build_snapshot_with, Options, Sourced};
 use crate::model::Snapshot;
 
 /// Quiet time after the last watch event before a snapshot is published:
@@ -52,14 +48,6 @@ pub const DEBOUNCE: Duration = Duration::from_millis(100);
 
 /// Longest a change waits under a steady stream of events.
 pub const MAX_DELAY: Duration = Duration::from_secs(1);
-
-/// First retry delay after a failed list or watch; doubles up to
-/// [`BACKOFF_MAX`]. Shorter than client-go's 800 ms so an API server restart
-/// costs little, jittered so a DaemonSet's pods do not retry in lock-step.
-pub const BACKOFF_MIN: Duration = Duration::from_millis(250);
-
-/// Longest retry delay while the API server stays unreachable.
-pub const BACKOFF_MAX: Duration = Duration::from_secs(15);
 
 /// Environment variable set in every pod: its presence means in-cluster
 /// configuration is available.
@@ -166,133 +154,6 @@ fn parse_master(url: &str) -> Result<http::Uri, Error> {
 pub fn client(mut config: kube::Config) -> Result<Client, Error> {
     config.default_retry = false;
     Client::try_from(config).map_err(Error::Client)
-}
-
-// === impl Raw ===
-
-/// An object of kind `K` as the API sent it: JSON plus leniently read
-/// metadata. Lists and watch events of `Raw` objects never fail on one
-/// object's content; [`Raw::decode`] turns each into `K` separately.
-pub struct Raw<K> {
-    meta: ObjectMeta,
-    value: Value,
-    _kind: PhantomData<fn() -> K>,
-}
-
-impl<K> Raw<K> {
-    /// Wraps a JSON object.
-    pub fn new(value: Value) -> Self {
-        Self {
-            meta: lenient_meta(&value),
-            value,
-            _kind: PhantomData,
-        }
-    }
-
-    /// `namespace/name`, for logs and as the store key.
-    pub fn key(&self) -> ObjectKey {
-        ObjectKey {
-            namespace: self.meta.namespace.clone().unwrap_or_default(),
-            name: self.meta.name.clone().unwrap_or_default(),
-        }
-    }
-}
-
-impl<K: DeserializeOwned> Raw<K> {
-    /// Decodes into the typed object, naming the failing field.
-    pub fn decode(&self) -> Result<K, String> {
-        serde_path_to_error::deserialize(&self.value).map_err(|e| {
-            let path = e.path().to_string();
-            format!("field {path}: {}", e.into_inner())
-        })
-    }
-}
-
-/// The object's metadata if it decodes, else its name, namespace and
-/// resourceVersion read one by one (what the watcher and store need).
-fn lenient_meta(v: &Value) -> ObjectMeta {
-    let m = v.get("metadata");
-    if let Some(Ok(meta)) = m.map(ObjectMeta::deserialize) {
-        return meta;
-    }
-    let s = |k: &str| {
-        m.and_then(|m| m.get(k))
-            .and_then(Value::as_str)
-            .map(String::from)
-    };
-    ObjectMeta {
-        name: s("name"),
-        namespace: s("namespace"),
-        resource_version: s("resourceVersion"),
-        ..ObjectMeta::default()
-    }
-}
-
-impl<K> Clone for Raw<K> {
-    fn clone(&self) -> Self {
-        Self {
-            meta: self.meta.clone(),
-            value: self.value.clone(),
-            _kind: PhantomData,
-        }
-    }
-}
-
-impl<K> fmt::Debug for Raw<K> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Raw")
-            .field("namespace", &self.meta.namespace)
-            .field("name", &self.meta.name)
-            .finish_non_exhaustive()
-    }
-}
-
-impl<'de, K> serde::Deserialize<'de> for Raw<K> {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        Value::deserialize(d).map(Self::new)
-    }
-}
-
-impl<K: k8s_openapi::Resource> kube::Resource for Raw<K> {
-    type DynamicType = ();
-    type Scope = K::Scope;
-
-    fn kind(_: &()) -> std::borrow::Cow<'_, str> {
-        K::KIND.into()
-    }
-    fn group(_: &()) -> std::borrow::Cow<'_, str> {
-        K::GROUP.into()
-    }
-    fn version(_: &()) -> std::borrow::Cow<'_, str> {
-        K::VERSION.into()
-    }
-    fn api_version(_: &()) -> std::borrow::Cow<'_, str> {
-        K::API_VERSION.into()
-    }
-    fn plural(_: &()) -> std::borrow::Cow<'_, str> {
-        K::URL_PATH_SEGMENT.into()
-    }
-    fn meta(&self) -> &ObjectMeta {
-        &self.meta
-    }
-    fn meta_mut(&mut self) -> &mut ObjectMeta {
-        &mut self.meta
-    }
-}
-
-/// `namespace/name` of an object.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct ObjectKey {
-    /// Namespace (empty for cluster-scoped objects).
-    pub namespace: String,
-    /// Name.
-    pub name: String,
-}
-
-impl fmt::Display for ObjectKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.namespace, self.name)
-    }
 }
 
 // === impl Store ===
@@ -408,49 +269,6 @@ impl<K: DeserializeOwned + Clone + Trim> Store<K> {
             },
             Event::Delete(raw) => self.objects.remove(&raw.key()).is_some(),
         }
-    }
-}
-
-// === Backoff ===
-
-/// Exponential back-off with jitter between [`BACKOFF_MIN`] and
-/// [`BACKOFF_MAX`], reset by the first successful event.
-#[derive(Debug)]
-pub struct Retry {
-    next: Duration,
-    seed: u64,
-}
-
-impl Default for Retry {
-    fn default() -> Self {
-        let seed = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(1, |d| d.subsec_nanos() as u64 | 1);
-        Self {
-            next: BACKOFF_MIN,
-            seed,
-        }
-    }
-}
-
-impl Iterator for Retry {
-    type Item = Duration;
-
-    fn next(&mut self) -> Option<Duration> {
-        // xorshift: jitter of up to +25%, no need for a real RNG.
-        self.seed ^= self.seed << 13;
-        self.seed ^= self.seed >> 7;
-        self.seed ^= self.seed << 17;
-        let base = self.next;
-        self.next = (self.next * 2).min(BACKOFF_MAX);
-        let jitter = base.mul_f64((self.seed % 1000) as f64 / 4000.0);
-        Some(base + jitter)
-    }
-}
-
-impl Backoff for Retry {
-    fn reset(&mut self) {
-        self.next = BACKOFF_MIN;
     }
 }
 
@@ -598,32 +416,12 @@ impl KubeSource {
 
 #[cfg(test)]
 mod tests {
+    use serde_json::Value;
+
     use super::*;
 
     fn raw_service(v: Value) -> Raw<Service> {
         Raw::new(v)
-    }
-
-    #[test]
-    fn a_broken_object_decodes_to_a_named_field_error_and_keeps_its_key() {
-        let raw = raw_service(serde_json::json!({
-            "apiVersion": "v1", "kind": "Service",
-            "metadata": {"name": "web", "namespace": "ns", "resourceVersion": "7"},
-            "spec": {"ports": [{"port": "eighty"}]}
-        }));
-        let err = raw.decode().unwrap_err();
-        assert!(err.contains("spec.ports[0].port"), "{err}");
-        assert_eq!(raw.key().to_string(), "ns/web");
-        assert_eq!(raw.meta.resource_version.as_deref(), Some("7"));
-    }
-
-    #[test]
-    fn broken_metadata_still_yields_name_and_resource_version() {
-        let raw = raw_service(serde_json::json!({
-            "metadata": {"name": "web", "namespace": "ns", "resourceVersion": "9", "labels": 5}
-        }));
-        assert_eq!(raw.key().to_string(), "ns/web");
-        assert_eq!(raw.meta.resource_version.as_deref(), Some("9"));
     }
 
     #[test]
@@ -667,19 +465,6 @@ mod tests {
         s.apply(Event::Init);
         s.apply(Event::InitDone);
         assert_eq!(s.objects().count(), 0);
-    }
-
-    #[test]
-    fn retry_grows_to_the_cap_and_resets() {
-        let mut r = Retry::default();
-        let first = r.next().unwrap();
-        assert!(first >= BACKOFF_MIN && first <= BACKOFF_MIN.mul_f64(1.25));
-        for _ in 0..20 {
-            r.next();
-        }
-        assert!(r.next().unwrap() <= BACKOFF_MAX.mul_f64(1.25));
-        r.reset();
-        assert!(r.next().unwrap() <= BACKOFF_MIN.mul_f64(1.25));
     }
 
     #[test]

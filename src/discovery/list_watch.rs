@@ -6,8 +6,9 @@
 //!
 //! The loop lists (in pages), then watches from the list's
 //! `resourceVersion`, resuming from the last version seen after a watch
-//! ends. It relists from scratch, and the consumer's [`Store`] swaps its
-//! contents in one step at `InitDone`, when the version is unusable:
+//! ends. It relists from scratch, and the consumer's store (`kube::Store`)
+//! swaps its contents in one step at `InitDone`, when the version is
+//! unusable:
 //!
 //! - **expired**: 410, or reason `Expired`/`Gone` (client-go's
 //!   `isExpiredError`), on the list, the watch request or as a watch
@@ -28,7 +29,8 @@
 //! nothing after [`PROBE_DELAY`], a one-item list (no `resourceVersion`: the
 //! store's current version) is compared with the highest version seen.
 //!
-//! [`Store`]: super::kube::Store
+//! Other failures are retried from the same version after a [`Retry`]
+//! back-off.
 
 use std::future::Future;
 use std::time::Duration;
@@ -43,7 +45,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::kube::{Raw, Retry};
+use super::raw::Raw;
 
 /// `timeoutSeconds` of each watch request, as kube-runtime's (under the
 /// API server's own cap, spread by its jitter).
@@ -68,6 +70,14 @@ const SHORT_WATCH: Duration = Duration::from_secs(1);
 
 /// Events buffered between the loop and its consumer.
 const CHANNEL: usize = 256;
+
+/// First retry delay after a failed list or watch; doubles up to
+/// [`BACKOFF_MAX`]. Shorter than client-go's 800 ms so an API server restart
+/// costs little, jittered so a DaemonSet's pods do not retry in lock-step.
+pub const BACKOFF_MIN: Duration = Duration::from_millis(250);
+
+/// Longest retry delay while the API server stays unreachable.
+pub const BACKOFF_MAX: Duration = Duration::from_secs(15);
 
 /// Message of the `ResourceVersionTooLarge` cause (and, before 1.17, of
 /// the status itself), from k8s.io/apiserver's storage errors.
@@ -196,6 +206,49 @@ struct Regressed {
     at: &'static str,
 }
 
+// === Backoff ===
+
+/// Exponential back-off with jitter between [`BACKOFF_MIN`] and
+/// [`BACKOFF_MAX`], reset by the first successful event.
+#[derive(Debug)]
+pub struct Retry {
+    next: Duration,
+    seed: u64,
+}
+
+impl Default for Retry {
+    fn default() -> Self {
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.subsec_nanos() as u64 | 1);
+        Self {
+            next: BACKOFF_MIN,
+            seed,
+        }
+    }
+}
+
+impl Iterator for Retry {
+    type Item = Duration;
+
+    fn next(&mut self) -> Option<Duration> {
+        // xorshift: jitter of up to +25%, no need for a real RNG.
+        self.seed ^= self.seed << 13;
+        self.seed ^= self.seed >> 7;
+        self.seed ^= self.seed << 17;
+        let base = self.next;
+        self.next = (self.next * 2).min(BACKOFF_MAX);
+        let jitter = base.mul_f64((self.seed % 1000) as f64 / 4000.0);
+        Some(base + jitter)
+    }
+}
+
+impl Backoff for Retry {
+    fn reset(&mut self) {
+        self.next = BACKOFF_MIN;
+    }
+}
+
 // === impl ListWatch ===
 
 impl<K> ListWatch<K>
@@ -222,8 +275,7 @@ where
                     End::Relist => {
                         // The first at once (client-go retries at once too).
                         if !self.progressed {
-                            let delay =
-                                self.relist_retry.next().unwrap_or(super::kube::BACKOFF_MAX);
+                            let delay = self.relist_retry.next().unwrap_or(BACKOFF_MAX);
                             tokio::time::sleep(delay).await;
                         }
                         self.progressed = false;
@@ -236,7 +288,7 @@ where
     }
 
     fn next_delay(&mut self) -> Duration {
-        self.retry.next().unwrap_or(super::kube::BACKOFF_MAX)
+        self.retry.next().unwrap_or(BACKOFF_MAX)
     }
 
     fn failed(&self, what: &str, error: &str) {
@@ -574,6 +626,19 @@ mod tests {
         for (json, want) in cases {
             assert_eq!(unusable(&status(json.clone())), want, "{json}");
         }
+    }
+
+    #[test]
+    fn retry_grows_to_the_cap_and_resets() {
+        let mut r = Retry::default();
+        let first = r.next().unwrap();
+        assert!(first >= BACKOFF_MIN && first <= BACKOFF_MIN.mul_f64(1.25));
+        for _ in 0..20 {
+            r.next();
+        }
+        assert!(r.next().unwrap() <= BACKOFF_MAX.mul_f64(1.25));
+        r.reset();
+        assert!(r.next().unwrap() <= BACKOFF_MIN.mul_f64(1.25));
     }
 
     #[test]

@@ -26,7 +26,7 @@ use serde_json::Value;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use super::{build_snapshot, Problem, Sourced};
+use super::snapshot::{build_snapshot, Problem, Sourced};
 use crate::model::Snapshot;
 
 /// How often the directory is re-read for changes (a change applies within

@@ -1,0 +1,775 @@
+//! Kubernetes objects → [`Snapshot`]: [`build_snapshot`] validates the
+//! `v1 Service` and `discovery.k8s.io/v1 EndpointSlice` objects a source
+//! collected (as k8s-openapi types), joins slices to their service by the
+//! `kubernetes.io/service-name` label and by port name and protocol, and
+//! reports every object it had to skip as a [`Problem`] naming where it came
+//! from, the object and the field. One bad object never hides the others.
+//!
+//! [`Options`] carry what kube-proxy decides per node: which services are
+//! ours (`service.kubernetes.io/service-proxy-name`) and which endpoints are
+//! local (traffic policy `Local`).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+
+use crate::model::{
+    Affinity, Endpoint, Protocol, ProxyProtocol, Scheduler, ServiceEntry, ServicePort,
+    ServicePortName, Setting, Snapshot, ANNOTATION_PROXY_PROTOCOL, ANNOTATION_SCHEDULER,
+    DEFAULT_AFFINITY_TIMEOUT,
+};
+
+/// Label joining an EndpointSlice to its Service.
+pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
+
+/// A Service (or its slices) carrying this label belongs to another proxy,
+/// unless the label's value is our `--service-proxy-name`.
+pub const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
+
+/// Set by the endpoints controllers on the objects of headless services:
+/// nothing to proxy.
+pub const LABEL_HEADLESS: &str = "service.kubernetes.io/headless";
+
+/// Per-node choices of what to serve, as kube-proxy makes them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Options {
+    /// This node's name (`--hostname-override`, else the hostname): with
+    /// traffic policy `Local`, only endpoints whose `nodeName` is this one
+    /// are kept. `None` keeps every endpoint (no node to compare with).
+    pub node_name: Option<String>,
+    /// `--service-proxy-name`: services labelled
+    /// `service.kubernetes.io/service-proxy-name` with this value are ours;
+    /// services labelled with any other value (or any value, when `None`)
+    /// are left to that other proxy. Unlabelled services are always ours.
+    pub service_proxy_name: Option<String>,
+}
+
+impl Options {
+    /// Whether an object with these labels is ours to serve: not claimed by
+    /// another proxy, not headless.
+    pub fn is_ours(&self, labels: Option<&BTreeMap<String, String>>) -> bool {
+        let Some(labels) = labels else { return true };
+        if labels.contains_key(LABEL_HEADLESS) {
+            return false;
+        }
+        match labels.get(LABEL_SERVICE_PROXY_NAME) {
+            None => true,
+            Some(v) => self.service_proxy_name.as_deref() == Some(v.as_str()),
+        }
+    }
+}
+
+/// An object that was skipped, and why: what an operator needs to fix it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    /// Where the object came from: a file (with document number) or `api`.
+    pub origin: String,
+    /// The object, e.g. `Service default/web`.
+    pub object: String,
+    /// The offending field, as a path (`spec.ports[0].port`).
+    pub field: String,
+    /// What is wrong with it.
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}: {}: field {}: {}",
+            self.origin, self.object, self.field, self.message
+        )
+    }
+}
+
+/// A Kubernetes object together with where it was read from.
+#[derive(Clone, Debug)]
+pub struct Sourced<T> {
+    /// File and document, or `api`.
+    pub origin: String,
+    /// The object.
+    pub object: T,
+}
+
+/// Validates services and slices and joins them into a snapshot; skipped
+/// objects come back as problems, in input order. A service whose Service or
+/// one of whose EndpointSlices is invalid keeps its entries from `previous`
+/// (the last good state keeps serving); with no previous entry, only the
+/// invalid object is left out. Default [`Options`]: every endpoint kept,
+/// services claimed by another proxy skipped.
+pub fn build_snapshot(
+    services: &[Sourced<Service>],
+    slices: &[Sourced<EndpointSlice>],
+    previous: &Snapshot,
+) -> (Snapshot, Vec<Problem>) {
+    build_snapshot_with(services, slices, previous, &Options::default())
+}
+
+/// [`build_snapshot`] with per-node [`Options`]: services and slices that are
+/// not ours (other proxy, headless) are left out silently, and ports with
+/// traffic policy `Local` keep only this node's endpoints.
+pub fn build_snapshot_with(
+    services: &[Sourced<Service>],
+    slices: &[Sourced<EndpointSlice>],
+    previous: &Snapshot,
+    options: &Options,
+) -> (Snapshot, Vec<Problem>) {
+    let services: Vec<&Sourced<Service>> = services
+        .iter()
+        .filter(|s| options.is_ours(s.object.metadata.labels.as_ref()))
+        .collect();
+    let slices: Vec<&Sourced<EndpointSlice>> = slices
+        .iter()
+        .filter(|s| options.is_ours(s.object.metadata.labels.as_ref()))
+        .collect();
+    let mut problems = Vec::new();
+    // Services with an invalid object: served from `previous` if possible.
+    let mut broken: BTreeSet<(String, String)> = BTreeSet::new();
+
+    // (namespace, service) -> slices, validated.
+    let mut by_service: BTreeMap<(String, String), Vec<SliceData>> = BTreeMap::new();
+    for s in slices {
+        match slice_data(&s.object) {
+            Ok(Some(d)) => by_service
+                .entry((d.namespace.clone(), d.service.clone()))
+                .or_default()
+                .push(d),
+            Ok(None) => {}
+            Err((field, message)) => {
+                let meta = &s.object.metadata;
+                if let Some(svc) = meta.labels.as_ref().and_then(|l| l.get(LABEL_SERVICE_NAME)) {
+                    broken.insert((namespace_of(meta), svc.clone()));
+                }
+                problems.push(Problem {
+                    origin: s.origin.clone(),
+                    object: describe("EndpointSlice", meta),
+                    field,
+                    message,
+                })
+            }
+        }
+    }
+
+    let mut snapshot = Snapshot::default();
+    let mut seen = BTreeSet::new();
+    // Service ports in input order, with their origin: the first of two
+    // claiming one nodePort keeps it.
+    let mut order: Vec<(ServicePortName, String)> = Vec::new();
+    let present: BTreeSet<_> = services
+        .iter()
+        .map(|s| key_of(&s.object.metadata))
+        .collect();
+    let in_previous = |(ns, name): &(String, String)| {
+        previous
+            .services
+            .range(ServicePortName::first_of(ns, name)..)
+            .next()
+            .is_some_and(|(k, _)| k.namespace == *ns && k.name == *name)
+    };
+    // Broken services that served before keep their last good entries;
+    // others are built from whatever is valid.
+    broken.retain(|k| present.contains(k) && in_previous(k));
+    for s in services.iter().copied() {
+        let object = describe("Service", &s.object.metadata);
+        let ports = match service_ports(&s.object) {
+            Ok(p) => p,
+            Err((field, message)) => {
+                problems.push(Problem {
+                    origin: s.origin.clone(),
+                    object,
+                    field,
+                    message,
+                });
+                let key = key_of(&s.object.metadata);
+                if in_previous(&key) {
+                    broken.insert(key);
+                }
+                continue;
+            }
+        };
+        let Some(ports) = ports else { continue };
+        let key = key_of(&s.object.metadata);
+        if broken.contains(&key) {
+            continue; // one of its slices is invalid: carried from `previous` below
+        }
+        if !seen.insert(key.clone()) {
+            problems.push(Problem {
+                origin: s.origin.clone(),
+                object,
+                field: "metadata.name".into(),
+                message: "a Service of this name was already defined; the first one wins".into(),
+            });
+            continue;
+        }
+        let slices = by_service.get(&key).map(Vec::as_slice).unwrap_or(&[]);
+        let families = ip_families(&s.object);
+        for (name, port) in ports {
+            let all = join_endpoints(slices, &name.port_name, name.protocol, families);
+            let (endpoints, external_endpoints) =
+                traffic_views(&port, all, options.node_name.as_deref());
+            order.push((name.clone(), s.origin.clone()));
+            snapshot.services.insert(
+                name,
+                ServiceEntry {
+                    port,
+                    endpoints,
+                    external_endpoints,
+                },
+            );
+        }
+    }
+    for (ns, name) in &broken {
+        let carried = previous
+            .services
+            .range(ServicePortName::first_of(ns, name)..)
+            .take_while(|(k, _)| k.namespace == *ns && k.name == *name);
+        let mut any = false;
+        for (k, v) in carried {
+            snapshot
+                .services
+                .entry(k.clone())
+                .or_insert_with(|| v.clone());
+            any = true;
+        }
+        if any {
+            tracing::warn!(service = %format!("{ns}/{name}"), "invalid object: keeping the last good state of this service");
+        }
+    }
+    resolve_node_port_conflicts(&mut snapshot, &order, previous, &mut problems);
+    (snapshot, problems)
+}
+
+/// Two service ports may not share a nodePort (per protocol; the API
+/// server forbids it, a directory of manifests does not): the one that
+/// held it in `previous` keeps it, else the first in input order. The
+/// other is reported and served without it (its ClusterIP still works,
+/// its listener takes a port from the range).
+fn resolve_node_port_conflicts(
+    snapshot: &mut Snapshot,
+    order: &[(ServicePortName, String)],
+    previous: &Snapshot,
+    problems: &mut Vec<Problem>,
+) {
+    let mut owner: BTreeMap<(u16, Protocol), ServicePortName> = BTreeMap::new();
+    for (name, entry) in &snapshot.services {
+        let np = entry.port.node_port;
+        if np.is_some() && previous.services.get(name).and_then(|p| p.port.node_port) == np {
+            owner.insert((np.unwrap_or_default(), name.protocol), name.clone());
+        }
+    }
+    for (name, origin) in order {
+        let Some(entry) = snapshot.services.get_mut(name) else {
+            continue;
+        };
+        let Some(np) = entry.port.node_port else {
+            continue;
+        };
+        let holder = owner
+            .entry((np, name.protocol))
+            .or_insert_with(|| name.clone());
+        if holder != name {
+            problems.push(Problem {
+                origin: origin.clone(),
+                object: format!("Service {}/{}", name.namespace, name.name),
+                field: format!("spec.ports[{}].nodePort", name.port_name),
+                message: format!(
+                    "nodePort {np}/{} is already used by {holder}; served without a nodePort",
+                    name.protocol
+                ),
+            });
+            entry.port.node_port = None;
+        }
+    }
+}
+
+/// The endpoints of a port for ClusterIP traffic and, when
+/// `externalTrafficPolicy` makes them differ, for external traffic
+/// (nodePort, external IPs, LB IPs), as kube-proxy: a `Local` policy keeps
+/// only the endpoints on `node`. Without a node name no policy applies.
+pub fn traffic_views(
+    port: &ServicePort,
+    all: Vec<Endpoint>,
+    node: Option<&str>,
+) -> (Vec<Endpoint>, Option<Vec<Endpoint>>) {
+    let Some(node) = node else {
+        return (all, None);
+    };
+    let local = |eps: &[Endpoint]| -> Vec<Endpoint> {
+        eps.iter()
+            .filter(|e| e.node_name.as_deref() == Some(node))
+            .cloned()
+            .collect()
+    };
+    let external_traffic = port.node_port.is_some()
+        || !port.external_ips.is_empty()
+        || !port.load_balancer_ips.is_empty();
+    let external = (external_traffic && port.external_local != port.internal_local).then(|| {
+        if port.external_local {
+            local(&all)
+        } else {
+            all.clone()
+        }
+    });
+    let internal = if port.internal_local {
+        local(&all)
+    } else {
+        all
+    };
+    (internal, external)
+}
+
+/// IP families a service wants endpoints of: `(IPv4, IPv6)`. From
+/// `spec.ipFamilies`, else its cluster IPs, else both.
+fn ip_families(svc: &Service) -> (bool, bool) {
+    let Some(spec) = svc.spec.as_ref() else {
+        return (true, true);
+    };
+    if let Some(f) = spec.ip_families.as_ref().filter(|f| !f.is_empty()) {
+        return (f.iter().any(|f| f == "IPv4"), f.iter().any(|f| f == "IPv6"));
+    }
+    let ips: Vec<IpAddr> = spec
+        .cluster_ips
+        .iter()
+        .flatten()
+        .chain(spec.cluster_ip.iter())
+        .filter_map(|s| s.parse().ok())
+        .collect();
+    if ips.is_empty() {
+        return (true, true);
+    }
+    (
+        ips.iter().any(IpAddr::is_ipv4),
+        ips.iter().any(IpAddr::is_ipv6),
+    )
+}
+
+fn key_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> (String, String) {
+    (namespace_of(meta), name_of(meta))
+}
+
+type FieldError = (String, String);
+
+fn describe(
+    kind: &str,
+    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+) -> String {
+    format!(
+        "{kind} {}/{}",
+        namespace_of(meta),
+        meta.name.as_deref().unwrap_or("<unnamed>")
+    )
+}
+
+fn namespace_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> String {
+    meta.namespace
+        .clone()
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| "default".into())
+}
+
+fn name_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> String {
+    meta.name.clone().unwrap_or_default()
+}
+
+fn port_u16(v: i32, field: String) -> Result<u16, FieldError> {
+    match u16::try_from(v) {
+        Ok(p) if p != 0 => Ok(p),
+        _ => Err((field, format!("port {v} is out of range 1-65535"))),
+    }
+}
+
+fn parse_ip(s: &str, field: String) -> Result<IpAddr, FieldError> {
+    s.parse()
+        .map_err(|_| (field, format!("{s:?} is not an IP address")))
+}
+
+fn parse_protocol(p: Option<&str>, field: String) -> Result<Protocol, FieldError> {
+    Protocol::parse(p).ok_or_else(|| {
+        (
+            field,
+            format!(
+                "unknown protocol {:?} (want TCP, UDP or SCTP)",
+                p.unwrap_or("")
+            ),
+        )
+    })
+}
+
+/// The service's ports, `Ok(None)` when it is not ours to serve (headless,
+/// ExternalName), or the first invalid field.
+#[allow(clippy::type_complexity)]
+fn service_ports(svc: &Service) -> Result<Option<Vec<(ServicePortName, ServicePort)>>, FieldError> {
+    let meta = &svc.metadata;
+    let name = match meta.name.as_deref() {
+        Some(n) if !n.is_empty() => n.to_string(),
+        _ => return Err(("metadata.name".into(), "missing".into())),
+    };
+    let namespace = namespace_of(meta);
+    let Some(spec) = &svc.spec else {
+        return Err(("spec".into(), "missing".into()));
+    };
+    if spec.type_.as_deref() == Some("ExternalName") {
+        return Ok(None);
+    }
+    if spec.cluster_ip.as_deref() == Some("None") {
+        return Ok(None); // headless: DNS only, nothing to proxy
+    }
+    let mut cluster_ips = Vec::new();
+    match &spec.cluster_ips {
+        Some(ips) if !ips.is_empty() => {
+            for (i, ip) in ips.iter().enumerate() {
+                cluster_ips.push(parse_ip(ip, format!("spec.clusterIPs[{i}]"))?);
+            }
+        }
+        _ => {
+            if let Some(ip) = spec.cluster_ip.as_deref().filter(|s| !s.is_empty()) {
+                cluster_ips.push(parse_ip(ip, "spec.clusterIP".into())?);
+            }
+        }
+    }
+    let mut external_ips = Vec::new();
+    for (i, ip) in spec.external_ips.iter().flatten().enumerate() {
+        external_ips.push(parse_ip(ip, format!("spec.externalIPs[{i}]"))?);
+    }
+    let mut load_balancer_ips = Vec::new();
+    let ingress = svc
+        .status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|lb| lb.ingress.as_ref());
+    for (i, ing) in ingress.into_iter().flatten().enumerate() {
+        if let Some(ip) = &ing.ip {
+            load_balancer_ips.push(parse_ip(
+                ip,
+                format!("status.loadBalancer.ingress[{i}].ip"),
+            )?);
+        }
+    }
+    let affinity = match spec.session_affinity.as_deref() {
+        None | Some("None") | Some("") => None,
+        Some("ClientIP") => {
+            let secs = spec
+                .session_affinity_config
+                .as_ref()
+                .and_then(|c| c.client_ip.as_ref())
+                .and_then(|c| c.timeout_seconds);
+            let timeout = match secs {
+                None => DEFAULT_AFFINITY_TIMEOUT,
+                Some(s) if (1..=86400).contains(&s) => Duration::from_secs(s as u64),
+                Some(s) => {
+                    return Err((
+                        "spec.sessionAffinityConfig.clientIP.timeoutSeconds".into(),
+                        format!("{s} is out of range 1-86400"),
+                    ))
+                }
+            };
+            Some(Affinity { timeout })
+        }
+        Some(other) => {
+            return Err((
+                "spec.sessionAffinity".into(),
+                format!("unknown value {other:?} (want None or ClientIP)"),
+            ))
+        }
+    };
+    let scheduler = annotation(meta, ANNOTATION_SCHEDULER, Scheduler::parse);
+    let proxy_protocol = annotation(meta, ANNOTATION_PROXY_PROTOCOL, |v| match v {
+        "off" => Some(None),
+        v => ProxyProtocol::parse(v).map(Some),
+    });
+    let proxy_protocol = match proxy_protocol {
+        Setting::Set(None) | Setting::Default => Setting::Default,
+        Setting::Set(Some(v)) => Setting::Set(v),
+        Setting::Invalid(v) => Setting::Invalid(v),
+    };
+    let ports = spec.ports.as_deref().unwrap_or(&[]);
+    if ports.is_empty() {
+        return Err((
+            "spec.ports".into(),
+            "a Service needs at least one port".into(),
+        ));
+    }
+    let mut out = Vec::with_capacity(ports.len());
+    for (i, p) in ports.iter().enumerate() {
+        let port = port_u16(p.port, format!("spec.ports[{i}].port"))?;
+        let protocol = parse_protocol(p.protocol.as_deref(), format!("spec.ports[{i}].protocol"))?;
+        let node_port = match p.node_port {
+            None | Some(0) => None,
+            Some(n) => Some(port_u16(n, format!("spec.ports[{i}].nodePort"))?),
+        };
+        let key = ServicePortName {
+            namespace: namespace.clone(),
+            name: name.clone(),
+            port_name: p.name.clone().unwrap_or_default(),
+            protocol,
+        };
+        if out
+            .iter()
+            .any(|(k, _): &(ServicePortName, ServicePort)| *k == key)
+        {
+            return Err((
+                format!("spec.ports[{i}].name"),
+                format!("duplicate port name {:?} for {protocol}", key.port_name),
+            ));
+        }
+        out.push((
+            key,
+            ServicePort {
+                cluster_ips: cluster_ips.clone(),
+                port,
+                node_port,
+                external_ips: external_ips.clone(),
+                load_balancer_ips: load_balancer_ips.clone(),
+                affinity,
+                internal_local: spec.internal_traffic_policy.as_deref() == Some("Local"),
+                external_local: spec.external_traffic_policy.as_deref() == Some("Local"),
+                scheduler: scheduler.clone(),
+                proxy_protocol: proxy_protocol.clone(),
+            },
+        ));
+    }
+    Ok(Some(out))
+}
+
+/// A per-Service annotation: absent or empty is the default, a value
+/// `parse` rejects is kept as [`Setting::Invalid`] for the proxier to report
+/// (an unknown value never makes the Service invalid). Values are trimmed and
+/// lowercased.
+fn annotation<T>(
+    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    key: &str,
+    parse: impl Fn(&str) -> Option<T>,
+) -> Setting<T> {
+    let Some(raw) = meta.annotations.as_ref().and_then(|a| a.get(key)) else {
+        return Setting::Default;
+    };
+    let v = raw.trim().to_ascii_lowercase();
+    if v.is_empty() {
+        return Setting::Default;
+    }
+    match parse(&v) {
+        Some(x) => Setting::Set(x),
+        None => Setting::Invalid(raw.clone()),
+    }
+}
+
+/// A validated EndpointSlice.
+struct SliceData {
+    namespace: String,
+    service: String,
+    /// `addressType: IPv6`.
+    ipv6: bool,
+    /// (port name, protocol, port number)
+    ports: Vec<(String, Protocol, u16)>,
+    /// Endpoints with port 0: the port comes from `ports` when joined.
+    endpoints: Vec<Endpoint>,
+}
+
+/// The slice's data, `Ok(None)` for slices we do not serve (FQDN), or the
+/// first invalid field.
+fn slice_data(slice: &EndpointSlice) -> Result<Option<SliceData>, FieldError> {
+    let meta = &slice.metadata;
+    if meta.name.as_deref().unwrap_or("").is_empty() {
+        return Err(("metadata.name".into(), "missing".into()));
+    }
+    let service = meta
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(LABEL_SERVICE_NAME))
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| {
+            (
+                format!("metadata.labels[{LABEL_SERVICE_NAME}]"),
+                "missing: the slice cannot be joined to a Service".into(),
+            )
+        })?
+        .clone();
+    let want_v6 = match slice.address_type.as_str() {
+        "IPv4" => false,
+        "IPv6" => true,
+        "FQDN" => return Ok(None), // kube-proxy ignores FQDN slices too
+        other => {
+            return Err((
+                "addressType".into(),
+                format!("unknown addressType {other:?} (want IPv4 or IPv6)"),
+            ))
+        }
+    };
+    let mut ports = Vec::new();
+    for (i, p) in slice.ports.iter().flatten().enumerate() {
+        let Some(n) = p.port else { continue };
+        let port = port_u16(n, format!("ports[{i}].port"))?;
+        let protocol = parse_protocol(p.protocol.as_deref(), format!("ports[{i}].protocol"))?;
+        ports.push((p.name.clone().unwrap_or_default(), protocol, port));
+    }
+    let mut endpoints = Vec::new();
+    for (i, ep) in slice.endpoints.iter().enumerate() {
+        let cond = ep.conditions.as_ref();
+        let ready = cond.and_then(|c| c.ready).unwrap_or(true);
+        let serving = cond.and_then(|c| c.serving).unwrap_or(ready);
+        let terminating = cond.and_then(|c| c.terminating).unwrap_or(false);
+        for (j, a) in ep.addresses.iter().enumerate() {
+            let field = format!("endpoints[{i}].addresses[{j}]");
+            let ip = parse_ip(a, field.clone())?;
+            if ip.is_ipv6() != want_v6 {
+                return Err((
+                    field,
+                    format!("{a} does not match addressType {}", slice.address_type),
+                ));
+            }
+            endpoints.push(Endpoint {
+                addr: SocketAddr::new(ip, 0),
+                ready,
+                serving,
+                terminating,
+                node_name: ep.node_name.clone(),
+                zone: ep.zone.clone(),
+            });
+        }
+    }
+    Ok(Some(SliceData {
+        namespace: namespace_of(meta),
+        service,
+        ipv6: want_v6,
+        ports,
+        endpoints,
+    }))
+}
+
+/// Endpoints of one service port across all its slices, deduplicated by
+/// address (a copy that is ready wins) and sorted.
+fn join_endpoints(
+    slices: &[SliceData],
+    port_name: &str,
+    protocol: Protocol,
+    (v4, v6): (bool, bool),
+) -> Vec<Endpoint> {
+    let mut by_addr: BTreeMap<SocketAddr, Endpoint> = BTreeMap::new();
+    for s in slices {
+        if !(if s.ipv6 { v6 } else { v4 }) {
+            continue; // a family the service does not have
+        }
+        for (_, _, port) in s
+            .ports
+            .iter()
+            .filter(|(n, p, _)| n == port_name && *p == protocol)
+        {
+            for template in &s.endpoints {
+                let addr = SocketAddr::new(template.addr.ip(), *port);
+                let ep = Endpoint {
+                    addr,
+                    ..template.clone()
+                };
+                by_addr
+                    .entry(addr)
+                    .and_modify(|old| {
+                        if ep.ready && !old.ready {
+                            *old = ep.clone();
+                        }
+                    })
+                    .or_insert(ep);
+            }
+        }
+    }
+    by_addr.into_values().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn svc(yaml: &str) -> Sourced<Service> {
+        Sourced {
+            origin: "test".into(),
+            object: serde_saphyr::from_str(yaml).unwrap(),
+        }
+    }
+
+    fn eps(yaml: &str) -> Sourced<EndpointSlice> {
+        Sourced {
+            origin: "test".into(),
+            object: serde_saphyr::from_str(yaml).unwrap(),
+        }
+    }
+
+    #[test]
+    fn labels_decide_whose_a_service_is() {
+        let labels = |k: &str, v: &str| Some(BTreeMap::from([(k.to_string(), v.to_string())]));
+        let none = Options::default();
+        let kusp = Options {
+            service_proxy_name: Some("kusp".into()),
+            ..Options::default()
+        };
+        assert!(none.is_ours(None));
+        assert!(!none.is_ours(labels(LABEL_SERVICE_PROXY_NAME, "kusp").as_ref()));
+        assert!(kusp.is_ours(labels(LABEL_SERVICE_PROXY_NAME, "kusp").as_ref()));
+        assert!(!kusp.is_ours(labels(LABEL_SERVICE_PROXY_NAME, "other").as_ref()));
+        assert!(!kusp.is_ours(labels(LABEL_HEADLESS, "").as_ref()));
+        assert!(kusp.is_ours(labels("app", "web").as_ref()));
+    }
+
+    #[test]
+    fn dual_stack_slices_join_only_the_services_families() {
+        let slices = [
+            eps("metadata: {name: a, namespace: ns, labels: {kubernetes.io/service-name: web}}\naddressType: IPv4\nports: [{name: http, port: 80}]\nendpoints: [{addresses: [10.0.0.1]}]\n"),
+            eps("metadata: {name: b, namespace: ns, labels: {kubernetes.io/service-name: web}}\naddressType: IPv6\nports: [{name: http, port: 80}]\nendpoints: [{addresses: [\"fd00::1\"]}]\n"),
+        ];
+        let count = |families: &str| {
+            let s = svc(&format!("metadata: {{name: web, namespace: ns}}\nspec:\n  ipFamilies: {families}\n  ports: [{{name: http, port: 80}}]\n"));
+            let (snap, problems) = build_snapshot(&[s], &slices, &Snapshot::default());
+            assert!(problems.is_empty(), "{problems:?}");
+            snap.services.values().next().unwrap().endpoints.len()
+        };
+        assert_eq!(count("[IPv4]"), 1);
+        assert_eq!(count("[IPv6]"), 1);
+        assert_eq!(count("[IPv4, IPv6]"), 2);
+    }
+
+    #[test]
+    fn local_policies_apply_each_to_its_own_traffic() {
+        let port = |itp: bool, etp: bool, node_port: Option<u16>| ServicePort {
+            port: 80,
+            node_port,
+            internal_local: itp,
+            external_local: etp,
+            ..ServicePort::default()
+        };
+        let ep = |ip: [u8; 4], node: &str| Endpoint {
+            addr: SocketAddr::from((ip, 8080)),
+            ready: true,
+            serving: true,
+            terminating: false,
+            node_name: Some(node.into()),
+            zone: None,
+        };
+        let all = vec![ep([10, 0, 0, 1], "a"), ep([10, 0, 0, 2], "b")];
+        let here = vec![all[0].clone()];
+        let views = |itp, etp, np| traffic_views(&port(itp, etp, np), all.clone(), Some("a"));
+        assert_eq!(views(false, false, Some(30000)), (all.clone(), None));
+        assert_eq!(views(true, false, None), (here.clone(), None));
+        // eTP Local: ClusterIP traffic still reaches every endpoint.
+        assert_eq!(
+            views(false, true, Some(30000)),
+            (all.clone(), Some(here.clone()))
+        );
+        assert_eq!(
+            views(true, false, Some(30000)),
+            (here.clone(), Some(all.clone()))
+        );
+        assert_eq!(views(true, true, Some(30000)), (here.clone(), None));
+        assert_eq!(
+            views(false, true, None),
+            (all.clone(), None),
+            "no external traffic"
+        );
+        assert_eq!(
+            traffic_views(&port(true, true, Some(1)), all.clone(), None),
+            (all, None),
+            "no node name: no policy"
+        );
+    }
+}
