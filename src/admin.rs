@@ -27,7 +27,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::proxy::{Context, Published};
+use crate::proxy::{Context, Published, UnservedReason};
 use crate::{stats_page, status};
 
 /// State of the iptables redirect, for status and health.
@@ -137,6 +137,13 @@ impl Health {
     /// the first) is fresher than twice the sync period. Returns the verdict
     /// and kube-proxy's JSON body.
     pub fn check(&self, now: SystemTime) -> (bool, String) {
+        self.check_with(now, &Unserved::default())
+    }
+
+    /// As [`Self::check`], the body also counting the service ports that
+    /// have no listener, by reason (the verdict does not change: the
+    /// other Service ports are served).
+    pub fn check_with(&self, now: SystemTime, unserved: &Unserved) -> (bool, String) {
         let last = self.last_sync_ms.load(Relaxed);
         let reference = if last == 0 {
             self.started_ms.load(Relaxed)
@@ -150,10 +157,35 @@ impl Health {
         };
         let updated = if last == 0 { "".to_string() } else { fmt(last) };
         let body = format!(
-            "{{\"lastUpdated\": \"{updated}\",\"currentTime\": \"{}\"}}",
-            fmt(now_ms)
+            "{{\"lastUpdated\": \"{updated}\",\"currentTime\": \"{}\",\"unservedServicePorts\": {{\"fd_limit\": {},\"bind\": {}}}}}",
+            fmt(now_ms),
+            unserved.fd_limit,
+            unserved.bind,
         );
         (healthy, body)
+    }
+}
+
+/// Service ports without a listener, by reason, as `/healthz` reports them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Unserved {
+    /// The fd budget holds no more listeners.
+    pub fd_limit: usize,
+    /// The port could not be bound.
+    pub bind: usize,
+}
+
+impl Unserved {
+    /// Counts the unserved ports of `services`.
+    pub fn of(services: &[crate::proxy::ServiceView]) -> Self {
+        let mut u = Self::default();
+        for r in services.iter().filter_map(|v| v.unserved.as_ref()) {
+            match r.reason {
+                UnservedReason::FdLimit => u.fd_limit += 1,
+                UnservedReason::Bind => u.bind += 1,
+            }
+        }
+        u
     }
 }
 
@@ -191,7 +223,8 @@ async fn debug_services(State(s): State<AdminState>) -> Json<status::StatusDoc> 
 }
 
 async fn healthz(State(s): State<AdminState>) -> Response {
-    let (ok, body) = s.health.check(SystemTime::now());
+    let unserved = Unserved::of(&s.services.load());
+    let (ok, body) = s.health.check_with(SystemTime::now(), &unserved);
     let code = if ok {
         StatusCode::OK
     } else {

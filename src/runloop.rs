@@ -53,6 +53,7 @@ impl Loop {
         let mut rules_dirty = true;
         let mut rules_last: Option<Instant> = None;
         let mut next_repair = Instant::now() + self.sync_period;
+        let mut unserved_logged = (0, 0);
         loop {
             if resync {
                 let started = Instant::now();
@@ -64,9 +65,29 @@ impl Loop {
                     opened = r.opened,
                     closed = r.closed,
                     endpoints_changed = r.endpoints_changed,
+                    connection_limit = r.connection_limit,
                     took = ?started.elapsed(),
                     "synced"
                 );
+                if (r.fd_limited, r.pending) != unserved_logged {
+                    unserved_logged = (r.fd_limited, r.pending);
+                    if r.fd_limited > 0 {
+                        let fds = &self.proxier.context().fds;
+                        tracing::warn!(
+                            unserved = r.fd_limited,
+                            fd_limit = fds.limit(),
+                            held = fds.held(),
+                            connection_limit = r.connection_limit,
+                            "service ports unserved: the fd limit holds no more listeners (raise RLIMIT_NOFILE, or lower an explicit --max-connections); retried every second"
+                        );
+                    }
+                    if r.pending > r.fd_limited {
+                        tracing::warn!(
+                            unserved = r.pending - r.fd_limited,
+                            "service ports unserved: their port could not be bound (see the per-service warnings); retried every second"
+                        );
+                    }
+                }
                 let service_changes = r.opened + r.closed + r.spec_changed;
                 ::metrics::counter!(metrics::SERVICE_CHANGES).increment(service_changes as u64);
                 ::metrics::counter!(metrics::ENDPOINT_CHANGES)

@@ -53,6 +53,15 @@ pub struct ServiceStatus {
     pub external_ips: Vec<String>,
     /// Our listener's port, once bound.
     pub listener_port: Option<u16>,
+    /// Listening sockets of the port: 1, or one per worker once busy.
+    #[serde(default)]
+    pub listener_sockets: usize,
+    /// Why it has no listener (`fd_limit: …`, `bind: …`), when it has none.
+    #[serde(default)]
+    pub unserved: Option<String>,
+    /// Connections closed because TCP keepalive found a peer dead.
+    #[serde(default)]
+    pub peers_dead: u64,
     /// Whether redirect rules are in place for its addresses.
     pub rules: bool,
     /// Scheduler in force (`rr`, `lc`, `sh`, `sed`, `nq`, `p2c`, `random`).
@@ -168,6 +177,12 @@ pub fn collect(services: &[ServiceView], iptables: &str) -> StatusDoc {
                     && !(spec.cluster_ips.is_empty() && external.is_empty()),
                 external_ips: external,
                 listener_port: v.listener_port,
+                listener_sockets: v.sockets,
+                unserved: v
+                    .unserved
+                    .as_ref()
+                    .map(|u| format!("{}: {}", u.reason.as_str(), u.detail)),
+                peers_dead: s.peers_dead.load(Relaxed),
                 scheduler: v.service.balancer.scheduler().to_string(),
                 proxy_protocol: v
                     .service
@@ -260,7 +275,12 @@ fn service_label(s: &ServiceStatus) -> String {
         Some(p) => {
             let _ = write!(name, " -> :{p}");
         }
-        None => name.push_str(" -> unbound"),
+        None => match s.unserved.as_deref().and_then(|u| u.split(':').next()) {
+            Some(reason) => {
+                let _ = write!(name, " -> unserved ({reason})");
+            }
+            None => name.push_str(" -> unbound"),
+        },
     }
     name
 }

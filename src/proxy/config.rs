@@ -73,7 +73,7 @@ impl ProxyConfig {
     /// `--max-connections` the fd limit cannot hold is an error giving
     /// the numbers.
     pub fn fd_budget(&self) -> Result<Arc<FdBudget>, TooManyConnections> {
-        let fixed = fds::fixed_share(self.workers, self.reserved_fds);
+        let fixed = fds::fixed_share(self.workers, self.reserved_fds, self.fd_limit);
         FdBudget::new(self.fd_limit, fixed, self.max_connections)
     }
 }

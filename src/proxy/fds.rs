@@ -25,12 +25,13 @@ use tokio::sync::Semaphore;
 /// the hand-over and discovery sockets, `iptables-restore` pipes, logs.
 pub const BASE_FDS: usize = 64;
 
-/// Fds per worker thread: its epoll instance and its waker.
-pub const FDS_PER_WORKER: usize = 2;
+/// Fds per worker thread, as measured: two epoll instances, an eventfd
+/// and a unix socket of tokio's runtime.
+pub const FDS_PER_WORKER: usize = 4;
 
 /// The least headroom left beside listeners and connections, for pipes,
 /// UDP sessions and grown listeners.
-pub const MIN_HEADROOM: usize = 64;
+pub const MIN_HEADROOM: usize = 16;
 
 /// The most headroom: beyond it pipes fall back to copying, which costs
 /// some CPU and no fds.
@@ -46,9 +47,16 @@ pub fn headroom(limit: usize) -> usize {
 }
 
 /// The fixed share of a process with `workers` worker threads and
-/// `admin` fds for the admin servers.
-pub fn fixed_share(workers: usize, admin: usize) -> usize {
-    BASE_FDS + FDS_PER_WORKER * workers.max(1) + admin
+/// `admin` fds for the admin servers, under an fd `limit`: at most half
+/// of it (the admin servers' caps are a worst case; under a tiny limit
+/// the process runs in about 25 fds).
+pub fn fixed_share(workers: usize, admin: usize, limit: usize) -> usize {
+    let share = BASE_FDS + FDS_PER_WORKER * workers.max(1) + admin;
+    if limit == 0 {
+        share
+    } else {
+        share.min(limit / 2)
+    }
 }
 
 /// Why a connection limit cannot be granted.
@@ -281,20 +289,21 @@ mod tests {
     #[test]
     fn listeners_come_before_a_derived_connection_limit() {
         // 20,000 fds, 64 workers, the admin servers' 68.
-        let fixed = fixed_share(64, 68);
-        assert_eq!(fixed, 260);
+        let fixed = fixed_share(64, 68, 20_000);
+        assert_eq!(fixed, 388);
+        assert_eq!(fixed_share(2, 68, 134), 67, "at most half of a tiny limit");
         let b = FdBudget::new(20_000, fixed, None).unwrap();
-        assert_eq!(b.connection_limit(), (20_000 - 260 - 2_500) / 2);
+        assert_eq!(b.connection_limit(), (20_000 - 388 - 2_500) / 2);
         // 10,000 ports want a listener each: the limit makes room.
         let limit = b.rebalance(10_000);
-        assert_eq!(limit, (20_000 - 260 - 2_500 - 10_000) / 2);
+        assert_eq!(limit, (20_000 - 388 - 2_500 - 10_000) / 2);
         let leases: Vec<_> = (0..10_000).map(|_| b.try_take(1).unwrap()).collect();
         assert_eq!(b.held(), 10_000);
         // Headroom is left for pipes and UDP sessions.
         assert!(b.available() >= 2_500);
         assert_eq!(b.rebalance(0), limit, "stable once bound");
         drop(leases);
-        assert_eq!(b.rebalance(0), (20_000 - 260 - 2_500) / 2, "fds came back");
+        assert_eq!(b.rebalance(0), (20_000 - 388 - 2_500) / 2, "fds came back");
     }
 
     #[test]
@@ -318,15 +327,15 @@ mod tests {
 
     #[test]
     fn an_explicit_limit_the_fds_cannot_hold_is_refused_with_the_numbers() {
-        let e = FdBudget::new(20_000, 260, Some(10_000)).unwrap_err();
-        assert_eq!((e.need, e.most), (20_000, 9_838));
+        let e = FdBudget::new(20_000, 388, Some(10_000)).unwrap_err();
+        assert_eq!((e.need, e.most), (20_000, 9_798));
         let msg = e.to_string();
-        for n in ["10000", "20000", "260", "9838"] {
+        for n in ["10000", "20000", "388", "9798"] {
             assert!(msg.contains(n), "{msg}");
         }
-        let b = FdBudget::new(20_000, 260, Some(9_000)).unwrap();
+        let b = FdBudget::new(20_000, 388, Some(9_000)).unwrap();
         assert_eq!(b.rebalance(10_000), 9_000, "an explicit limit never moves");
-        assert_eq!(b.available(), 20_000 - 260 - 18_000);
+        assert_eq!(b.available(), 20_000 - 388 - 18_000);
     }
 
     #[test]

@@ -272,7 +272,7 @@
     const tags = [
       ['proto', s.protocol],
       ['vip', s.cluster_ips.length ? `${s.cluster_ips[0]}:${s.port}` : `port ${s.port}`],
-      s.listener_port ? ['listener', `listener :${s.listener_port}`] : ['unbound', 'listener unbound'],
+      s.listener_port ? ['listener', `listener :${s.listener_port}`] : ['unbound', s.unserved ? `unserved: ${s.unserved}` : 'listener unbound'],
       s.node_port ? ['nodeport', `nodePort ${s.node_port}`] : null,
       ['scheduler', s.scheduler],
       s.affinity_seconds !== null && s.affinity_seconds !== undefined ? ['affinity', `affinity ${s.affinity_seconds} s`] : null,
