@@ -15,10 +15,13 @@ threads (default N in {1000, 10000}, W in {1, 16, 64}):
   `--handover-socket` in the temp dir and its admin servers on free
   127.0.0.1 ports, under RLIMIT_NOFILE 20,000 (soft and hard).
 - first full sync: seconds from spawn until every service port has a
-  `listener_port` in `/debug/services` (polled; a poll of a 10,000-port
-  document itself takes a while, see `debug_fetch_ms`), and the `took` of
-  the first `synced` log line (the proxier's own time for that pass), with
-  its `listening`/`pending` counts. A cell where not every port is served
+  `listener_port` in `/debug/services` (polled every 50 ms, or twice the
+  last fetch time if longer: the document of 10,000 ports takes ~0.5 s to
+  fetch, see `debug_fetch_ms`, and is built on the thread that also runs
+  the control loop, so polling harder would slow what it measures); the
+  `took` of the first `synced` log line (the proxier's own time for that
+  pass) with its `listening`/`pending` counts; and when the first `synced`
+  line with every port listening was logged. A cell where not every port is served
   within `--sync-timeout` (60 s) is recorded as a miss (served < N) and
   the rest of the cell still runs on the ports that are served. The wait
   ends sooner on a plateau: no port added for `--stall` (15 s) while the
@@ -511,6 +514,9 @@ def zero_baseline(args, workers, echo):
         return {"fds": nfds(p.pid), "rss_kib": rss_kib(p.pid), "threads": threads(p.pid)}
     finally:
         kill(p.proc)
+        if not KEEP:
+            shutil.rmtree(work, ignore_errors=True)
+            DIRS.remove(work)
 
 
 def run_cell(args, n, workers, echo, zero):
@@ -559,11 +565,14 @@ def run_cell(args, n, workers, echo, zero):
                 if last and last[-1]["fields"].get("pending"):
                     stalled = True
                     break
-            time.sleep(args.poll)
+            # The document is built on the thread that also runs the control
+            # loop: leave it at least twice the fetch time between polls.
+            time.sleep(max(args.poll, 2 * fetch_ms / 1000))
         cell["served"] = len(served)
         cell["missed"] = n - len(served)
         cell["first_full_sync_s"] = None if full_at is None else round(full_at, 3)
         cell["debug_fetch_ms"] = round(max(fetches), 1) if fetches else None
+        cell["debug_polls"] = len(fetches)
         cell["served_last_grew_at_s"] = round(grew_at - old.t0, 3)
         if full_at is None:
             why = (f"no port added for {args.stall:.0f} s while the proxier reports ports pending" if stalled
@@ -633,13 +642,13 @@ def run_cell(args, n, workers, echo, zero):
         debug_at = None
         end = time.monotonic() + args.change_timeout
         while time.monotonic() < end:
-            svcs, _ = debug_services(metrics)
+            svcs, fetch_ms = debug_services(metrics)
             if svcs is not None:
                 s = next((s for s in svcs if s["namespace"] == NAMESPACE and s["name"] == k), None)
                 if s and any(e["address"] == new_ep for e in s["endpoints"]):
                     debug_at = time.time()
                     break
-            time.sleep(0.02)
+            time.sleep(max(args.poll, 2 * fetch_ms / 1000))
         th.join(args.change_timeout + 3)
         stop_probe.set()
         ch = {"service": k, "write_ms": round((t_write_done - t_write) * 1000, 1),
@@ -683,6 +692,10 @@ def run_cell(args, n, workers, echo, zero):
             ho["successor_listening"] = srv["fields"].get("listening")
         else:
             cell["notes"].append("successor never logged `hand-over: serving`")
+            try:  # its log ended: it is exiting, or wedged
+                new.proc.wait(2)
+            except subprocess.TimeoutExpired:
+                pass
             if new.proc.poll() is not None:
                 cell["notes"].append(f"successor exited with {new.proc.returncode}")
         loaded = new.wait_event(lambda e: e["msg"] == "manifests loaded", 0.1)
@@ -762,9 +775,9 @@ def fmt(v, nd=0):
 
 def table(results):
     out = []
-    out.append("| N ports | W | served | first full sync s (poll) | first `synced` at s / took ms | listening / pending in it "
+    out.append("| N ports | W | served | first full sync s (poll) | all listening in `synced` log at s | first `synced` at s / took ms | listening / pending in it "
                "| fds | fds/N | fds per served port, net of 0 services | RSS MiB | threads | sample echo |")
-    out.append("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    out.append("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for c in results["cells"]:
         fs = c.get("first_synced", {})
         sm = c.get("sample", {})
@@ -774,6 +787,7 @@ def table(results):
         out.append("| " + " | ".join([
             fmt(c["ports"]), fmt(c["workers"]), served,
             fmt(c.get("first_full_sync_s"), 2) if c.get("first_full_sync_s") is not None else "**never**",
+            fmt(c.get("all_listening_synced_at_s"), 2),
             f"{fmt(fs.get('at_s'), 2)} / {fmt(fs.get('took_ms'), 1)}",
             f"{fmt(fs.get('listening'))} / {fmt(fs.get('pending'))}",
             fmt(c.get("fds")),
@@ -853,7 +867,12 @@ def main():
     # Our own fds: held clients + the echo server's side of each.
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard != resource.RLIM_INFINITY and hard < args.nofile:
-        log(f"hard fd limit {hard} < {args.nofile}: the proxy's limit can only be raised as root")
+        try:  # the proxies inherit it: it must be raisable here
+            resource.setrlimit(resource.RLIMIT_NOFILE, (args.nofile, args.nofile))
+        except (ValueError, OSError) as e:
+            raise SystemExit(f"cannot raise RLIMIT_NOFILE to {args.nofile} (hard limit {hard}): {e}; "
+                             f"use --nofile {hard} or raise the hard limit")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     echo = Echo()
     echo.start()
@@ -866,7 +885,10 @@ def main():
     }
     started = time.monotonic()
     for w in workers:
-        results["zero"][w] = zero_baseline(args, w, echo)
+        try:
+            results["zero"][w] = zero_baseline(args, w, echo)
+        except Exception as e:
+            results["zero"][w] = {"error": f"{type(e).__name__}: {e}"}
         log(f"0 services, W={w}: {results['zero'][w]}")
     for n in ports:
         for w in workers:
