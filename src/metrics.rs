@@ -424,7 +424,7 @@ pub fn render_services(services: &[ServiceView]) -> String {
             push(LISTENER_PORT, format!("{LISTENER_PORT}{{{l}}} {p}"));
             push(
                 LISTENER_SOCKETS,
-                format!("{LISTENER_SOCKETS}{{{l}}} {}", v.sockets),
+                format!("{LISTENER_SOCKETS}{{{l}}} {}", s.sockets.load(Relaxed)),
             );
         }
         push(

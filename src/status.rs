@@ -177,7 +177,7 @@ pub fn collect(services: &[ServiceView], iptables: &str) -> StatusDoc {
                     && !(spec.cluster_ips.is_empty() && external.is_empty()),
                 external_ips: external,
                 listener_port: v.listener_port,
-                listener_sockets: v.sockets,
+                listener_sockets: s.sockets.load(Relaxed) as usize,
                 unserved: v
                     .unserved
                     .as_ref()

@@ -49,12 +49,15 @@ async fn baseline(proxy: &ProxyProc, name: &str) -> (usize, Scrape) {
 }
 
 /// Waits until the proxy has no open connection of `name` and its fds are
-/// back to `base`; returns the final scrape.
+/// back to `base`, plus the listening sockets the port grew while busy
+/// (one per worker, kept while the port lives); returns the final scrape.
 async fn settled(proxy: &ProxyProc, name: &str, base: usize) -> Scrape {
     let active = series(name, "kusp_connections_active", "");
+    let sockets = series(name, "kusp_listener_sockets", "");
     for _ in 0..100 {
         let m = proxy.scrape().await;
-        if m.get(&active) == Some(&0.0) && fds_of(proxy.pid()) <= base {
+        let grown = m.get(&sockets).map_or(0, |n| *n as usize - 1);
+        if m.get(&active) == Some(&0.0) && fds_of(proxy.pid()) <= base + grown {
             return m;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;

@@ -46,6 +46,14 @@ pub fn headroom(limit: usize) -> usize {
     (limit / 8).clamp(MIN_HEADROOM, MAX_HEADROOM)
 }
 
+/// The fewest connections a derived limit keeps, however many listeners
+/// want fds: a sixteenth of the limit (at least one). Listeners beyond
+/// that are reported unserved: a listener that may accept nothing serves
+/// nobody.
+pub fn min_connections(limit: usize) -> usize {
+    (limit / 16).max(1)
+}
+
 /// The fixed share of a process with `workers` worker threads and
 /// `admin` fds for the admin servers, under an fd `limit`: at most half
 /// of it (the admin servers' caps are a worst case; under a tiny limit
@@ -174,11 +182,21 @@ impl FdBudget {
         Self::new(0, 0, Some(0)).unwrap_or_else(|_| unreachable!("no limit cannot be exceeded"))
     }
 
-    /// Takes `n` fds for a listener, a pipe or a UDP session, if they fit
-    /// beside what is held and what connections may hold.
+    /// Takes `n` fds for a pipe or a UDP session, if they fit beside what
+    /// is held and what connections may hold.
     pub fn try_take(self: &Arc<Self>, n: usize) -> Option<FdLease> {
+        self.take_within(n, 0)
+    }
+
+    /// Takes one fd for a listening socket, if it fits and leaves the
+    /// headroom to pipes and UDP sessions.
+    pub fn try_take_listener(self: &Arc<Self>) -> Option<FdLease> {
+        self.take_within(1, headroom(self.limit))
+    }
+
+    fn take_within(self: &Arc<Self>, n: usize, keep: usize) -> Option<FdLease> {
         if self.limit > 0 {
-            let room = self.limit.saturating_sub(self.fixed);
+            let room = self.limit.saturating_sub(self.fixed + keep);
             let taken = self.held.fetch_update(Relaxed, Relaxed, |held| {
                 let conns = self.for_connections.load(Relaxed);
                 (held + n + conns <= room).then_some(held + n)
@@ -220,7 +238,7 @@ impl FdBudget {
             .limit
             .saturating_sub(self.fixed + headroom(self.limit))
             .saturating_sub(self.held.load(Relaxed) + wanted);
-        let target = spare / FDS_PER_CONNECTION;
+        let target = (spare / FDS_PER_CONNECTION).max(min_connections(self.limit));
         let allowed = cap.in_force - cap.owed;
         if target > allowed {
             // Cancel what is owed first, then add.
@@ -297,10 +315,17 @@ mod tests {
         // 10,000 ports want a listener each: the limit makes room.
         let limit = b.rebalance(10_000);
         assert_eq!(limit, (20_000 - 388 - 2_500 - 10_000) / 2);
-        let leases: Vec<_> = (0..10_000).map(|_| b.try_take(1).unwrap()).collect();
+        let leases: Vec<_> = (0..10_000)
+            .map(|_| b.try_take_listener().unwrap())
+            .collect();
         assert_eq!(b.held(), 10_000);
-        // Headroom is left for pipes and UDP sessions.
-        assert!(b.available() >= 2_500);
+        // Headroom is left for pipes and UDP sessions, never to listeners.
+        assert_eq!(b.available(), 2_500);
+        assert!(b.try_take_listener().is_none());
+        drop(b.try_take(2_500).unwrap());
+        // Connections keep their floor, however many listeners want fds.
+        assert_eq!(b.rebalance(100_000), min_connections(20_000));
+        assert_eq!(b.rebalance(0), limit);
         assert_eq!(b.rebalance(0), limit, "stable once bound");
         drop(leases);
         assert_eq!(b.rebalance(0), (20_000 - 388 - 2_500) / 2, "fds came back");

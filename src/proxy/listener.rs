@@ -23,7 +23,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::net::TcpListener;
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
 use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
 
@@ -156,14 +157,6 @@ impl Listener {
             Self::Udp(h) => vec![h.socket()],
         }
     }
-
-    /// How many listening sockets it holds.
-    pub(super) fn socket_count(&self) -> usize {
-        match self {
-            Self::Tcp(h) => h.group.lock().sockets.len(),
-            Self::Udp(_) => 1,
-        }
-    }
 }
 
 /// A running TCP listener; dropping it stops accepting (open connections
@@ -220,8 +213,13 @@ struct Held {
 
 #[derive(Debug)]
 struct Socket {
-    listener: Arc<TcpListener>,
+    listener: Arc<Listening>,
 }
+
+/// A listening socket registered with one worker's event loop: readiness
+/// is awaited apart from `accept`, so that a connection permit is taken
+/// only once a client waits (an idle port holds no permit).
+type Listening = AsyncFd<socket2::Socket>;
 
 impl Group {
     fn lock(&self) -> std::sync::MutexGuard<'_, Held> {
@@ -229,16 +227,22 @@ impl Group {
     }
 
     /// Registers `socket` with runtime `rt` and starts its accept loop.
+    #[allow(unsafe_code)] // tokio asks the caller to vouch for the fd
     fn add(self: &Arc<Self>, socket: std::net::TcpListener, rt: usize) -> io::Result<()> {
         set_keepalive(&socket, self.ctx.config.tcp_keepalive.as_ref())?;
         let handle = &self.runtimes[rt];
+        let socket = socket2::Socket::from(socket);
         let listener = {
             let _entered = handle.enter();
-            Arc::new(TcpListener::from_std(socket)?)
+            // SAFETY: the socket owns its fd, which stays open and the same
+            // for as long as the `AsyncFd` that owns the socket.
+            let registered = unsafe { AsyncFd::register_with_interest(socket, Interest::READABLE) };
+            Arc::new(registered.map_err(io::Error::from)?)
         };
         self.lock().sockets.push(Socket {
             listener: Arc::clone(&listener),
         });
+        self.service.stats.sockets.fetch_add(1, Relaxed);
         handle.spawn(accept_loop(Arc::clone(self), listener, rt));
         Ok(())
     }
@@ -253,7 +257,7 @@ impl Group {
             if self.stop.is_cancelled() {
                 return;
             }
-            let Some(lease) = self.ctx.fds.try_take(1) else {
+            let Some(lease) = self.ctx.fds.try_take_listener() else {
                 tracing::info!(service = %self.service.name, added, "busy port: the fd budget holds no more sockets for it; it stays on fewer workers");
                 break;
             };
@@ -276,6 +280,14 @@ impl Group {
         }
         let rt = self.next.fetch_add(1, Relaxed) % self.runtimes.len();
         (rt != here).then(|| &self.runtimes[rt])
+    }
+}
+
+impl Drop for Group {
+    /// The sockets close here, after the last accept loop.
+    fn drop(&mut self) {
+        let n = self.lock().sockets.len() as u64;
+        self.service.stats.sockets.fetch_sub(n, Relaxed);
     }
 }
 
@@ -343,43 +355,67 @@ impl Rate {
 }
 
 /// Accepts on one socket of `group` (on runtime `here`) until stopped.
-async fn accept_loop(group: Arc<Group>, listener: Arc<TcpListener>, here: usize) {
+///
+/// With a connection limit, a permit is taken once a client waits and
+/// before it is accepted: at the limit, clients wait in the backlog
+/// instead of being accepted, and an idle port holds no permit (10,000
+/// idle ports would otherwise hold 10,000 of them).
+async fn accept_loop(group: Arc<Group>, listener: Arc<Listening>, here: usize) {
     let (service, ctx, stop) = (&group.service, &group.ctx, &group.stop);
     let mut backoff = Duration::from_millis(5);
     let mut rate = Rate {
         since: Instant::now(),
         accepts: 0,
     };
+    let mut permit = None;
     loop {
-        // With a connection limit, hold a permit before accepting: at the
-        // limit, clients wait in the backlog instead of being accepted.
-        let permit = match ctx.fds.connections() {
-            None => None,
-            Some(limit) => {
-                if limit.available_permits() == 0 {
-                    ctx.limit_waits.fetch_add(1, Relaxed);
-                }
-                tokio::select! {
-                    biased;
-                    _ = stop.cancelled() => break,
-                    p = Arc::clone(limit).acquire_owned() => match p {
-                        Ok(p) => Some(p),
-                        Err(_) => break, // closed: shutting down
-                    },
-                }
-            }
-        };
-        let accepted = tokio::select! {
+        let mut ready = tokio::select! {
             biased;
             _ = stop.cancelled() => break,
-            r = listener.accept() => r,
+            r = listener.readable() => match r {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(service = %service.name, error = %e, "listener failed");
+                    break;
+                }
+            },
+        };
+        if permit.is_none() {
+            if let Some(limit) = ctx.fds.connections() {
+                permit = match Arc::clone(limit).try_acquire_owned() {
+                    Ok(p) => Some(p),
+                    Err(_) => {
+                        ctx.limit_waits.fetch_add(1, Relaxed);
+                        tokio::select! {
+                            biased;
+                            _ = stop.cancelled() => break,
+                            p = Arc::clone(limit).acquire_owned() => match p {
+                                Ok(p) => Some(p),
+                                Err(_) => break, // closed: shutting down
+                            },
+                        }
+                    }
+                };
+            }
+        }
+        let accepted = match ready.try_io(|l| {
+            l.get_ref()
+                .accept4(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)
+        }) {
+            Ok(r) => r,
+            Err(_would_block) => continue, // readiness cleared; the permit stays for the next
         };
         match accepted {
-            Ok((stream, peer)) => {
+            Ok((socket, addr)) => {
                 backoff = Duration::from_millis(5);
+                let Some(peer) = addr.as_socket() else {
+                    continue;
+                };
                 if !group.grown.load(Relaxed) && rate.busy() {
                     group.grow();
                 }
+                let stream = std::net::TcpStream::from(socket);
+                let permit = permit.take();
                 match group.deal(here) {
                     None => tcp::serve_here(stream, peer, Arc::clone(service), ctx, permit),
                     Some(rt) => tcp::serve_on(rt, stream, peer, Arc::clone(service), ctx, permit),

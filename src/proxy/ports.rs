@@ -1,12 +1,17 @@
 //! Listener ports for service ports that have no nodePort
 //! (`--proxy-port-range`).
 //!
-//! The default, as upstream with an empty range, is a kernel-chosen
-//! ephemeral port: it never collides with another listener and, on Linux,
-//! the ephemeral range (32768-60999) lies above the NodePort range
-//! (30000-32767), so a later NodePort Service cannot find its port taken.
-//! With a range, ports are handed out sequentially from where the last one
-//! was taken, wrapping, skipping ports we hold and ports that fail to bind.
+//! The default, as upstream with an empty range, is a port of the kernel's
+//! ephemeral range (`ip_local_port_range`, 32768-60999 by default, above
+//! the NodePort range 30000-32767, so a later NodePort Service cannot
+//! find its port taken), minus `ip_local_reserved_ports`. We hand those
+//! out ourselves rather than binding port 0: the kernel's own choice
+//! probes the range at random and, once some 7,000 of its ports are
+//! bound, takes about a millisecond a bind (10,000 Service ports took 4
+//! to 9 s to bind). Ports are handed out sequentially from where the last
+//! one was taken (the first from an offset of the pid, so that two
+//! processes seldom try the same ones), wrapping, skipping ports we hold
+//! and ports that fail to bind.
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -64,10 +69,17 @@ impl fmt::Display for PortRange {
     }
 }
 
+/// The kernel's ephemeral range when `/proc` cannot tell.
+const DEFAULT_EPHEMERAL: (u16, u16) = (32768, 60999);
+
 /// Hands out ports from a [`PortRange`]; knows which ones we hold.
 #[derive(Debug)]
 pub struct PortAllocator {
-    range: PortRange,
+    /// First and last port, inclusive.
+    range: (u16, u16),
+    /// Ports never handed out (`ip_local_reserved_ports` for the
+    /// ephemeral range).
+    reserved: BTreeSet<u16>,
     held: BTreeSet<u16>,
     next: u16,
 }
@@ -75,42 +87,78 @@ pub struct PortAllocator {
 impl PortAllocator {
     /// An allocator with nothing held.
     pub fn new(range: PortRange) -> Self {
-        let next = match range {
-            PortRange::Ephemeral => 0,
-            PortRange::Range(a, _) => a,
-        };
+        match range {
+            PortRange::Range(a, b) => Self::within((a, b), BTreeSet::new(), a),
+            PortRange::Ephemeral => {
+                let (a, b) = sysctl("ip_local_port_range")
+                    .and_then(|s| parse_pair(&s))
+                    .unwrap_or(DEFAULT_EPHEMERAL);
+                let reserved = sysctl("ip_local_reserved_ports")
+                    .map(|s| parse_port_list(&s))
+                    .unwrap_or_default();
+                let span = u32::from(b - a) + 1;
+                let start = a + (std::process::id() * 7919 % span) as u16;
+                Self::within((a, b), reserved, start)
+            }
+        }
+    }
+
+    fn within(range: (u16, u16), reserved: BTreeSet<u16>, next: u16) -> Self {
         Self {
             range,
+            reserved,
             held: BTreeSet::new(),
             next,
         }
     }
 
-    /// Ports to try, in order, skipping held ones and `avoid` (e.g. node ports
-    /// of other services). `[0]` for the ephemeral range. Call [`Self::hold`]
-    /// with the one that bound.
-    pub fn candidates(&self, avoid: &BTreeSet<u16>) -> Vec<u16> {
-        match self.range {
-            PortRange::Ephemeral => vec![0],
-            PortRange::Range(a, b) => (self.next..=b)
-                .chain(a..self.next)
-                .filter(|p| !self.held.contains(p) && !avoid.contains(p))
-                .collect(),
-        }
+    /// Ports to try, in order, skipping held and reserved ones and `avoid`
+    /// (e.g. node ports of other services). Call [`Self::hold`] with the
+    /// one that bound.
+    pub fn candidates<'a>(&'a self, avoid: &'a BTreeSet<u16>) -> impl Iterator<Item = u16> + 'a {
+        let (a, b) = self.range;
+        (self.next..=b)
+            .chain(a..self.next)
+            .filter(|p| !self.held.contains(p) && !avoid.contains(p) && !self.reserved.contains(p))
     }
 
     /// Marks a port as ours (the next allocation starts after it).
     pub fn hold(&mut self, port: u16) {
-        if let PortRange::Range(a, b) = self.range {
-            self.held.insert(port);
-            self.next = if port >= b { a } else { port + 1 };
-        }
+        let (a, b) = self.range;
+        self.held.insert(port);
+        self.next = if port >= b { a } else { port + 1 };
     }
 
     /// Gives a port back when its listener closes.
     pub fn release(&mut self, port: u16) {
         self.held.remove(&port);
     }
+}
+
+/// A value of `/proc/sys/net/ipv4/`.
+fn sysctl(name: &str) -> Option<String> {
+    std::fs::read_to_string(format!("/proc/sys/net/ipv4/{name}")).ok()
+}
+
+/// `ip_local_port_range`: two numbers, first ≤ last.
+fn parse_pair(s: &str) -> Option<(u16, u16)> {
+    let mut it = s.split_whitespace().map(str::parse::<u16>);
+    match (it.next()?.ok()?, it.next()?.ok()?) {
+        (a, b) if 0 < a && a <= b => Some((a, b)),
+        _ => None,
+    }
+}
+
+/// `ip_local_reserved_ports`: `8080,9000-9010` (empty: none).
+fn parse_port_list(s: &str) -> BTreeSet<u16> {
+    let mut out = BTreeSet::new();
+    for part in s.trim().split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (a, b) = part.split_once('-').unwrap_or((part, part));
+        if let (Ok(a), Ok(b)) = (a.trim().parse::<u16>(), b.trim().parse::<u16>()) {
+            out.extend(a..=b);
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -133,13 +181,34 @@ mod tests {
     fn hands_out_sequentially_and_wraps() {
         let mut a = PortAllocator::new(PortRange::Range(10, 13));
         let avoid = BTreeSet::from([11]);
-        assert_eq!(a.candidates(&avoid), vec![10, 12, 13]);
+        let all = |a: &PortAllocator| a.candidates(&avoid).collect::<Vec<_>>();
+        assert_eq!(all(&a), vec![10, 12, 13]);
         a.hold(10);
         a.hold(12);
-        assert_eq!(a.candidates(&avoid), vec![13]);
+        assert_eq!(all(&a), vec![13]);
         a.hold(13);
-        assert!(a.candidates(&avoid).is_empty());
+        assert!(all(&a).is_empty());
         a.release(10);
-        assert_eq!(a.candidates(&avoid), vec![10]);
+        assert_eq!(all(&a), vec![10]);
+    }
+
+    #[test]
+    fn the_ephemeral_range_is_the_kernels_minus_its_reserved_ports() {
+        assert_eq!(parse_pair("32768\t60999\n"), Some((32768, 60999)));
+        assert_eq!(parse_pair("0 10"), None);
+        assert_eq!(
+            parse_port_list("8080, 9000-9002\n"),
+            BTreeSet::from([8080, 9000, 9001, 9002])
+        );
+        assert!(parse_port_list("\n").is_empty());
+        let a = PortAllocator::new(PortRange::Ephemeral);
+        let (lo, hi) = a.range;
+        let first: Vec<u16> = a.candidates(&BTreeSet::new()).take(3).collect();
+        assert!(first.iter().all(|p| (lo..=hi).contains(p)), "{first:?}");
+        let reserved = a.reserved.range(lo..=hi).count();
+        assert_eq!(
+            a.candidates(&BTreeSet::new()).count(),
+            usize::from(hi - lo) + 1 - reserved
+        );
     }
 }

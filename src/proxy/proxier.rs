@@ -29,6 +29,10 @@ use super::splice::PipePool;
 use super::workers::Workers;
 use crate::model::{Protocol, ServicePort, ServicePortName, Snapshot};
 
+/// Ports of the range tried per listener and sync before giving up until
+/// the next sync: a full range costs a bounded number of binds a second.
+const MAX_BIND_TRIES: usize = 128;
+
 /// Whether the proxy serves a protocol (SCTP is parsed, never served).
 fn served_protocol(p: Protocol) -> bool {
     matches!(p, Protocol::Tcp | Protocol::Udp)
@@ -245,7 +249,6 @@ impl Proxier {
                 service: Arc::clone(&s.service),
                 spec: s.spec.clone(),
                 listener_port: s.listener.as_ref().map(Listener::port),
-                sockets: s.listener.as_ref().map_or(0, Listener::socket_count),
                 unserved: s.unserved.clone(),
             })
             .collect();
@@ -413,7 +416,7 @@ impl Proxier {
             }
             tracing::info!(service = %name, port, "serving from the handed-over listener");
             Ok((bound, node_port.is_none().then_some(port)))
-        } else if let Some(lease) = self.ctx.fds.try_take(1) {
+        } else if let Some(lease) = self.ctx.fds.try_take_listener() {
             self.bind(name, proto, node_port, lease, node_ports)
         } else {
             let fds = &self.ctx.fds;
@@ -450,8 +453,14 @@ impl Proxier {
             }
             Err(e) => {
                 served.service.stats.bind_failures.fetch_add(1, Relaxed);
+                // Ports the fd limit cannot hold are counted in one line
+                // by the run loop, not one each.
                 if served.unserved.as_ref() != Some(&e) {
-                    tracing::warn!(service = %name, reason = e.reason.as_str(), error = %e.detail, "listener not bound; retrying on the next sync");
+                    if e.reason == UnservedReason::FdLimit {
+                        tracing::debug!(service = %name, error = %e.detail, "listener not bound; retrying on the next sync");
+                    } else {
+                        tracing::warn!(service = %name, reason = e.reason.as_str(), error = %e.detail, "listener not bound; retrying on the next sync");
+                    }
                 }
                 served.unserved = Some(e);
                 false
@@ -493,9 +502,12 @@ impl Proxier {
                     ))
                 });
         }
-        let mut last = String::from("no free port left in --proxy-port-range");
+        let mut last = format!("no free port in --proxy-port-range ({MAX_BIND_TRIES} tried)");
         let mut lease = Some(lease);
-        for port in self.ports[proto_index(proto)].candidates(node_ports) {
+        let tries = self.ports[proto_index(proto)]
+            .candidates(node_ports)
+            .take(MAX_BIND_TRIES);
+        for port in tries {
             let Some(l) = lease.take() else { break };
             match Bound::bind(proto, SocketAddr::new(bind_ip, port), l) {
                 Ok(bound) => {
@@ -504,7 +516,7 @@ impl Proxier {
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
                     last = format!("port {port}/{proto} in use");
-                    lease = self.ctx.fds.try_take(1);
+                    lease = self.ctx.fds.try_take_listener();
                 }
                 Err(e) => {
                     last = format!("cannot listen on {bind_ip}:{port}/{proto}: {e}");

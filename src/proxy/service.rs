@@ -40,6 +40,9 @@ pub struct ServiceStats {
     pub bind_failures: AtomicU64,
     /// Accept errors from resource exhaustion (EMFILE, ENFILE, ...).
     pub accept_errors: AtomicU64,
+    /// Listening sockets open now: 1, or one per worker once the port is
+    /// busy (0 while unserved).
+    pub sockets: AtomicU64,
     /// Connections closed because TCP keepalive found a peer dead
     /// (`ETIMEDOUT` on an established connection).
     pub peers_dead: AtomicU64,
@@ -205,9 +208,6 @@ pub struct ServiceView {
     pub spec: ServicePort,
     /// The listener's port, once bound.
     pub listener_port: Option<u16>,
-    /// Listening sockets of the port (1 until it is busy, then one per
-    /// worker).
-    pub sockets: usize,
     /// Why it has no listener, when it has none.
     pub unserved: Option<Unserved>,
 }

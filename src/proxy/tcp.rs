@@ -20,9 +20,10 @@ use super::{connect, proxy_protocol, Context, Service};
 /// Minimum interval between two "no backend" log lines of one service.
 const FAIL_LOG_INTERVAL_MS: u64 = 10_000;
 
-/// Serves a connection accepted on this runtime on this runtime.
+/// Serves a connection accepted on this runtime (non-blocking, not yet
+/// registered) on this runtime.
 pub(super) fn serve_here(
-    stream: TcpStream,
+    stream: std::net::TcpStream,
     peer: SocketAddr,
     service: Arc<Service>,
     ctx: &Arc<Context>,
@@ -30,38 +31,41 @@ pub(super) fn serve_here(
 ) {
     let ctx2 = Arc::clone(ctx);
     ctx.tracker.spawn(async move {
-        serve(stream, peer, service, &ctx2).await;
+        serve_std(stream, peer, service, &ctx2).await;
         drop(permit);
     });
 }
 
-/// Serves a connection accepted here on runtime `rt` instead: it moves
-/// to that runtime's event loop and stays there.
+/// Serves a connection accepted here on runtime `rt` instead: it is
+/// registered with that runtime's event loop and stays there.
 pub(super) fn serve_on(
     rt: &tokio::runtime::Handle,
-    stream: TcpStream,
+    stream: std::net::TcpStream,
     peer: SocketAddr,
     service: Arc<Service>,
     ctx: &Arc<Context>,
     permit: Option<OwnedSemaphorePermit>,
 ) {
-    let stream = match stream.into_std() {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::debug!(service = %service.name, error = %e, "cannot move a connection to another worker");
-            return;
-        }
-    };
     let ctx2 = Arc::clone(ctx);
     rt.spawn(ctx.tracker.track_future(async move {
-        match TcpStream::from_std(stream) {
-            Ok(stream) => serve(stream, peer, service, &ctx2).await,
-            Err(e) => {
-                tracing::debug!(service = %service.name, error = %e, "cannot register a connection")
-            }
-        }
+        serve_std(stream, peer, service, &ctx2).await;
         drop(permit);
     }));
+}
+
+/// Registers an accepted socket with the current runtime and serves it.
+async fn serve_std(
+    stream: std::net::TcpStream,
+    peer: SocketAddr,
+    service: Arc<Service>,
+    ctx: &Context,
+) {
+    match TcpStream::from_std(stream) {
+        Ok(stream) => serve(stream, peer, service, ctx).await,
+        Err(e) => {
+            tracing::debug!(service = %service.name, error = %e, "cannot register a connection")
+        }
+    }
 }
 
 /// Serves one accepted client connection to its end.

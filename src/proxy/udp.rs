@@ -132,6 +132,13 @@ struct Shared {
     ctx: Arc<Context>,
 }
 
+impl Drop for Shared {
+    /// The listening socket closes here, after its tasks.
+    fn drop(&mut self) {
+        self.service.stats.sockets.fetch_sub(1, Relaxed);
+    }
+}
+
 /// Starts the receive loop and the session sweeper of `socket`.
 pub fn spawn(
     socket: std::net::UdpSocket,
@@ -150,6 +157,7 @@ pub fn spawn(
         service,
         ctx,
     });
+    shared.service.stats.sockets.fetch_add(1, Relaxed);
     tokio::spawn(sweep(Arc::clone(&shared), stop.clone()));
     tokio::spawn(receive_loop(shared, stop.clone()));
     Ok(UdpHandle {
