@@ -5,7 +5,9 @@
 # new connection per request and pipelined, CPU per request, iperf3 1 and
 # 4 streams).
 # Usage: benches/peers.sh   (env: BENCH_SECONDS, BENCH_ROUNDS, BENCH_CONNS,
-# BENCH_DEPTH, BENCH_ONLY, BENCH_JSON; see benches/peers.py)
+# BENCH_DEPTH, BENCH_ONLY, BENCH_JSON; see benches/peers.py).
+# BENCH_BASELINE=PATH adds a `kusp-base` row: another build of ours (an
+# earlier commit's release binary) in auto mode, measured in the same run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -62,6 +64,12 @@ if command -v cc >/dev/null && cc -O2 -pthread -o "$work/floor" benches/floor.c;
   floor=("floor=28098=$work/floor 28098 $(nproc)")
 fi
 
+base=()
+if [ -n "${BENCH_BASELINE:-}" ]; then
+  manifests "$work/base" 28100
+  base=("kusp-base=28100=$BENCH_BASELINE --manifests $work/base $common")
+fi
+
 echo "# $(date -u +%F) $(nproc) cpus, $(uname -r); kube-userspace-proxy $(git rev-parse --short HEAD)"
 # kusp-auto is what a user gets: no flags beyond the addresses.
 python3 benches/peers.py \
@@ -69,4 +77,4 @@ python3 benches/peers.py \
   "kusp-splice=28092=$bin --manifests $work/splice --copy-mode splice $common" \
   "kusp-copy=28094=$bin --manifests $work/copy --copy-mode copy $common" \
   "kusp-auto-1t=28096=$bin --manifests $work/auto1 --worker-threads 1 $common" \
-  "${floor[@]}"
+  "${floor[@]}" "${base[@]}"
