@@ -63,6 +63,18 @@ pub fn bind_tcp(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     Ok(socket.into())
 }
 
+/// Whether no socket holds `addr`: a plain bind (no `SO_REUSEADDR`, no
+/// `SO_REUSEPORT`) fails with `EADDRINUSE` on any holder, listening or
+/// not, whatever its options. The probe is closed at once.
+fn port_is_free(addr: SocketAddr) -> io::Result<()> {
+    let domain = socket2::Domain::for_address(addr);
+    let probe = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+    if addr.is_ipv6() {
+        probe.set_only_v6(false)?;
+    }
+    probe.bind(&addr.into())
+}
+
 /// Sets (or clears) TCP keepalive on a socket. On a listening socket,
 /// accepted connections inherit it (Linux copies the options and starts
 /// their keepalive timer, `tcp_create_openreq_child`): no syscall per
@@ -89,10 +101,16 @@ enum Sockets {
 
 impl Bound {
     /// Binds one socket for `proto` at `addr`, its fd taken from `lease`.
+    /// A TCP port some other socket holds is refused (`EADDRINUSE`), even
+    /// one of another `SO_REUSEPORT` group of our uid: joining it would
+    /// share its connections (another proxier, or a predecessor).
     pub(super) fn bind(proto: Protocol, addr: SocketAddr, lease: FdLease) -> io::Result<Self> {
         let sockets = match proto {
             Protocol::Udp => Sockets::Udp(udp::bind(addr)?),
-            _ => Sockets::Tcp(vec![bind_tcp(addr)?]),
+            _ => {
+                port_is_free(addr)?;
+                Sockets::Tcp(vec![bind_tcp(addr)?])
+            }
         };
         Ok(Self { sockets, lease })
     }

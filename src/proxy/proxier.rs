@@ -353,15 +353,14 @@ impl Proxier {
             .filter(|(_, s)| s.listener.is_none())
             .map(|(n, _)| n.clone())
             .collect();
-        let unbound_inherited = names
+        // Handed-over sockets are open already: only new binds want fds.
+        let to_bind = names
             .iter()
-            .filter_map(|n| self.inherited.tcp.get(n).map(|(_, ls, _)| ls.len()))
-            .sum::<usize>();
-        self.ctx.fds.rebalance(
-            names
-                .len()
-                .saturating_sub(unbound_inherited.min(names.len())),
-        );
+            .filter(|n| {
+                !self.inherited.tcp.contains_key(*n) && !self.inherited.udp.contains_key(*n)
+            })
+            .count();
+        self.ctx.fds.rebalance(to_bind);
         for name in names {
             if self.open(&name, &node_ports) {
                 report.opened += 1;
