@@ -63,12 +63,20 @@ pub fn bind_tcp(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     Ok(socket.into())
 }
 
-/// Whether no socket holds `addr`: a plain bind (no `SO_REUSEADDR`, no
-/// `SO_REUSEPORT`) fails with `EADDRINUSE` on any holder, listening or
-/// not, whatever its options. The probe is closed at once.
-fn port_is_free(addr: SocketAddr) -> io::Result<()> {
+/// Whether no other socket serves `addr`, by a probe closed at once. TCP:
+/// a bind with `SO_REUSEADDR` and without `SO_REUSEPORT` fails with
+/// `EADDRINUSE` on any listener there, whatever its options, and passes
+/// over connections in `TIME_WAIT` or still open on the port (a
+/// predecessor's). UDP: a plain bind fails on any socket bound there.
+fn port_is_free(proto: Protocol, addr: SocketAddr) -> io::Result<()> {
     let domain = socket2::Domain::for_address(addr);
-    let probe = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+    let probe = if proto == Protocol::Udp {
+        socket2::Socket::new(domain, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?
+    } else {
+        let s = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+        s.set_reuse_address(true)?;
+        s
+    };
     if addr.is_ipv6() {
         probe.set_only_v6(false)?;
     }
@@ -101,16 +109,15 @@ enum Sockets {
 
 impl Bound {
     /// Binds one socket for `proto` at `addr`, its fd taken from `lease`.
-    /// A TCP port some other socket holds is refused (`EADDRINUSE`), even
-    /// one of another `SO_REUSEPORT` group of our uid: joining it would
-    /// share its connections (another proxier, or a predecessor).
+    /// A port another socket holds is refused (`EADDRINUSE`), even where
+    /// our socket options would let us share it (another `SO_REUSEPORT`
+    /// group of our uid, a UDP socket with `SO_REUSEADDR`): sharing would
+    /// split its traffic with another proxier, or a predecessor.
     pub(super) fn bind(proto: Protocol, addr: SocketAddr, lease: FdLease) -> io::Result<Self> {
+        port_is_free(proto, addr)?;
         let sockets = match proto {
             Protocol::Udp => Sockets::Udp(udp::bind(addr)?),
-            _ => {
-                port_is_free(addr)?;
-                Sockets::Tcp(vec![bind_tcp(addr)?])
-            }
+            _ => Sockets::Tcp(vec![bind_tcp(addr)?]),
         };
         Ok(Self { sockets, lease })
     }
@@ -271,6 +278,8 @@ impl Group {
             return;
         }
         let mut added = 0;
+        // A busy port's sockets come before connection slots: make room.
+        self.ctx.fds.rebalance(self.runtimes.len() - 1);
         for rt in (0..self.runtimes.len()).filter(|&rt| rt != self.home) {
             if self.stop.is_cancelled() {
                 return;
@@ -290,14 +299,13 @@ impl Group {
         tracing::debug!(service = %self.service.name, added, "busy port: grown to a listening socket per worker");
     }
 
-    /// The runtime a connection accepted on runtime `here` should run on,
-    /// when not `here`: round-robin while the port has a single socket.
-    fn deal(&self, here: usize) -> Option<&Handle> {
+    /// The runtime a connection accepted on runtime `here` runs on: its
+    /// own once the port is grown, else round-robin over every worker.
+    fn deal(&self, here: usize) -> &Handle {
         if self.grown.load(Relaxed) {
-            return None;
+            return &self.runtimes[here];
         }
-        let rt = self.next.fetch_add(1, Relaxed) % self.runtimes.len();
-        (rt != here).then(|| &self.runtimes[rt])
+        &self.runtimes[self.next.fetch_add(1, Relaxed) % self.runtimes.len()]
     }
 }
 
@@ -434,10 +442,8 @@ async fn accept_loop(group: Arc<Group>, listener: Arc<Listening>, here: usize) {
                 }
                 let stream = std::net::TcpStream::from(socket);
                 let permit = permit.take();
-                match group.deal(here) {
-                    None => tcp::serve_here(stream, peer, Arc::clone(service), ctx, permit),
-                    Some(rt) => tcp::serve_on(rt, stream, peer, Arc::clone(service), ctx, permit),
-                }
+                let rt = group.deal(here);
+                tcp::serve_on(rt, stream, peer, Arc::clone(service), ctx, permit);
             }
             // Out of fds or memory: back off instead of spinning (upstream
             // panicked here).

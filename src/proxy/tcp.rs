@@ -20,24 +20,9 @@ use super::{connect, proxy_protocol, Context, Service};
 /// Minimum interval between two "no backend" log lines of one service.
 const FAIL_LOG_INTERVAL_MS: u64 = 10_000;
 
-/// Serves a connection accepted on this runtime (non-blocking, not yet
-/// registered) on this runtime.
-pub(super) fn serve_here(
-    stream: std::net::TcpStream,
-    peer: SocketAddr,
-    service: Arc<Service>,
-    ctx: &Arc<Context>,
-    permit: Option<OwnedSemaphorePermit>,
-) {
-    let ctx2 = Arc::clone(ctx);
-    ctx.tracker.spawn(async move {
-        serve_std(stream, peer, service, &ctx2).await;
-        drop(permit);
-    });
-}
-
-/// Serves a connection accepted here on runtime `rt` instead: it is
-/// registered with that runtime's event loop and stays there.
+/// Serves an accepted connection (non-blocking, not yet registered) on
+/// runtime `rt`: it is registered with that runtime's event loop and
+/// stays there.
 pub(super) fn serve_on(
     rt: &tokio::runtime::Handle,
     stream: std::net::TcpStream,
