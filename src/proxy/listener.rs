@@ -200,7 +200,7 @@ impl TcpListenerHandle {
             .lock()
             .sockets
             .iter()
-            .map(|s| Arc::clone(&s.listener) as SharedFd)
+            .map(|s| Arc::clone(s) as SharedFd)
             .collect()
     }
 }
@@ -232,13 +232,8 @@ struct Group {
 
 #[derive(Debug, Default)]
 struct Held {
-    sockets: Vec<Socket>,
+    sockets: Vec<Arc<Listening>>,
     leases: Vec<FdLease>,
-}
-
-#[derive(Debug)]
-struct Socket {
-    listener: Arc<Listening>,
 }
 
 /// A listening socket registered with one worker's event loop: readiness
@@ -264,9 +259,7 @@ impl Group {
             let registered = unsafe { AsyncFd::register_with_interest(socket, Interest::READABLE) };
             Arc::new(registered.map_err(io::Error::from)?)
         };
-        self.lock().sockets.push(Socket {
-            listener: Arc::clone(&listener),
-        });
+        self.lock().sockets.push(Arc::clone(&listener));
         self.service.stats.sockets.fetch_add(1, Relaxed);
         handle.spawn(accept_loop(Arc::clone(self), listener, rt));
         Ok(())
