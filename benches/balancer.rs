@@ -17,6 +17,8 @@ fn endpoints(n: u16) -> Vec<Endpoint> {
             terminating: false,
             node_name: None,
             zone: None,
+            hints_zones: Vec::new(),
+            hints_nodes: Vec::new(),
         })
         .collect()
 }

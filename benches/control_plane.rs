@@ -38,6 +38,8 @@ fn snapshot(bump: usize) -> Snapshot {
                     terminating: false,
                     node_name: None,
                     zone: None,
+                    hints_zones: Vec::new(),
+                    hints_nodes: Vec::new(),
                 }
             })
             .collect();

@@ -98,6 +98,8 @@ fn main() {
                     terminating: false,
                     node_name: None,
                     zone: None,
+                    hints_zones: Vec::new(),
+                    hints_nodes: Vec::new(),
                 }],
                 external_endpoints: None,
             },

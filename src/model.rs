@@ -255,6 +255,38 @@ pub struct Endpoint {
     pub node_name: Option<String>,
     /// `zone`, informational.
     pub zone: Option<String>,
+    /// `hints.forZones[].name`: the zones this endpoint should serve
+    /// (topology aware routing), sorted and deduplicated; empty: no hint.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hints_zones: Vec<String>,
+    /// `hints.forNodes[].name` (Kubernetes 1.33+, `PreferSameNode`): the
+    /// nodes this endpoint should serve, sorted and deduplicated; empty: no hint.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hints_nodes: Vec<String>,
+}
+
+/// Label of a Node naming its zone (upstream's `v1.LabelTopologyZone`).
+pub const LABEL_TOPOLOGY_ZONE: &str = "topology.kubernetes.io/zone";
+
+/// This node, as endpoint choice sees it: its name and its Node object's
+/// labels (of which only [`LABEL_TOPOLOGY_ZONE`] is read).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct NodeInfo {
+    /// The node's name (`--hostname-override`, else the hostname); `None`:
+    /// unknown, so no endpoint is local and no node hint matches.
+    pub name: Option<String>,
+    /// The labels of this node's Node object.
+    pub labels: BTreeMap<String, String>,
+}
+
+impl NodeInfo {
+    /// The node's zone: label [`LABEL_TOPOLOGY_ZONE`], `None` when absent or empty.
+    pub fn zone(&self) -> Option<&str> {
+        self.labels
+            .get(LABEL_TOPOLOGY_ZONE)
+            .map(String::as_str)
+            .filter(|z| !z.is_empty())
+    }
 }
 
 /// A service port and the endpoints behind it.

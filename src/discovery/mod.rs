@@ -17,6 +17,7 @@ pub mod list_watch;
 pub mod manifests;
 pub mod raw;
 pub mod snapshot;
+pub mod topology;
 
 pub use snapshot::{
     build_snapshot, build_snapshot_with, traffic_views, Options, Problem, Sourced, LABEL_HEADLESS,

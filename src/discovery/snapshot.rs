@@ -612,6 +612,13 @@ fn slice_data(slice: &EndpointSlice) -> Result<Option<SliceData>, FieldError> {
         let ready = cond.and_then(|c| c.ready).unwrap_or(true);
         let serving = cond.and_then(|c| c.serving).unwrap_or(ready);
         let terminating = cond.and_then(|c| c.terminating).unwrap_or(false);
+        // As upstream's `EndpointSliceCache.addEndpoints`: hint names as a set.
+        // k8s-openapi 0.29 (feature v1_33) has `forNodes`; upstream reads it
+        // only with the PreferSameTrafficDistribution gate, on by default
+        // since 1.34 (the API server drops the field while the gate is off).
+        let hints = ep.hints.as_ref();
+        let hints_zones = hint_names(hints.and_then(|h| h.for_zones.as_ref()), |z| &z.name);
+        let hints_nodes = hint_names(hints.and_then(|h| h.for_nodes.as_ref()), |n| &n.name);
         for (j, a) in ep.addresses.iter().enumerate() {
             let field = format!("endpoints[{i}].addresses[{j}]");
             let ip = parse_ip(a, field.clone())?;
@@ -628,6 +635,8 @@ fn slice_data(slice: &EndpointSlice) -> Result<Option<SliceData>, FieldError> {
                 terminating,
                 node_name: ep.node_name.clone(),
                 zone: ep.zone.clone(),
+                hints_zones: hints_zones.clone(),
+                hints_nodes: hints_nodes.clone(),
             });
         }
     }
@@ -638,6 +647,18 @@ fn slice_data(slice: &EndpointSlice) -> Result<Option<SliceData>, FieldError> {
         ports,
         endpoints,
     }))
+}
+
+/// The names of one kind of hint, sorted and deduplicated (a set, as upstream).
+fn hint_names<T>(hints: Option<&Vec<T>>, name: impl Fn(&T) -> &String) -> Vec<String> {
+    let mut names: Vec<String> = hints
+        .into_iter()
+        .flatten()
+        .map(|h| name(h).clone())
+        .collect();
+    names.sort();
+    names.dedup();
+    names
 }
 
 /// Endpoints of one service port across all its slices, deduplicated by
@@ -730,6 +751,19 @@ mod tests {
     }
 
     #[test]
+    fn endpoint_hints_are_read_as_sets() {
+        let s =
+            svc("metadata: {name: web, namespace: ns}\nspec:\n  ports: [{name: http, port: 80}]\n");
+        let slice = eps("metadata: {name: a, namespace: ns, labels: {kubernetes.io/service-name: web}}\naddressType: IPv4\nports: [{name: http, port: 80}]\nendpoints:\n- addresses: [10.0.0.1]\n  hints: {forZones: [{name: zone-b}, {name: zone-a}, {name: zone-b}], forNodes: [{name: node-1}]}\n- addresses: [10.0.0.2]\n");
+        let (snap, problems) = build_snapshot(&[s], &[slice], &Snapshot::default());
+        assert!(problems.is_empty(), "{problems:?}");
+        let eps = &snap.services.values().next().unwrap().endpoints;
+        assert_eq!(eps[0].hints_zones, ["zone-a", "zone-b"]);
+        assert_eq!(eps[0].hints_nodes, ["node-1"]);
+        assert!(eps[1].hints_zones.is_empty() && eps[1].hints_nodes.is_empty());
+    }
+
+    #[test]
     fn local_policies_apply_each_to_its_own_traffic() {
         let port = |itp: bool, etp: bool, node_port: Option<u16>| ServicePort {
             port: 80,
@@ -745,6 +779,8 @@ mod tests {
             terminating: false,
             node_name: Some(node.into()),
             zone: None,
+            hints_zones: Vec::new(),
+            hints_nodes: Vec::new(),
         };
         let all = vec![ep([10, 0, 0, 1], "a"), ep([10, 0, 0, 2], "b")];
         let here = vec![all[0].clone()];

@@ -594,6 +594,8 @@ mod tests {
             terminating: !ready,
             node_name: None,
             zone: None,
+            hints_zones: Vec::new(),
+            hints_nodes: Vec::new(),
         }
     }
 

@@ -227,6 +227,8 @@ pub fn endpoint(addr: SocketAddr) -> Endpoint {
         terminating: false,
         node_name: None,
         zone: None,
+        hints_zones: Vec::new(),
+        hints_nodes: Vec::new(),
     }
 }
 
