@@ -1,7 +1,7 @@
 //! What the proxy can carry to the next process: descriptions of its
 //! listeners and their counters ([`ListenerDesc`], [`Exported`]), and what
 //! it received from the previous one ([`Inherited`]). The protocol that
-//! moves them is [`crate::handover`]'s; the proxy knows nothing of it.
+//! moves them is the `handover` module's; the proxy knows nothing of it.
 
 use std::collections::BTreeMap;
 use std::fmt;

@@ -8,7 +8,7 @@
 //! [`Connection`] ([`conn`], moved by [`splice`]) until both sides end.
 //! Every fd the data path holds is counted in one budget ([`fds`]), which
 //! also sets the connection limit. What can travel to the next process is
-//! described in [`carry`]; the protocol is [`crate::handover`]'s.
+//! described in [`carry`]; the protocol is the `handover` module's.
 //!
 //! Nothing here imports the exposition layer (metrics, admin, status).
 

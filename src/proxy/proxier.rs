@@ -287,6 +287,7 @@ impl Proxier {
         // Deleted first, so their ports are free for newcomers.
         let gone: Vec<ServicePortName> =
             self.served.keys().filter(|n| !wanted(n)).cloned().collect();
+        let removed = gone.len();
         for name in gone {
             if let Some(s) = self.served.remove(&name) {
                 report.closed += usize::from(s.listener.is_some());
@@ -345,6 +346,7 @@ impl Proxier {
             }
         }
 
+        let served_now = self.served.len();
         // Bind what is not listening yet (new, re-homed, or failed before),
         // the connection limit first making room for them.
         let names: Vec<ServicePortName> = self
@@ -377,7 +379,17 @@ impl Proxier {
                 (None, _) => report.pending += 1,
             }
         }
-        self.publish();
+        // The views carry specs, ports and why a port is unserved; their
+        // endpoints and counters are read live. A sync that only swapped
+        // endpoints (the common one) need not copy 10,000 specs again.
+        let dirty = removed > 0
+            || report.spec_changed > 0
+            || report.opened > 0
+            || report.pending > 0
+            || self.published.load().len() != served_now;
+        if dirty {
+            self.publish();
+        }
         report
     }
 
