@@ -9,13 +9,15 @@
 //! probes the range at random and, once some 7,000 of its ports are
 //! bound, takes about a millisecond a bind (10,000 Service ports took 4
 //! to 9 s to bind). Ports are handed out sequentially from where the last
-//! one was taken (the first from an offset of the pid, so that two
-//! processes seldom try the same ones), wrapping, skipping ports we hold
-//! and ports that fail to bind.
+//! one was taken, wrapping, skipping ports we hold and ports that fail to
+//! bind. For the ephemeral range one cursor serves the whole process,
+//! starting at an offset of the pid (so that two processes seldom try the
+//! same ports), and hands each port to one caller only.
 
 use std::collections::BTreeSet;
 use std::fmt;
 use std::str::FromStr;
+use std::sync::atomic::Ordering::Relaxed;
 
 /// The configured `--proxy-port-range`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -81,14 +83,28 @@ pub struct PortAllocator {
     /// ephemeral range).
     reserved: BTreeSet<u16>,
     held: BTreeSet<u16>,
-    next: u16,
+    /// Where the next search starts: this allocator's own for a
+    /// configured range; for the ephemeral range, one cursor shared by the
+    /// whole process ([`EPHEMERAL_NEXT`]), so that proxiers in one process
+    /// (tests run several) neither hand out the same ports nor reuse one
+    /// just released by another, to which a late client may still connect.
+    next: Cursor,
 }
+
+#[derive(Debug)]
+enum Cursor {
+    Own(u16),
+    Shared,
+}
+
+/// The process's cursor into the ephemeral range (0: not set yet).
+static EPHEMERAL_NEXT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
 
 impl PortAllocator {
     /// An allocator with nothing held.
     pub fn new(range: PortRange) -> Self {
         match range {
-            PortRange::Range(a, b) => Self::within((a, b), BTreeSet::new(), a),
+            PortRange::Range(a, b) => Self::within((a, b), BTreeSet::new(), Cursor::Own(a)),
             PortRange::Ephemeral => {
                 let (a, b) = sysctl("ip_local_port_range")
                     .and_then(|s| parse_pair(&s))
@@ -98,12 +114,13 @@ impl PortAllocator {
                     .unwrap_or_default();
                 let span = u32::from(b - a) + 1;
                 let start = a + (std::process::id() * 7919 % span) as u16;
-                Self::within((a, b), reserved, start)
+                let _ = EPHEMERAL_NEXT.compare_exchange(0, start, Relaxed, Relaxed);
+                Self::within((a, b), reserved, Cursor::Shared)
             }
         }
     }
 
-    fn within(range: (u16, u16), reserved: BTreeSet<u16>, next: u16) -> Self {
+    fn within(range: (u16, u16), reserved: BTreeSet<u16>, next: Cursor) -> Self {
         Self {
             range,
             reserved,
@@ -117,8 +134,16 @@ impl PortAllocator {
     /// one that bound.
     pub fn candidates<'a>(&'a self, avoid: &'a BTreeSet<u16>) -> impl Iterator<Item = u16> + 'a {
         let (a, b) = self.range;
-        (self.next..=b)
-            .chain(a..self.next)
+        let span = usize::from(b - a) + 1;
+        let own = match self.next {
+            Cursor::Own(n) => Some(n),
+            Cursor::Shared => None,
+        };
+        (0..span)
+            .map(move |k| match own {
+                Some(n) => a + ((usize::from(n - a) + k) % span) as u16,
+                None => claim_ephemeral(a, b),
+            })
             .filter(|p| !self.held.contains(p) && !avoid.contains(p) && !self.reserved.contains(p))
     }
 
@@ -126,13 +151,26 @@ impl PortAllocator {
     pub fn hold(&mut self, port: u16) {
         let (a, b) = self.range;
         self.held.insert(port);
-        self.next = if port >= b { a } else { port + 1 };
+        let next = if port >= b { a } else { port + 1 };
+        if let Cursor::Own(n) = &mut self.next {
+            *n = next;
+        }
     }
 
     /// Gives a port back when its listener closes.
     pub fn release(&mut self, port: u16) {
         self.held.remove(&port);
     }
+}
+
+/// Takes the next port of the shared ephemeral cursor: each port goes to
+/// one caller only, so two proxiers binding at once never try the same.
+fn claim_ephemeral(a: u16, b: u16) -> u16 {
+    let prev = EPHEMERAL_NEXT.fetch_update(Relaxed, Relaxed, |p| {
+        let p = p.clamp(a, b);
+        Some(if p >= b { a } else { p + 1 })
+    });
+    prev.unwrap_or(a).clamp(a, b)
 }
 
 /// A value of `/proc/sys/net/ipv4/`.
