@@ -7,14 +7,15 @@
 //! with [`FdBudget::try_take`], never waited for) and proxied connections
 //! (two fds each, behind the connection limit, which waits in the backlog).
 //!
-//! Listeners come first. Without an explicit `--max-connections`, the
-//! connection limit is whatever the listeners and a headroom for pipes,
-//! UDP sessions and grown listeners leave ([`FdBudget::rebalance`], at
-//! every sync): 10,000 idle Service ports under 20,000 fds are all served,
-//! and connections get the rest. A limit shrinks only by permits nobody
+//! Listeners come first (a busy port's extra sockets too). Without an
+//! explicit `--max-connections`, the connection limit is whatever the
+//! listeners and a headroom for pipes and UDP sessions leave
+//! ([`FdBudget::rebalance`], at every sync and when a port grows), never
+//! below [`min_connections`]: 10,000 idle Service ports under 20,000 fds
+//! are all served, and connections get the rest. A limit shrinks only by permits nobody
 //! holds; the rest is taken back as connections close. What does not fit
-//! is refused at once and reported on the Service, never retried in a
-//! loop.
+//! is refused at once and reported on the Service, and retried at the
+//! next sync (each second), never in a busy loop.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
@@ -29,8 +30,8 @@ pub const BASE_FDS: usize = 64;
 /// and a unix socket of tokio's runtime.
 pub const FDS_PER_WORKER: usize = 4;
 
-/// The least headroom left beside listeners and connections, for pipes,
-/// UDP sessions and grown listeners.
+/// The least headroom left beside listeners and connections, for pipes
+/// and UDP sessions.
 pub const MIN_HEADROOM: usize = 16;
 
 /// The most headroom: beyond it pipes fall back to copying, which costs
