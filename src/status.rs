@@ -406,6 +406,26 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_service_without_a_listener_says_why_in_the_table() {
+        let mut s = ServiceStatus {
+            namespace: "ns".into(),
+            name: "web".into(),
+            cluster_ips: vec!["10.96.0.1".into()],
+            port: 80,
+            listener_port: Some(40_000),
+            ..Default::default()
+        };
+        assert_eq!(service_label(&s), "ns/web 10.96.0.1:80 -> :40000");
+        s.listener_port = None;
+        assert_eq!(service_label(&s), "ns/web 10.96.0.1:80 -> unbound");
+        s.unserved = Some("fd_limit: fd limit: RLIMIT_NOFILE 400 holds no more listeners".into());
+        assert_eq!(
+            service_label(&s),
+            "ns/web 10.96.0.1:80 -> unserved (fd_limit)"
+        );
+    }
+
+    #[test]
     fn human_units() {
         assert_eq!(human(999.0), "999");
         assert_eq!(human(1500.0), "1.5K");
