@@ -178,14 +178,8 @@ pub struct Unserved {
 impl Unserved {
     /// Counts the unserved ports of `services`.
     pub fn of(services: &[crate::proxy::ServiceView]) -> Self {
-        let mut u = Self::default();
-        for r in services.iter().filter_map(|v| v.unserved.as_ref()) {
-            match r.reason {
-                UnservedReason::FdLimit => u.fd_limit += 1,
-                UnservedReason::Bind => u.bind += 1,
-            }
-        }
-        u
+        let [fd_limit, bind] = UnservedReason::count(services);
+        Self { fd_limit, bind }
     }
 }
 

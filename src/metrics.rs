@@ -532,11 +532,10 @@ pub fn render_services(services: &[ServiceView]) -> String {
             );
         }
     }
-    for reason in UnservedReason::ALL {
-        let n = services
-            .iter()
-            .filter(|v| v.unserved.as_ref().is_some_and(|u| u.reason == reason))
-            .count();
+    for (reason, n) in UnservedReason::ALL
+        .into_iter()
+        .zip(UnservedReason::count(services))
+    {
         push(
             UNSERVED,
             format!("{UNSERVED}{{reason=\"{}\"}} {n}", reason.as_str()),

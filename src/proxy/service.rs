@@ -235,6 +235,16 @@ impl UnservedReason {
     /// Every kind, in metric order.
     pub const ALL: [Self; 2] = [Self::FdLimit, Self::Bind];
 
+    /// How many of `views` have no listener for each reason, in
+    /// [`Self::ALL`] order.
+    pub fn count(views: &[ServiceView]) -> [usize; 2] {
+        let mut n = [0; 2];
+        for u in views.iter().filter_map(|v| v.unserved.as_ref()) {
+            n[u.reason as usize] += 1;
+        }
+        n
+    }
+
     /// The metric label value.
     pub fn as_str(self) -> &'static str {
         match self {
