@@ -201,46 +201,23 @@ async fn both_sockets_of_a_proxied_connection_carry_a_keepalive_timer() {
         &["ss"],
         "iproute2",
     );
-    // The defaults: keepalive on, 15 s before the first probe.
-    let (accepted, to_backend) = one_connection(&[]).await;
-    eprintln!(
-        "keepalive on (defaults):\n  {}\n  {}",
-        accepted.line, to_backend.line
-    );
-    for (what, s) in [("accepted client", &accepted), ("backend", &to_backend)] {
-        let left = s.keepalive_left().unwrap_or_else(|| {
-            panic!(
-                "the proxy's {what} socket has no keepalive timer: {}",
-                s.line
-            )
-        });
-        // The kernel's own default is 7200 s: 15 s proves TCP_KEEPIDLE is set.
-        assert!(
-            left <= Duration::from_secs(15),
-            "the {what} socket's first probe is {left:?} away, not within the default 15 s: {}",
-            s.line
-        );
-    }
-
+    // The defaults: keepalive on, 15 s before the first probe. The
+    // kernel's own default is 7200 s: 15 s proves TCP_KEEPIDLE is set.
+    first_probes_within(
+        &[],
+        "the default 15 s",
+        Duration::ZERO,
+        Duration::from_secs(15),
+    )
+    .await;
     // A non-default time reaches both sockets too.
-    let (accepted, to_backend) = one_connection(&["--tcp-keepalive-time", "300s"]).await;
-    eprintln!(
-        "--tcp-keepalive-time 300s:\n  {}\n  {}",
-        accepted.line, to_backend.line
-    );
-    for (what, s) in [("accepted client", &accepted), ("backend", &to_backend)] {
-        let left = s.keepalive_left().unwrap_or_else(|| {
-            panic!(
-                "the proxy's {what} socket has no keepalive timer: {}",
-                s.line
-            )
-        });
-        assert!(
-            left > Duration::from_secs(200) && left <= Duration::from_secs(300),
-            "the {what} socket's first probe is {left:?} away, not about 300 s: {}",
-            s.line
-        );
-    }
+    first_probes_within(
+        &["--tcp-keepalive-time", "300s"],
+        "about 300 s",
+        Duration::from_secs(200),
+        Duration::from_secs(300),
+    )
+    .await;
 
     // 0: keepalive off on both.
     let (accepted, to_backend) = one_connection(&["--tcp-keepalive-time", "0"]).await;
@@ -252,6 +229,27 @@ async fn both_sockets_of_a_proxied_connection_carry_a_keepalive_timer() {
         assert!(
             !s.timer.contains("keepalive"),
             "--tcp-keepalive-time 0, yet the {what} socket has a keepalive timer: {}",
+            s.line
+        );
+    }
+}
+
+/// Opens one connection through a proxy started with `flags` and checks
+/// that both of its sockets have a keepalive timer whose first probe is
+/// more than `above` and at most `at_most` away (`want` says which).
+async fn first_probes_within(flags: &[&str], want: &str, above: Duration, at_most: Duration) {
+    let (accepted, to_backend) = one_connection(flags).await;
+    eprintln!("{flags:?}:\n  {}\n  {}", accepted.line, to_backend.line);
+    for (what, s) in [("accepted client", &accepted), ("backend", &to_backend)] {
+        let left = s.keepalive_left().unwrap_or_else(|| {
+            panic!(
+                "the proxy's {what} socket has no keepalive timer: {}",
+                s.line
+            )
+        });
+        assert!(
+            left > above && left <= at_most,
+            "the {what} socket's first probe is {left:?} away, not within {want}: {}",
             s.line
         );
     }
