@@ -95,6 +95,24 @@ pub struct RunArgs {
     /// services are always served.
     #[arg(long, value_name = "NAME")]
     pub service_proxy_name: Option<String>,
+    /// The cluster's pod CIDRs (at most one per IP family, comma-separated):
+    /// with `--detect-local-mode ClusterCIDR`, traffic from them counts as
+    /// from this node's pods, which `externalTrafficPolicy: Local` lets reach
+    /// every endpoint. Empty: pods are not told apart.
+    #[arg(long, default_value = "", value_name = "CIDRS", value_parser = parse_cidrs)]
+    pub cluster_cidr: Cidrs,
+    /// How traffic from this node's pods is recognised: ClusterCIDR,
+    /// NodeCIDR (the Node's `spec.podCIDRs`), BridgeInterface or
+    /// InterfaceNamePrefix (as kube-proxy).
+    #[arg(long, value_enum, default_value_t = crate::detect_local::Mode::ClusterCidr)]
+    pub detect_local_mode: crate::detect_local::Mode,
+    /// With `--detect-local-mode BridgeInterface`: the pods' bridge.
+    #[arg(long, default_value = "", value_name = "NAME")]
+    pub pod_bridge_interface: String,
+    /// With `--detect-local-mode InterfaceNamePrefix`: the prefix of the
+    /// pods' interfaces.
+    #[arg(long, default_value = "", value_name = "PREFIX")]
+    pub pod_interface_name_prefix: String,
     /// Address every listener binds to.
     #[arg(long, default_value = "0.0.0.0")]
     pub bind_address: IpAddr,
@@ -271,6 +289,14 @@ fn parse_keepalive_interval(s: &str) -> Result<Duration, String> {
         ));
     }
     Ok(d)
+}
+
+/// CIDRs of a flag (`--cluster-cidr`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Cidrs(pub Vec<ipnet::IpNet>);
+
+fn parse_cidrs(s: &str) -> Result<Cidrs, String> {
+    crate::detect_local::parse_cidrs(s).map(Cidrs)
 }
 
 fn parse_durations(s: &str) -> Result<Durations, String> {

@@ -18,6 +18,7 @@
 pub mod admin;
 pub mod cli;
 pub mod demo;
+pub mod detect_local;
 pub mod discovery;
 pub mod handover;
 pub mod iptables;

@@ -123,6 +123,14 @@ pub struct ServicePort {
     pub proxy_protocol: Setting<ProxyProtocol>,
 }
 
+impl ServicePort {
+    /// Whether the port takes traffic other than ClusterIP's: a nodePort,
+    /// external IPs or LB IPs (upstream's `ExternallyAccessible`).
+    pub fn externally_accessible(&self) -> bool {
+        self.node_port.is_some() || !self.external_ips.is_empty() || !self.load_balancer_ips.is_empty()
+    }
+}
+
 /// Service annotation choosing the scheduler of every port of the Service.
 pub const ANNOTATION_SCHEDULER: &str = "kube-userspace-proxy.io/scheduler";
 /// Service annotation turning the PROXY protocol header on (`v1` or `v2`).
@@ -277,6 +285,10 @@ pub struct NodeInfo {
     pub name: Option<String>,
     /// The labels of this node's Node object.
     pub labels: BTreeMap<String, String>,
+    /// `spec.podCIDRs` of this node's Node object (for
+    /// `--detect-local-mode NodeCIDR`), as written there.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pod_cidrs: Vec<String>,
 }
 
 impl NodeInfo {
@@ -289,19 +301,90 @@ impl NodeInfo {
     }
 }
 
+/// Which topology hints narrowed a port's cluster set (upstream's `topologyMode`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase", tag = "mode", content = "for")]
+pub enum Topology {
+    /// No hints applied: every ready endpoint (upstream's `""`).
+    #[default]
+    None,
+    /// `forNodes` hints naming this node (upstream's `PreferSameNode`).
+    SameNode(String),
+    /// `forZones` hints naming this node's zone (upstream's `PreferSameZone`).
+    SameZone(String),
+}
+
+/// The endpoints one service port may use from this node, as upstream's
+/// `CategorizeEndpoints` chooses them (`discovery::topology::categorize`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct EndpointChoice {
+    /// Usable endpoints under `Cluster` policy, topology applied
+    /// (upstream's `clusterEndpoints`); `None` when no traffic of this port
+    /// uses `Cluster` policy (upstream's `nil`).
+    pub cluster: Option<Vec<Endpoint>>,
+    /// Usable endpoints on this node (upstream's `localEndpoints`); `None`
+    /// when no traffic of this port uses `Local` policy.
+    pub local: Option<Vec<Endpoint>>,
+    /// The union of `cluster` and `local` (upstream's
+    /// `allReachableEndpoints`).
+    pub all_reachable: Vec<Endpoint>,
+    /// Whether any endpoint anywhere in the cluster is usable, even if none
+    /// is reachable from here (upstream's `hasAnyEndpoints`): without one,
+    /// every address of the port refuses (REJECT).
+    pub has_any_endpoints: bool,
+    /// The hints that narrowed `cluster`.
+    pub topology: Topology,
+    /// Why these sets, for people (`/debug/services`): e.g. `zone hints
+    /// (zone-a)`, `node-local`, `hints ignored: none for zone-b`.
+    pub reason: String,
+}
+
+impl EndpointChoice {
+    /// The cluster set, empty when not computed.
+    pub fn cluster(&self) -> &[Endpoint] {
+        self.cluster.as_deref().unwrap_or(&[])
+    }
+
+    /// The node-local set, empty when not computed.
+    pub fn local(&self) -> &[Endpoint] {
+        self.local.as_deref().unwrap_or(&[])
+    }
+
+    /// For ClusterIP traffic of `port`: the local set under
+    /// `internalTrafficPolicy: Local`, else the cluster set.
+    pub fn internal(&self, port: &ServicePort) -> &[Endpoint] {
+        if port.internal_local {
+            self.local()
+        } else {
+            self.cluster()
+        }
+    }
+
+    /// For external traffic of `port` (nodePort, external IPs, LB IPs) from
+    /// outside the node: the local set under `externalTrafficPolicy:
+    /// Local`, else the cluster set; empty when the port takes none.
+    /// Traffic from this node's pods or the host uses [`Self::cluster`].
+    pub fn external(&self, port: &ServicePort) -> &[Endpoint] {
+        if !port.externally_accessible() {
+            &[]
+        } else if port.external_local {
+            self.local()
+        } else {
+            self.cluster()
+        }
+    }
+}
+
 /// A service port and the endpoints behind it.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct ServiceEntry {
     /// The port's specification.
     pub port: ServicePort,
-    /// Endpoints, sorted by address and deduplicated; for ClusterIP
-    /// traffic (`internalTrafficPolicy` applied), and all traffic unless
-    /// `external_endpoints` is set.
+    /// Every endpoint of the port, sorted by address and deduplicated, in
+    /// any condition (what `status` lists).
     pub endpoints: Vec<Endpoint>,
-    /// Endpoints for external traffic (nodePort, external IPs, LB IPs)
-    /// when `externalTrafficPolicy` gives it another set than `endpoints`.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub external_endpoints: Option<Vec<Endpoint>>,
+    /// Which of them each kind of traffic uses.
+    pub choice: EndpointChoice,
 }
 
 /// The full desired state at one moment: what discovery publishes.
@@ -309,4 +392,6 @@ pub struct ServiceEntry {
 pub struct Snapshot {
     /// Every service port we serve, ordered for deterministic iteration.
     pub services: BTreeMap<ServicePortName, ServiceEntry>,
+    /// This node, as its Node object says (labels, pod CIDRs).
+    pub node: NodeInfo,
 }

@@ -88,6 +88,12 @@ fn proxy_config(args: &RunArgs, fd_limit: u64) -> ProxyConfig {
         workers: args
             .worker_threads
             .map_or_else(crate::proxy::workers::default_count, usize::from),
+        detect_local: crate::detect_local::Config {
+            mode: args.detect_local_mode,
+            cluster_cidrs: args.cluster_cidr.0.clone(),
+            bridge_interface: args.pod_bridge_interface.clone(),
+            interface_name_prefix: args.pod_interface_name_prefix.clone(),
+        },
     }
 }
 
@@ -117,6 +123,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     };
     let config = proxy_config(&args, fd_limit);
+    config.detect_local.validate().map_err(ConfigError)?;
     let budget = config.fd_budget().map_err(|e| ConfigError(e.to_string()))?;
     match (config.max_connections, budget.connection_limit()) {
         (Some(0), _) => tracing::info!("--max-connections 0: no connection limit"),
@@ -486,7 +493,7 @@ fn resume(
         .balancer
         .endpoints()
         .into_iter()
-        .chain(service.external.endpoints())
+        .chain(service.local.endpoints())
         .map(|(_, b)| b)
         .find(|b| b.addr == d.endpoint)
         .unwrap_or_else(|| Arc::new(Backend::detached(d.endpoint)));

@@ -92,7 +92,7 @@ impl Loop {
                 ::metrics::counter!(metrics::SERVICE_CHANGES).increment(service_changes as u64);
                 ::metrics::counter!(metrics::ENDPOINT_CHANGES)
                     .increment(r.endpoints_changed as u64);
-                if service_changes > 0 {
+                if service_changes + r.disposition_changed > 0 {
                     rules_dirty = true;
                     ::metrics::gauge!(metrics::SYNC_LAST_QUEUED).set(unix_now());
                 }

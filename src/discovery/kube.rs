@@ -377,7 +377,7 @@ impl KubeSource {
             })
             .collect();
         let (snapshot, problems) =
-            build_snapshot_with(&services, &slices, &self.last, &self.options);
+            build_snapshot_with(&services, &slices, &[], &self.last, &self.options);
         let now: BTreeSet<String> = problems.iter().map(|p| p.to_string()).collect();
         for p in &problems {
             if !self.reported.contains(&p.to_string()) {

@@ -20,6 +20,6 @@ pub mod snapshot;
 pub mod topology;
 
 pub use snapshot::{
-    build_snapshot, build_snapshot_with, traffic_views, Options, Problem, Sourced, LABEL_HEADLESS,
+    build_snapshot, build_snapshot_with, node_info, Options, Problem, Sourced, LABEL_HEADLESS,
     LABEL_SERVICE_NAME, LABEL_SERVICE_PROXY_NAME,
 };

@@ -14,11 +14,12 @@ use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
+use super::topology::categorize;
 use crate::model::{
-    Affinity, Endpoint, Protocol, ProxyProtocol, Scheduler, ServiceEntry, ServicePort,
+    Affinity, Endpoint, NodeInfo, Protocol, ProxyProtocol, Scheduler, ServiceEntry, ServicePort,
     ServicePortName, Setting, Snapshot, ANNOTATION_PROXY_PROTOCOL, ANNOTATION_SCHEDULER,
     DEFAULT_AFFINITY_TIMEOUT,
 };
@@ -106,18 +107,22 @@ pub fn build_snapshot(
     slices: &[Sourced<EndpointSlice>],
     previous: &Snapshot,
 ) -> (Snapshot, Vec<Problem>) {
-    build_snapshot_with(services, slices, previous, &Options::default())
+    build_snapshot_with(services, slices, &[], previous, &Options::default())
 }
 
-/// [`build_snapshot`] with per-node [`Options`]: services and slices that are
-/// not ours (other proxy, headless) are left out silently, and ports with
-/// traffic policy `Local` keep only this node's endpoints.
+/// [`build_snapshot`] with per-node [`Options`] and this node's Node object
+/// (the one of `nodes` named `options.node_name`, if any): services and
+/// slices that are not ours (other proxy, headless) are left out silently,
+/// and each port's endpoints are categorized for this node
+/// ([`categorize`]: traffic policies, topology hints).
 pub fn build_snapshot_with(
     services: &[Sourced<Service>],
     slices: &[Sourced<EndpointSlice>],
+    nodes: &[Sourced<Node>],
     previous: &Snapshot,
     options: &Options,
 ) -> (Snapshot, Vec<Problem>) {
+    let node = node_info(options.node_name.as_deref(), nodes);
     let services: Vec<&Sourced<Service>> = services
         .iter()
         .filter(|s| options.is_ours(s.object.metadata.labels.as_ref()))
@@ -154,7 +159,10 @@ pub fn build_snapshot_with(
         }
     }
 
-    let mut snapshot = Snapshot::default();
+    let mut snapshot = Snapshot {
+        node,
+        ..Snapshot::default()
+    };
     let mut seen = BTreeSet::new();
     // Service ports in input order, with their origin: the first of two
     // claiming one nodePort keeps it.
@@ -208,16 +216,15 @@ pub fn build_snapshot_with(
         let slices = by_service.get(&key).map(Vec::as_slice).unwrap_or(&[]);
         let families = ip_families(&s.object);
         for (name, port) in ports {
-            let all = join_endpoints(slices, &name.port_name, name.protocol, families);
-            let (endpoints, external_endpoints) =
-                traffic_views(&port, all, options.node_name.as_deref());
+            let endpoints = join_endpoints(slices, &name.port_name, name.protocol, families);
+            let choice = categorize(&port, &endpoints, &snapshot.node);
             order.push((name.clone(), s.origin.clone()));
             snapshot.services.insert(
                 name,
                 ServiceEntry {
                     port,
                     endpoints,
-                    external_endpoints,
+                    choice,
                 },
             );
         }
@@ -286,40 +293,31 @@ fn resolve_node_port_conflicts(
     }
 }
 
-/// The endpoints of a port for ClusterIP traffic and, when
-/// `externalTrafficPolicy` makes them differ, for external traffic
-/// (nodePort, external IPs, LB IPs), as kube-proxy: a `Local` policy keeps
-/// only the endpoints on `node`. Without a node name no policy applies.
-pub fn traffic_views(
-    port: &ServicePort,
-    all: Vec<Endpoint>,
-    node: Option<&str>,
-) -> (Vec<Endpoint>, Option<Vec<Endpoint>>) {
-    let Some(node) = node else {
-        return (all, None);
-    };
-    let local = |eps: &[Endpoint]| -> Vec<Endpoint> {
-        eps.iter()
-            .filter(|e| e.node_name.as_deref() == Some(node))
-            .cloned()
-            .collect()
-    };
-    let external_traffic = port.node_port.is_some()
-        || !port.external_ips.is_empty()
-        || !port.load_balancer_ips.is_empty();
-    let external = (external_traffic && port.external_local != port.internal_local).then(|| {
-        if port.external_local {
-            local(&all)
-        } else {
-            all.clone()
-        }
+/// This node as endpoint choice sees it: `name`, and the labels and pod
+/// CIDRs of the Node object of that name among `nodes` (none: no labels).
+pub fn node_info(name: Option<&str>, nodes: &[Sourced<Node>]) -> NodeInfo {
+    let object = name.and_then(|n| {
+        nodes
+            .iter()
+            .find(|o| o.object.metadata.name.as_deref() == Some(n))
     });
-    let internal = if port.internal_local {
-        local(&all)
-    } else {
-        all
+    let Some(object) = object.map(|o| &o.object) else {
+        return NodeInfo {
+            name: name.map(String::from),
+            ..NodeInfo::default()
+        };
     };
-    (internal, external)
+    let spec = object.spec.as_ref();
+    let pod_cidrs = spec
+        .and_then(|s| s.pod_cidrs.clone())
+        .filter(|c| !c.is_empty())
+        .or_else(|| spec.and_then(|s| s.pod_cidr.clone()).map(|c| vec![c]))
+        .unwrap_or_default();
+    NodeInfo {
+        name: name.map(String::from),
+        labels: object.metadata.labels.clone().unwrap_or_default(),
+        pod_cidrs,
+    }
 }
 
 /// IP families a service wants endpoints of: `(IPv4, IPv6)`. From
@@ -765,47 +763,42 @@ mod tests {
 
     #[test]
     fn local_policies_apply_each_to_its_own_traffic() {
-        let port = |itp: bool, etp: bool, node_port: Option<u16>| ServicePort {
-            port: 80,
-            node_port,
-            internal_local: itp,
-            external_local: etp,
-            ..ServicePort::default()
+        let slice = eps("metadata: {name: a, namespace: ns, labels: {kubernetes.io/service-name: web}}\naddressType: IPv4\nports: [{name: http, port: 8080}]\nendpoints:\n- {addresses: [10.0.0.1], nodeName: a}\n- {addresses: [10.0.0.2], nodeName: b}\n");
+        let choose = |policies: &str, node: Option<&str>| {
+            let s = svc(&format!("metadata: {{name: web, namespace: ns}}\nspec:\n  type: NodePort\n  {policies}\n  ports: [{{name: http, port: 80, nodePort: 30000}}]\n"));
+            let options = Options {
+                node_name: node.map(String::from),
+                ..Options::default()
+            };
+            let (snap, problems) =
+                build_snapshot_with(&[s], &[slice.clone()], &[], &Snapshot::default(), &options);
+            assert!(problems.is_empty(), "{problems:?}");
+            let e = snap.services.into_values().next().unwrap();
+            let addrs = |v: &[Endpoint]| v.iter().map(|e| e.addr.to_string()).collect::<Vec<_>>();
+            (addrs(e.choice.internal(&e.port)), addrs(e.choice.external(&e.port)))
         };
-        let ep = |ip: [u8; 4], node: &str| Endpoint {
-            addr: SocketAddr::from((ip, 8080)),
-            ready: true,
-            serving: true,
-            terminating: false,
-            node_name: Some(node.into()),
-            zone: None,
-            hints_zones: Vec::new(),
-            hints_nodes: Vec::new(),
-        };
-        let all = vec![ep([10, 0, 0, 1], "a"), ep([10, 0, 0, 2], "b")];
-        let here = vec![all[0].clone()];
-        let views = |itp, etp, np| traffic_views(&port(itp, etp, np), all.clone(), Some("a"));
-        assert_eq!(views(false, false, Some(30000)), (all.clone(), None));
-        assert_eq!(views(true, false, None), (here.clone(), None));
-        // eTP Local: ClusterIP traffic still reaches every endpoint.
+        let strings = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let (all, here) = (strings(&["10.0.0.1:8080", "10.0.0.2:8080"]), strings(&["10.0.0.1:8080"]));
+        assert_eq!(choose("", Some("a")), (all.clone(), all.clone()));
+        assert_eq!(choose("internalTrafficPolicy: Local", Some("a")), (here.clone(), all.clone()));
+        assert_eq!(choose("externalTrafficPolicy: Local", Some("a")), (all.clone(), here.clone()));
         assert_eq!(
-            views(false, true, Some(30000)),
-            (all.clone(), Some(here.clone()))
+            choose("internalTrafficPolicy: Local\n  externalTrafficPolicy: Local", Some("a")),
+            (here.clone(), here.clone())
         );
-        assert_eq!(
-            views(true, false, Some(30000)),
-            (here.clone(), Some(all.clone()))
-        );
-        assert_eq!(views(true, true, Some(30000)), (here.clone(), None));
-        assert_eq!(
-            views(false, true, None),
-            (all.clone(), None),
-            "no external traffic"
-        );
-        assert_eq!(
-            traffic_views(&port(true, true, Some(1)), all.clone(), None),
-            (all, None),
-            "no node name: no policy"
-        );
+        // Upstream: with no node name, nothing is local.
+        assert_eq!(choose("externalTrafficPolicy: Local", None), (all, Vec::new()));
+    }
+
+    #[test]
+    fn node_object_supplies_labels_and_pod_cidrs() {
+        let node: Node = serde_saphyr::from_str("metadata: {name: n1, labels: {topology.kubernetes.io/zone: z1}}\nspec: {podCIDR: 10.244.1.0/24, podCIDRs: [10.244.1.0/24, \"fd00:1::/64\"]}\n").unwrap();
+        let other: Node = serde_saphyr::from_str("metadata: {name: n2, labels: {topology.kubernetes.io/zone: z2}}\n").unwrap();
+        let nodes = [other, node].map(|object| Sourced { origin: "t".into(), object });
+        let info = node_info(Some("n1"), &nodes);
+        assert_eq!(info.zone(), Some("z1"));
+        assert_eq!(info.pod_cidrs, ["10.244.1.0/24", "fd00:1::/64"]);
+        assert_eq!(node_info(Some("n3"), &nodes).zone(), None);
+        assert_eq!(node_info(None, &nodes).zone(), None);
     }
 }

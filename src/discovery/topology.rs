@@ -5,9 +5,8 @@
 //! top: the set for ClusterIP traffic, the set for external traffic, and a
 //! short reason for `/debug/services`.
 //!
-//! Pure: no I/O, no clock, no logging. Not wired into the data path yet;
-//! [`traffic_views`](super::snapshot::traffic_views) still decides what the
-//! proxier serves.
+//! Pure: no I/O, no clock, no logging. `build_snapshot` calls it for every
+//! service port; the proxier serves what it chose.
 //!
 //! The rules, upstream's:
 //! - An endpoint is usable when ready. When the cluster set has no ready
@@ -25,54 +24,7 @@
 //!   when `internalTrafficPolicy` is `Local`, or `externalTrafficPolicy` is
 //!   `Local` and the port has external traffic.
 
-use serde::Serialize;
-
-use crate::model::{Endpoint, NodeInfo, ServicePort};
-
-/// Which topology hints narrowed the cluster set (upstream's `topologyMode`).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "camelCase", tag = "mode", content = "for")]
-pub enum Topology {
-    /// No hints applied: every ready endpoint (upstream's `""`).
-    #[default]
-    None,
-    /// `forNodes` hints naming this node (upstream's `PreferSameNode`).
-    SameNode(String),
-    /// `forZones` hints naming this node's zone (upstream's `PreferSameZone`).
-    SameZone(String),
-}
-
-/// The endpoints one service port may use from this node: upstream's
-/// `CategorizeEndpoints` results, plus the set per kind of traffic.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
-pub struct Choice {
-    /// Usable endpoints under `Cluster` policy, topology applied
-    /// (upstream's `clusterEndpoints`); `None` when no traffic of this port
-    /// uses `Cluster` policy (upstream's `nil`).
-    pub cluster: Option<Vec<Endpoint>>,
-    /// Usable endpoints on this node (upstream's `localEndpoints`); `None`
-    /// when no traffic of this port uses `Local` policy.
-    pub local: Option<Vec<Endpoint>>,
-    /// The union of `cluster` and `local` (upstream's
-    /// `allReachableEndpoints`): one of them when it holds the other, else
-    /// both merged by address and sorted.
-    pub all_reachable: Vec<Endpoint>,
-    /// Whether any endpoint anywhere in the cluster is usable, even if none
-    /// is reachable from here (upstream's `hasAnyEndpoints`).
-    pub has_any_endpoints: bool,
-    /// For ClusterIP traffic: `local` when `internalTrafficPolicy: Local`,
-    /// else `cluster`.
-    pub internal: Vec<Endpoint>,
-    /// For external traffic (nodePort, external IPs, LB IPs): `local` when
-    /// `externalTrafficPolicy: Local`, else `cluster`; empty when the port
-    /// takes no external traffic.
-    pub external: Vec<Endpoint>,
-    /// The hints that narrowed `cluster`.
-    pub topology: Topology,
-    /// Why these sets, for people (`/debug/services`): e.g. `zone hints
-    /// (zone-a)`, `node-local`, `hints ignored: none for zone-b`.
-    pub reason: String,
-}
+use crate::model::{Endpoint, EndpointChoice, NodeInfo, ServicePort, Topology};
 
 /// Where a set of endpoints comes from.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -85,11 +37,11 @@ enum Source {
 /// `CategorizeEndpoints` (`pkg/proxy/topology.go`), with the internal and
 /// external sets and a reason added. The input order is kept in `cluster`,
 /// `local`, `internal` and `external`.
-pub fn categorize(port: &ServicePort, endpoints: &[Endpoint], node: &NodeInfo) -> Choice {
+pub fn categorize(port: &ServicePort, endpoints: &[Endpoint], node: &NodeInfo) -> EndpointChoice {
     // Upstream's nodeName and zone are plain strings, "" when unknown.
     let node_name = node.name.as_deref().unwrap_or("");
     let zone = node.zone().unwrap_or("");
-    let externally_accessible = externally_accessible(port);
+    let externally_accessible = port.externally_accessible();
     let uses_cluster = uses_cluster_endpoints(port);
     let uses_local = uses_local_endpoints(port);
     let is_local = |ep: &Endpoint| is_local(ep, node_name);
@@ -161,15 +113,6 @@ pub fn categorize(port: &ServicePort, endpoints: &[Endpoint], node: &NodeInfo) -
     } else {
         Source::Cluster
     });
-    let set = |source: Source| -> Vec<Endpoint> {
-        match source {
-            Source::Cluster => cluster.clone().unwrap_or_default(),
-            Source::Local => local.clone().unwrap_or_default(),
-        }
-    };
-    let internal = set(internal_source);
-    let external = external_source.map(set).unwrap_or_default();
-
     let explain = |source: Source| -> String {
         match source {
             Source::Cluster => {
@@ -214,33 +157,25 @@ pub fn categorize(port: &ServicePort, endpoints: &[Endpoint], node: &NodeInfo) -
         }
     };
 
-    Choice {
+    EndpointChoice {
         cluster,
         local,
         all_reachable,
         has_any_endpoints,
-        internal,
-        external,
         topology,
         reason,
     }
 }
 
-/// Whether the port takes traffic other than ClusterIP's: a nodePort,
-/// external IPs or LB IPs (upstream's `BaseServicePortInfo.ExternallyAccessible`).
-fn externally_accessible(port: &ServicePort) -> bool {
-    port.node_port.is_some() || !port.external_ips.is_empty() || !port.load_balancer_ips.is_empty()
-}
-
 /// Upstream's `UsesClusterEndpoints`: `internalTrafficPolicy: Cluster`, or
 /// any external traffic (short-circuit of local traffic under eTP Local).
 fn uses_cluster_endpoints(port: &ServicePort) -> bool {
-    !port.internal_local || externally_accessible(port)
+    !port.internal_local || port.externally_accessible()
 }
 
 /// Upstream's `UsesLocalEndpoints`: iTP Local, or eTP Local with external traffic.
 fn uses_local_endpoints(port: &ServicePort) -> bool {
-    port.internal_local || (port.external_local && externally_accessible(port))
+    port.internal_local || (port.external_local && port.externally_accessible())
 }
 
 /// Upstream's `IsLocal`, set by `EndpointSliceCache.isLocal`: the endpoint's
@@ -449,6 +384,7 @@ mod tests {
                 .map(|z| (LABEL_TOPOLOGY_ZONE.to_string(), z.to_string()))
                 .into_iter()
                 .collect(),
+            ..NodeInfo::default()
         };
         let got = categorize(&port, &c.endpoints, &node);
         let name = c.name;
@@ -475,8 +411,8 @@ mod tests {
             !all.is_empty() || c.only_remote,
             "{name}: hasAnyEndpoints"
         );
-        assert_eq!(addrs(&got.internal), want(c.internal), "{name}: internal");
-        assert_eq!(addrs(&got.external), want(c.external), "{name}: external");
+        assert_eq!(addrs(got.internal(&port)), want(c.internal), "{name}: internal");
+        assert_eq!(addrs(got.external(&port)), want(c.external), "{name}: external");
         assert_eq!(got.reason, c.reason, "{name}: reason");
     }
 

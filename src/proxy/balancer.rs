@@ -271,38 +271,71 @@ const RR: u8 = 0;
 
 impl Balancer {
     /// Installs a new endpoint list and affinity setting; returns whether the
-    /// usable set changed. Open connections are not touched; the live state
-    /// of addresses that stay is kept.
+    /// usable set changed. Usable: the ready endpoints, else the serving
+    /// ones. Open connections are not touched; the live state of addresses
+    /// that stay is kept.
     pub fn update(&self, endpoints: &[Endpoint], affinity: Option<Affinity>) -> bool {
-        let cur = self.set.load();
-        let same = cur.all.len() == endpoints.len()
-            && cur.all.iter().zip(endpoints).all(|((e, _), n)| e == n);
-        self.set_affinity(affinity);
-        if same {
-            return false;
+        let all = Self::with_backends(endpoints, &self.backends());
+        let mut usable: Vec<Endpoint> = endpoints.iter().filter(|e| e.ready).cloned().collect();
+        if usable.is_empty() {
+            usable = endpoints.iter().filter(|e| e.serving).cloned().collect();
         }
-        let old: HashMap<SocketAddr, &Arc<Backend>> =
-            cur.all.iter().map(|(e, b)| (e.addr, b)).collect();
-        let all: Vec<(Endpoint, Arc<Backend>)> = endpoints
+        self.install(&all, &usable, affinity)
+    }
+
+    /// The live state of every endpoint, by address (to carry it over to
+    /// the next set).
+    pub fn backends(&self) -> HashMap<SocketAddr, Arc<Backend>> {
+        self.set
+            .load()
+            .all
+            .iter()
+            .map(|(e, b)| (e.addr, Arc::clone(b)))
+            .collect()
+    }
+
+    /// Pairs `endpoints` with their live state from `backends`, or a new one.
+    pub fn with_backends(
+        endpoints: &[Endpoint],
+        backends: &HashMap<SocketAddr, Arc<Backend>>,
+    ) -> Vec<(Endpoint, Arc<Backend>)> {
+        endpoints
             .iter()
             .map(|e| {
-                let b = old
+                let b = backends
                     .get(&e.addr)
-                    .map(|b| Arc::clone(b))
+                    .map(Arc::clone)
                     .unwrap_or_else(|| Arc::new(Backend::new(e.addr)));
                 (e.clone(), b)
             })
-            .collect();
-        let pick = |f: fn(&Endpoint) -> bool| -> Vec<Arc<Backend>> {
-            all.iter()
-                .filter(|(e, _)| f(e))
-                .map(|(_, b)| Arc::clone(b))
-                .collect()
-        };
-        let mut usable = pick(|e| e.ready);
-        if usable.is_empty() {
-            usable = pick(|e| e.serving);
+            .collect()
+    }
+
+    /// Installs `all` (every endpoint of the port, shown in status) of
+    /// which `usable` are chosen for new connections (already decided:
+    /// `discovery::topology`), and the affinity setting; returns whether
+    /// the set changed.
+    pub fn install(
+        &self,
+        all: &[(Endpoint, Arc<Backend>)],
+        usable: &[Endpoint],
+        affinity: Option<Affinity>,
+    ) -> bool {
+        let cur = self.set.load();
+        self.set_affinity(affinity);
+        let same = cur.all.len() == all.len()
+            && cur.all.iter().zip(all).all(|((e, b), (n, nb))| e == n && Arc::ptr_eq(b, nb))
+            && cur.usable.len() == usable.len()
+            && cur.usable.iter().zip(usable).all(|(b, u)| b.addr == u.addr);
+        if same {
+            return false;
         }
+        let by_addr: HashMap<SocketAddr, &Arc<Backend>> =
+            all.iter().map(|(e, b)| (e.addr, b)).collect();
+        let usable: Vec<Arc<Backend>> = usable
+            .iter()
+            .filter_map(|u| by_addr.get(&u.addr).map(|b| Arc::clone(b)))
+            .collect();
         if let Some(table) = self
             .affinity
             .lock()
@@ -313,7 +346,10 @@ impl Balancer {
                 .clients
                 .retain(|_, (addr, _)| usable.iter().any(|b| b.addr == *addr));
         }
-        self.set.store(Arc::new(EndpointSet { all, usable }));
+        self.set.store(Arc::new(EndpointSet {
+            all: all.to_vec(),
+            usable,
+        }));
         true
     }
 

@@ -46,6 +46,9 @@ pub struct ProxyConfig {
     /// Threads moving TCP bytes, each with its own event loop
     /// (`--worker-threads`).
     pub workers: usize,
+    /// How traffic from this node's pods is recognised
+    /// (`--detect-local-mode` and its flags).
+    pub detect_local: crate::detect_local::Config,
 }
 
 impl Default for ProxyConfig {
@@ -64,6 +67,7 @@ impl Default for ProxyConfig {
             tcp_keepalive: Some(Keepalive::default()),
             scheduler: Scheduler::Rr,
             workers: workers::default_count(),
+            detect_local: crate::detect_local::Config::default(),
         }
     }
 }

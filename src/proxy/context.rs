@@ -40,6 +40,8 @@ pub struct Context {
     /// Where parked connections go while a hand-over collects them; none:
     /// a parked connection runs on here.
     pub parked: std::sync::Mutex<Option<std::sync::mpsc::Sender<Connection>>>,
+    /// Tells this node's pods and the host from other clients.
+    pub origin: super::origin::Origin,
 }
 
 impl Context {
@@ -115,6 +117,7 @@ pub(super) async fn housekeeping(ctx: std::sync::Weak<Context>) {
     loop {
         tick.tick().await;
         let Some(ctx) = ctx.upgrade() else { return };
+        ctx.origin.refresh_host();
         let n = ctx.pipes.trim();
         if n > 0 {
             tracing::debug!(closed = n, "idle pipes trimmed");

@@ -31,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 use super::carry::SharedFd;
 use super::config::Keepalive;
 use super::fds::FdLease;
-use super::{tcp, udp, Context, Service};
+use super::{origin, tcp, udp, Context, Service};
 use crate::model::Protocol;
 
 /// Accepts within [`GROW_WINDOW`] that make a port grow a socket per worker.
@@ -175,6 +175,15 @@ impl Listener {
         }
     }
 
+    /// Refuses clients while the port has no endpoint anywhere (TCP: the
+    /// sockets stop listening), or serves again.
+    pub(super) fn set_refusing(&self, refusing: bool) {
+        match self {
+            Self::Tcp(h) => h.set_paused(refusing),
+            Self::Udp(_) => {} // refused by the rules' REJECT only
+        }
+    }
+
     /// Its sockets, shared, for a hand-over.
     pub(super) fn sockets(&self) -> Vec<SharedFd> {
         match self {
@@ -200,8 +209,16 @@ impl TcpListenerHandle {
             .lock()
             .sockets
             .iter()
-            .map(|s| Arc::clone(s) as SharedFd)
+            .map(|(s, _)| Arc::clone(s) as SharedFd)
             .collect()
+    }
+}
+
+impl TcpListenerHandle {
+    /// Stops listening while the port has no endpoints (clients are
+    /// refused), or listens again.
+    pub fn set_paused(&self, paused: bool) {
+        self.group.set_paused(paused);
     }
 }
 
@@ -228,11 +245,17 @@ struct Group {
     next: AtomicUsize,
     stop: CancellationToken,
     held: Mutex<Held>,
+    /// Not listening, so that the kernel refuses clients (no endpoints).
+    paused: AtomicBool,
+    /// Bumped at each pause and resume: an accept loop of an older
+    /// generation ends (its registration may hold a stale hang-up).
+    generation: AtomicUsize,
 }
 
 #[derive(Debug, Default)]
 struct Held {
-    sockets: Vec<Arc<Listening>>,
+    /// Each socket with the worker its accept loop runs on.
+    sockets: Vec<(Arc<Listening>, usize)>,
     leases: Vec<FdLease>,
 }
 
@@ -247,11 +270,24 @@ impl Group {
     }
 
     /// Registers `socket` with runtime `rt` and starts its accept loop.
-    #[allow(unsafe_code)] // tokio asks the caller to vouch for the fd
     fn add(self: &Arc<Self>, socket: std::net::TcpListener, rt: usize) -> io::Result<()> {
         set_keepalive(&socket, self.ctx.config.tcp_keepalive.as_ref())?;
-        let handle = &self.runtimes[rt];
+        if self.ctx.config.detect_local.detector(&[]).needs_interface() {
+            origin::record_interface(&socket, self.local.is_ipv6())?;
+        }
         let socket = socket2::Socket::from(socket);
+        // A handed-over socket may come paused; listening again is harmless.
+        socket.listen(BACKLOG)?;
+        self.register(socket, rt)?;
+        self.service.stats.sockets.fetch_add(1, Relaxed);
+        Ok(())
+    }
+
+    /// Registers a listening `socket` with runtime `rt`, holds it and
+    /// starts its accept loop.
+    #[allow(unsafe_code)] // tokio asks the caller to vouch for the fd
+    fn register(self: &Arc<Self>, socket: socket2::Socket, rt: usize) -> io::Result<()> {
+        let handle = &self.runtimes[rt];
         let listener = {
             let _entered = handle.enter();
             // SAFETY: the socket owns its fd, which stays open and the same
@@ -259,10 +295,51 @@ impl Group {
             let registered = unsafe { AsyncFd::register_with_interest(socket, Interest::READABLE) };
             Arc::new(registered.map_err(io::Error::from)?)
         };
-        self.lock().sockets.push(Arc::clone(&listener));
-        self.service.stats.sockets.fetch_add(1, Relaxed);
-        handle.spawn(accept_loop(Arc::clone(self), listener, rt));
+        self.lock().sockets.push((Arc::clone(&listener), rt));
+        let generation = self.generation.load(Relaxed);
+        handle.spawn(accept_loop(Arc::clone(self), listener, rt, generation));
         Ok(())
+    }
+
+    /// Stops listening (`paused`: the kernel then refuses new clients
+    /// with a reset, as upstream's REJECT does for a Service without
+    /// endpoints; clients in the accept queue are reset too) or listens
+    /// again. The sockets and their port are kept. A socket that stopped
+    /// listening reports a hang-up that its registration keeps for good,
+    /// so listening again registers a duplicate of it with a fresh accept
+    /// loop, and the old registration ends with its loop.
+    fn set_paused(self: &Arc<Self>, paused: bool) {
+        if self.paused.swap(paused, Relaxed) == paused {
+            return;
+        }
+        // Every running accept loop ends at its next wake-up.
+        self.generation.fetch_add(1, Relaxed);
+        let mut held = self.lock();
+        if paused {
+            for (s, _) in &held.sockets {
+                // On a listening socket, SHUT_RD stops listening (Linux
+                // `inet_shutdown` → `tcp_disconnect`); the bound port stays.
+                if let Err(e) = s.get_ref().shutdown(std::net::Shutdown::Read) {
+                    tracing::debug!(service = %self.service.name, error = %e, "cannot stop listening");
+                }
+            }
+            tracing::info!(service = %self.service.name, "no endpoints: listener paused, clients are refused");
+            return;
+        }
+        let old = std::mem::take(&mut held.sockets);
+        drop(held);
+        for (s, rt) in old {
+            let again = s
+                .get_ref()
+                .listen(BACKLOG)
+                .and_then(|()| s.get_ref().try_clone())
+                .and_then(|dup| self.register(dup, rt));
+            if let Err(e) = again {
+                tracing::warn!(service = %self.service.name, error = %e, "cannot listen again");
+                self.lock().sockets.push((s, rt));
+            }
+        }
+        tracing::info!(service = %self.service.name, "endpoints again: listening");
     }
 
     /// One more socket per worker without one (once): the port is busy.
@@ -340,6 +417,8 @@ fn spawn_tcp(
             leases: vec![lease],
         }),
         runtimes,
+        paused: AtomicBool::new(false),
+        generation: AtomicUsize::new(0),
     });
     let n = group.runtimes.len();
     for (i, socket) in listeners.into_iter().enumerate() {
@@ -379,7 +458,7 @@ impl Rate {
 /// before it is accepted: at the limit, clients wait in the backlog
 /// instead of being accepted, and an idle port holds no permit (10,000
 /// idle ports would otherwise hold 10,000 of them).
-async fn accept_loop(group: Arc<Group>, listener: Arc<Listening>, here: usize) {
+async fn accept_loop(group: Arc<Group>, listener: Arc<Listening>, here: usize, generation: usize) {
     let (service, ctx, stop) = (&group.service, &group.ctx, &group.stop);
     let mut backoff = Duration::from_millis(5);
     let mut rate = Rate {
@@ -399,6 +478,9 @@ async fn accept_loop(group: Arc<Group>, listener: Arc<Listening>, here: usize) {
                 }
             },
         };
+        if group.generation.load(Relaxed) != generation {
+            break; // paused, or listening again on a fresh registration
+        }
         if permit.is_none() {
             if let Some(limit) = ctx.fds.connections() {
                 permit = match Arc::clone(limit).try_acquire_owned() {

@@ -20,6 +20,7 @@ pub mod connect;
 mod context;
 pub mod fds;
 pub mod listener;
+pub mod origin;
 pub mod ports;
 mod proxier;
 pub mod proxy_protocol;
@@ -38,5 +39,6 @@ pub(crate) use context::is_local_exhaustion;
 pub use context::Context;
 pub use proxier::{Proxier, SyncReport};
 pub use service::{
-    Published, Service, ServiceStats, ServiceView, Unserved, UnservedReason, CONFIG_ANNOTATIONS,
+    Published, Routing, Service, ServiceStats, ServiceView, Traffic, Unserved, UnservedReason,
+    CONFIG_ANNOTATIONS,
 };

@@ -69,6 +69,9 @@ pub struct SyncReport {
     pub endpoints_changed: usize,
     /// Service ports whose addresses or ports changed (rules must follow).
     pub spec_changed: usize,
+    /// Service ports whose traffic the rules must now treat otherwise
+    /// (endpoints appeared or vanished for some kind of traffic).
+    pub disposition_changed: usize,
     /// Of `pending`, those the fd budget could not hold.
     pub fd_limited: usize,
     /// The connection limit in force after this sync (0: none).
@@ -129,7 +132,9 @@ impl Proxier {
             closed_since_release: AtomicU64::new(0),
             park: conn::Park::default(),
             parked: std::sync::Mutex::new(None),
+            origin: super::origin::Origin::default(),
         });
+        ctx.origin.refresh_host();
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(housekeeping(Arc::downgrade(&ctx)));
         }
@@ -280,6 +285,10 @@ impl Proxier {
     /// Makes the running state match `snapshot`.
     pub fn sync(&mut self, snapshot: &Snapshot) -> SyncReport {
         let mut report = SyncReport::default();
+        let detect = &self.ctx.config.detect_local;
+        let detector = detect.detector(&snapshot.node.pod_cidrs);
+        // The rules match local pods with it too.
+        report.disposition_changed += usize::from(self.ctx.origin.set_detector(detector));
         let wanted = |name: &ServicePortName| {
             served_protocol(name.protocol) && snapshot.services.contains_key(name)
         };
@@ -341,9 +350,9 @@ impl Proxier {
                     .service
                     .apply_settings(&entry.port, self.ctx.config.scheduler);
             }
-            if served.service.update_endpoints(entry) {
-                report.endpoints_changed += 1;
-            }
+            let (sets, rules) = served.service.update_endpoints(entry);
+            report.endpoints_changed += usize::from(sets);
+            report.disposition_changed += usize::from(rules);
         }
 
         let served_now = self.served.len();
@@ -369,6 +378,11 @@ impl Proxier {
             }
         }
         report.connection_limit = self.ctx.fds.rebalance(0);
+        for s in self.served.values() {
+            if let Some(l) = &s.listener {
+                l.set_refusing(!s.service.routing().has_any_endpoints);
+            }
+        }
         for s in self.served.values() {
             match (&s.listener, &s.unserved) {
                 (Some(_), _) => report.listening += 1,

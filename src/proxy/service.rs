@@ -3,13 +3,14 @@
 //! read-only view of it that status and metrics get ([`ServiceView`]).
 
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering::Relaxed};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 
 use super::balancer::Balancer;
 use super::connect::DialResult;
+use super::origin::{self, Origin};
 use super::proxy_protocol;
 use super::stats::LatencyHistogram;
 use crate::model::{
@@ -88,14 +89,15 @@ impl ServiceStats {
 pub struct Service {
     /// Which service port.
     pub name: ServicePortName,
-    /// Its endpoints and how to choose among them.
+    /// The cluster set ([`EndpointChoice::cluster`](crate::model::EndpointChoice::cluster)): traffic under
+    /// `Cluster` policy, and external traffic from this node's pods or the
+    /// host whatever the policy.
     pub balancer: Balancer,
-    /// The endpoints for external traffic (nodePort, external IPs, LB IPs)
-    /// when `externalTrafficPolicy` gives it its own set (see
-    /// [`ServiceEntry::external_endpoints`]).
-    pub external: Balancer,
-    /// Whether `external` is in use.
-    split: AtomicBool,
+    /// The node-local set ([`EndpointChoice::local`](crate::model::EndpointChoice::local)): traffic under a
+    /// `Local` policy. Shares its endpoints' state with `balancer`.
+    pub local: Balancer,
+    /// Which set each kind of traffic uses, and why.
+    routing: ArcSwap<Routing>,
     /// ClusterIPs: a connection REDIRECTed from one of them is internal.
     cluster_ips: ArcSwap<Vec<IpAddr>>,
     /// Its counters.
@@ -103,6 +105,42 @@ pub struct Service {
     /// PROXY protocol header for backends: 0 off, 1 v1, 2 v2; switched in
     /// place like the scheduler (new connections follow, open ones keep theirs).
     proxy_protocol: AtomicU8,
+}
+
+/// Which endpoint set each kind of a port's traffic uses (the policies of
+/// its spec and what [`EndpointChoice`](crate::model::EndpointChoice) found), swapped with its endpoints.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Routing {
+    /// `internalTrafficPolicy: Local`: ClusterIP traffic uses the local set.
+    pub internal_local: bool,
+    /// `externalTrafficPolicy: Local` on a port with external traffic:
+    /// external traffic from outside the node uses the local set.
+    pub external_local: bool,
+    /// Some endpoint anywhere is usable (upstream's `hasAnyEndpoints`);
+    /// without one the port refuses connections (REJECT).
+    pub has_any_endpoints: bool,
+    /// ClusterIP traffic has an endpoint (upstream's
+    /// `hasInternalEndpoints`); without one (but some elsewhere) it is
+    /// dropped.
+    pub has_internal: bool,
+    /// External traffic from outside the node has an endpoint (upstream's
+    /// `hasExternalEndpoints`); without one it is dropped, except from
+    /// this node's pods and the host.
+    pub has_external: bool,
+    /// [`EndpointChoice::reason`](crate::model::EndpointChoice::reason).
+    pub reason: String,
+}
+
+/// The kinds of traffic a port tells apart to choose its endpoint set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Traffic {
+    /// To a ClusterIP.
+    Internal,
+    /// To a nodePort, external IP or LB IP, from outside the node.
+    External,
+    /// To a nodePort, external IP or LB IP, from this node's pods or the
+    /// host: upstream's short-circuit to the cluster set.
+    ExternalFromNode,
 }
 
 // === impl Service ===
@@ -113,8 +151,8 @@ impl Service {
         Self {
             name,
             balancer: Balancer::default(),
-            external: Balancer::default(),
-            split: AtomicBool::new(false),
+            local: Balancer::default(),
+            routing: ArcSwap::from_pointee(Routing::default()),
             cluster_ips: ArcSwap::from_pointee(Vec::new()),
             stats: ServiceStats::default(),
             proxy_protocol: AtomicU8::new(0),
@@ -140,31 +178,79 @@ impl Service {
         self.proxy_protocol.store(n, Relaxed);
     }
 
-    /// The balancer for a client connection: the external one when the
-    /// service has one and the client did not come REDIRECTed from a
-    /// ClusterIP (it dialled the nodePort, an external IP or an LB IP).
-    pub fn balancer_for(&self, client: &tokio::net::TcpStream) -> &Balancer {
-        if !self.split.load(Relaxed) {
+    /// Which set each kind of traffic uses now.
+    pub fn routing(&self) -> arc_swap::Guard<Arc<Routing>> {
+        self.routing.load()
+    }
+
+    /// The balancer for `traffic`.
+    pub fn balancer_of(&self, traffic: Traffic) -> &Balancer {
+        let r = self.routing.load();
+        let local = match traffic {
+            Traffic::Internal => r.internal_local,
+            Traffic::External => r.external_local,
+            Traffic::ExternalFromNode => false,
+        };
+        if local {
+            &self.local
+        } else {
+            &self.balancer
+        }
+    }
+
+    /// The balancer for a client connection accepted from `peer`: by what
+    /// it dialled (`SO_ORIGINAL_DST`: a ClusterIP is internal traffic) and
+    /// where it came from (`origin`). Ports whose every traffic uses the
+    /// cluster set ask the socket nothing.
+    pub fn balancer_for(
+        &self,
+        client: &tokio::net::TcpStream,
+        peer: IpAddr,
+        origin: &Origin,
+    ) -> &Balancer {
+        let r = self.routing.load();
+        if !r.internal_local && !r.external_local {
             return &self.balancer;
         }
         let internal = proxy_protocol::original_dst(client)
             .is_ok_and(|dst| self.cluster_ips.load().contains(&dst.ip().to_canonical()));
-        if internal {
-            &self.balancer
+        let traffic = if internal {
+            Traffic::Internal
+        } else if r.external_local && origin.is_local(peer, || origin::incoming_interface(client)) {
+            Traffic::ExternalFromNode
         } else {
-            &self.external
-        }
+            Traffic::External
+        };
+        self.balancer_of(traffic)
     }
 
-    /// Swaps in the endpoints of `entry` (both traffic views); true when
-    /// they changed.
-    pub(super) fn update_endpoints(&self, entry: &ServiceEntry) -> bool {
+    /// Swaps in the endpoints of `entry` (both sets, sharing each
+    /// endpoint's live state) and its routing: whether the sets changed,
+    /// and whether what the rules do with the port's traffic changed.
+    pub(super) fn update_endpoints(&self, entry: &ServiceEntry) -> (bool, bool) {
         let affinity = entry.port.affinity;
-        let external = entry.external_endpoints.as_deref();
-        let changed = self.balancer.update(&entry.endpoints, affinity);
-        let external_changed = self.external.update(external.unwrap_or(&[]), affinity);
-        self.split.store(external.is_some(), Relaxed);
-        changed || external_changed
+        let mut backends = self.balancer.backends();
+        backends.extend(self.local.backends());
+        let all = Balancer::with_backends(&entry.endpoints, &backends);
+        let changed = self.balancer.install(&all, entry.choice.cluster(), affinity);
+        let local_changed = self.local.install(&all, entry.choice.local(), affinity);
+        let (port, choice) = (&entry.port, &entry.choice);
+        let routing = Routing {
+            internal_local: port.internal_local,
+            external_local: port.external_local && port.externally_accessible(),
+            has_any_endpoints: choice.has_any_endpoints,
+            has_internal: !choice.internal(port).is_empty(),
+            has_external: !choice.external(port).is_empty(),
+            reason: choice.reason.clone(),
+        };
+        let old = self.routing.load_full();
+        let rules_changed = (old.has_any_endpoints, old.has_internal, old.has_external)
+            != (routing.has_any_endpoints, routing.has_internal, routing.has_external);
+        let routing_changed = *old != routing;
+        if routing_changed {
+            self.routing.store(Arc::new(routing));
+        }
+        (changed || local_changed || routing_changed, rules_changed)
     }
 
     /// Applies the annotation settings of `spec` in place (`default`: the
@@ -183,7 +269,7 @@ impl Service {
         }
         let scheduler = spec.scheduler.or(default);
         self.cluster_ips.store(Arc::new(spec.cluster_ips.clone()));
-        self.external.set_scheduler(scheduler);
+        self.local.set_scheduler(scheduler);
         if self.balancer.set_scheduler(scheduler) {
             tracing::info!(service = %self.name, scheduler = %scheduler, "scheduler in force");
         }

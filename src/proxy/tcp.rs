@@ -59,7 +59,7 @@ async fn serve(client: TcpStream, peer: SocketAddr, service: Arc<Service>, ctx: 
     stats.accepted.fetch_add(1, Relaxed);
     stats.active.fetch_add(1, Relaxed);
     let dialed = connect::dial(
-        service.balancer_for(&client),
+        service.balancer_for(&client, peer.ip(), &ctx.origin),
         stats,
         peer.ip(),
         &ctx.config.dial_timeouts,

@@ -1,0 +1,221 @@
+//! Where a client comes from, for `externalTrafficPolicy: Local`: this
+//! node's pods (the `--detect-local-mode` detector) or the host itself
+//! (a source that is one of the node's addresses, iptables'
+//! `--src-type LOCAL`) are local, and upstream sends their external
+//! traffic to the cluster set ("short-circuit").
+//!
+//! The node's addresses are read with `getifaddrs` at every sync and every
+//! few seconds ([`Origin::refresh_host`]), never per connection.
+
+use std::collections::HashSet;
+use std::net::IpAddr;
+use std::os::fd::AsRawFd;
+
+use arc_swap::ArcSwap;
+
+use crate::detect_local::Detector;
+
+/// What tells local clients from others; shared by every listener.
+#[derive(Debug, Default)]
+pub struct Origin {
+    detector: ArcSwap<Detector>,
+    host: ArcSwap<HashSet<IpAddr>>,
+}
+
+impl Origin {
+    /// Puts `detector` in force (changes with the Node's pod CIDRs); true
+    /// when it changed.
+    pub fn set_detector(&self, detector: Detector) -> bool {
+        let changed = **self.detector.load() != detector;
+        if changed {
+            self.detector.store(detector.into());
+        }
+        changed
+    }
+
+    /// The detector in force.
+    pub fn detector(&self) -> arc_swap::Guard<std::sync::Arc<Detector>> {
+        self.detector.load()
+    }
+
+    /// Re-reads the node's addresses; keeps the last ones on error.
+    pub fn refresh_host(&self) {
+        match nix::ifaddrs::getifaddrs() {
+            Ok(addrs) => {
+                let set: HashSet<IpAddr> = addrs
+                    .filter_map(|a| a.address)
+                    .filter_map(|a| {
+                        a.as_sockaddr_in()
+                            .map(|s| IpAddr::from(s.ip()))
+                            .or_else(|| a.as_sockaddr_in6().map(|s| IpAddr::from(s.ip())))
+                    })
+                    .collect();
+                if **self.host.load() != set {
+                    self.host.store(set.into());
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "cannot list the node's addresses"),
+        }
+    }
+
+    /// Whether a client at `peer` is this host or one of its pods; `iface`
+    /// names the interface it came in on, asked only by the interface modes.
+    pub fn is_local(&self, peer: IpAddr, iface: impl FnOnce() -> Option<String>) -> bool {
+        let ip = peer.to_canonical();
+        if ip.is_loopback() || self.host.load().contains(&ip) {
+            return true;
+        }
+        let d = self.detector.load();
+        if d.needs_interface() {
+            d.is_local(ip, iface().as_deref())
+        } else {
+            d.is_local(ip, None)
+        }
+    }
+}
+
+/// Asks a listening socket to remember the interface of each connection's
+/// SYN (`IP_PKTINFO` / `IPV6_RECVPKTINFO`, inherited by accepted sockets),
+/// for [`incoming_interface`].
+pub fn record_interface(socket: &impl AsRawFd, v6: bool) -> std::io::Result<()> {
+    let one: libc::c_int = 1;
+    let (level, opt) = if v6 {
+        (libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO)
+    } else {
+        (libc::IPPROTO_IP, libc::IP_PKTINFO)
+    };
+    // SAFETY: a plain setsockopt with a c_int the call only reads.
+    #[allow(unsafe_code)]
+    let r = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            level,
+            opt,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// The name of the interface an accepted TCP connection came in on, from
+/// the SYN's packet info (`IP_PKTOPTIONS` / `IPV6_2292PKTOPTIONS`; Linux
+/// keeps the SYN's `iif` in the child socket), when its listener had
+/// [`record_interface`].
+pub fn incoming_interface(socket: &impl AsRawFd) -> Option<String> {
+    const IPV6_2292PKTOPTIONS: libc::c_int = 6;
+    let mut buf = [0u64; 16];
+    for (level, opt) in [
+        (libc::IPPROTO_IP, libc::IP_PKTOPTIONS),
+        (libc::IPPROTO_IPV6, IPV6_2292PKTOPTIONS),
+    ] {
+        let mut len = std::mem::size_of_val(&buf) as libc::socklen_t;
+        // SAFETY: the kernel writes at most `len` bytes into `buf`.
+        #[allow(unsafe_code)]
+        let r = unsafe {
+            libc::getsockopt(
+                socket.as_raw_fd(),
+                level,
+                opt,
+                buf.as_mut_ptr().cast(),
+                &mut len,
+            )
+        };
+        if r != 0 || len == 0 {
+            continue;
+        }
+        if let Some(index) = ifindex_in_cmsgs(&buf, len as usize) {
+            return interface_name(index);
+        }
+    }
+    None
+}
+
+/// The interface index of the first `IP_PKTINFO` / `IPV6_PKTINFO` control
+/// message among the `len` bytes of `buf`.
+fn ifindex_in_cmsgs(buf: &[u64; 16], len: usize) -> Option<u32> {
+    let bytes: &[u8] = bytemuck_bytes(buf);
+    let bytes = bytes.get(..len)?;
+    let hdr = std::mem::size_of::<libc::cmsghdr>();
+    let mut at = 0;
+    while at + hdr <= bytes.len() {
+        let field = |off: usize, n: usize| bytes.get(at + off..at + off + n);
+        let cmsg_len = usize::from_ne_bytes(field(0, 8)?.try_into().ok()?);
+        let level = i32::from_ne_bytes(field(8, 4)?.try_into().ok()?);
+        let kind = i32::from_ne_bytes(field(12, 4)?.try_into().ok()?);
+        if cmsg_len < hdr {
+            return None;
+        }
+        let data = bytes.get(at + hdr..at + cmsg_len)?;
+        match (level, kind) {
+            // struct in_pktinfo { int ipi_ifindex; ... }
+            (libc::IPPROTO_IP, libc::IP_PKTINFO) => {
+                return Some(i32::from_ne_bytes(data.get(..4)?.try_into().ok()?) as u32)
+            }
+            // struct in6_pktinfo { struct in6_addr; unsigned ipi6_ifindex; }
+            (libc::IPPROTO_IPV6, libc::IPV6_PKTINFO) => {
+                return Some(u32::from_ne_bytes(data.get(16..20)?.try_into().ok()?))
+            }
+            _ => {}
+        }
+        at += (cmsg_len + 7) & !7;
+    }
+    None
+}
+
+/// The bytes of `buf`.
+fn bytemuck_bytes(buf: &[u64; 16]) -> &[u8] {
+    // SAFETY: u64s are plain bytes; the slice covers exactly `buf`.
+    #[allow(unsafe_code)]
+    unsafe {
+        std::slice::from_raw_parts(buf.as_ptr().cast::<u8>(), std::mem::size_of_val(buf))
+    }
+}
+
+/// The name of interface `index` (`if_indextoname`).
+fn interface_name(index: u32) -> Option<String> {
+    let mut name = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: `name` has the IF_NAMESIZE bytes the call may write.
+    #[allow(unsafe_code)]
+    let p = unsafe { libc::if_indextoname(index, name.as_mut_ptr()) };
+    if p.is_null() {
+        return None;
+    }
+    // SAFETY: on success the kernel wrote a NUL-terminated name into `name`.
+    #[allow(unsafe_code)]
+    let s = unsafe { std::ffi::CStr::from_ptr(name.as_ptr()) };
+    Some(s.to_string_lossy().into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_and_node_addresses_are_local() {
+        let o = Origin::default();
+        o.refresh_host();
+        assert!(o.is_local("127.0.0.9".parse().unwrap(), || None));
+        assert!(o.is_local("::ffff:127.0.0.1".parse().unwrap(), || None));
+        assert!(!o.is_local("192.0.2.1".parse().unwrap(), || None));
+        o.set_detector(Detector::Cidrs(vec!["192.0.2.0/24".parse().unwrap()]));
+        assert!(o.is_local("192.0.2.1".parse().unwrap(), || None));
+    }
+
+    #[test]
+    fn the_interface_of_an_accepted_connection_is_read() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        record_interface(&l, false).unwrap();
+        let _c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (s, _) = l.accept().unwrap();
+        assert_eq!(incoming_interface(&s).as_deref(), Some("lo"));
+        let plain = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let _c = std::net::TcpStream::connect(plain.local_addr().unwrap()).unwrap();
+        let (s, _) = plain.accept().unwrap();
+        assert_eq!(incoming_interface(&s), None);
+    }
+}
