@@ -9,9 +9,10 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
+use kube_userspace_proxy::discovery::topology;
 use kube_userspace_proxy::iptables::{self, render};
 use kube_userspace_proxy::model::{
-    Endpoint, Protocol, ServiceEntry, ServicePort, ServicePortName, Snapshot,
+    Endpoint, NodeInfo, Protocol, ServicePort, ServicePortName, Snapshot,
 };
 use kube_userspace_proxy::proxy::{Proxier, ProxyConfig};
 
@@ -48,16 +49,13 @@ fn snapshot(bump: usize) -> Snapshot {
             port: 80,
             ..ServicePort::default()
         };
-        services.insert(
-            name,
-            ServiceEntry {
-                port,
-                endpoints,
-                external_endpoints: None,
-            },
-        );
+        let entry = topology::entry(port, endpoints, &NodeInfo::default());
+        services.insert(name, entry);
     }
-    Snapshot { services }
+    Snapshot {
+        services,
+        ..Snapshot::default()
+    }
 }
 
 fn rss_kib() -> u64 {

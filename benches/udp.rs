@@ -8,8 +8,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use kube_userspace_proxy::discovery::topology;
 use kube_userspace_proxy::model::{
-    Endpoint, Protocol, ServiceEntry, ServicePort, ServicePortName, Snapshot,
+    Endpoint, NodeInfo, Protocol, ServicePort, ServicePortName, Snapshot,
 };
 use kube_userspace_proxy::proxy::{Proxier, ProxyConfig};
 use tokio::net::UdpSocket;
@@ -86,12 +87,12 @@ fn main() {
         let mut snapshot = Snapshot::default();
         snapshot.services.insert(
             name.clone(),
-            ServiceEntry {
-                port: ServicePort {
+            topology::entry(
+                ServicePort {
                     port: 53,
                     ..ServicePort::default()
                 },
-                endpoints: vec![Endpoint {
+                vec![Endpoint {
                     addr: backend,
                     ready: true,
                     serving: true,
@@ -101,8 +102,8 @@ fn main() {
                     hints_zones: Vec::new(),
                     hints_nodes: Vec::new(),
                 }],
-                external_endpoints: None,
-            },
+                &NodeInfo::default(),
+            ),
         );
         let mut p = Proxier::new(ProxyConfig {
             bind_address: [127, 0, 0, 1].into(),

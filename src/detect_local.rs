@@ -65,7 +65,9 @@ impl Config {
     pub fn validate(&self) -> Result<(), String> {
         match self.mode {
             Mode::BridgeInterface if self.bridge_interface.is_empty() => {
-                return Err("--detect-local-mode BridgeInterface needs --pod-bridge-interface".into())
+                return Err(
+                    "--detect-local-mode BridgeInterface needs --pod-bridge-interface".into(),
+                )
             }
             Mode::InterfaceNamePrefix if self.interface_name_prefix.is_empty() => {
                 return Err(
@@ -75,7 +77,11 @@ impl Config {
             }
             _ => {}
         }
-        let v4 = self.cluster_cidrs.iter().filter(|c| c.addr().is_ipv4()).count();
+        let v4 = self
+            .cluster_cidrs
+            .iter()
+            .filter(|c| c.addr().is_ipv4())
+            .count();
         if v4 > 1 || self.cluster_cidrs.len() - v4 > 1 {
             return Err("--cluster-cidr: at most one CIDR per IP family".into());
         }
@@ -220,13 +226,18 @@ mod tests {
             mode: Mode::BridgeInterface,
             ..Config::default()
         };
-        assert!(bad.validate().unwrap_err().contains("--pod-bridge-interface"));
+        assert!(bad
+            .validate()
+            .unwrap_err()
+            .contains("--pod-bridge-interface"));
         let two = Config {
             cluster_cidrs: parse_cidrs("10.0.0.0/8,10.1.0.0/16").unwrap(),
             ..Config::default()
         };
         assert!(two.validate().is_err());
-        assert!(parse_cidrs("10.0.0.0/33").unwrap_err().contains("10.0.0.0/33"));
+        assert!(parse_cidrs("10.0.0.0/33")
+            .unwrap_err()
+            .contains("10.0.0.0/33"));
         assert_eq!(parse_cidrs("").unwrap(), Vec::new());
     }
 }

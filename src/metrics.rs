@@ -29,6 +29,10 @@ pub const SYNC_DURATION: &str = "kubeproxy_sync_proxy_rules_duration_seconds";
 pub const SYNC_LAST_TIMESTAMP: &str = "kubeproxy_sync_proxy_rules_last_timestamp_seconds";
 /// Unix time a change was last queued for sync (kube-proxy's name).
 pub const SYNC_LAST_QUEUED: &str = "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds";
+/// Service ports with a `Local` traffic policy and no local endpoint,
+/// whose traffic of that kind is dropped, by `traffic_policy` (`internal`,
+/// `external`) and `ip_family` (kube-proxy's name, a gauge).
+pub const NO_LOCAL_ENDPOINTS: &str = "kubeproxy_sync_proxy_rules_no_local_endpoints_total";
 /// Service port changes applied (kube-proxy's name).
 pub const SERVICE_CHANGES: &str = "kubeproxy_sync_proxy_rules_service_changes_total";
 /// Endpoint set changes applied (kube-proxy's name).
@@ -106,6 +110,10 @@ fn describe() {
         SYNC_LAST_QUEUED,
         Unit::Seconds,
         "The last time a sync of proxy rules was queued"
+    );
+    describe_gauge!(
+        NO_LOCAL_ENDPOINTS,
+        "Number of services with a Local traffic policy and no endpoints"
     );
     describe_counter!(SERVICE_CHANGES, "Cumulative service port changes applied");
     describe_counter!(ENDPOINT_CHANGES, "Cumulative endpoint set changes applied");
@@ -695,6 +703,48 @@ pub fn render_process(ctx: &Context) -> String {
         );
     }
     out
+}
+
+/// Service ports whose `Local` policy leaves a kind of traffic without an
+/// endpoint (while endpoints exist elsewhere), as upstream counts them in
+/// `syncProxyRules`: `[internal, external]` per family `[IPv4, IPv6]`
+/// (a port counts in each family of its ClusterIPs, IPv4 without one).
+pub fn no_local_endpoints(views: &[ServiceView]) -> [[usize; 2]; 2] {
+    let mut n = [[0; 2]; 2];
+    for v in views {
+        let r = v.service.routing();
+        if !r.has_any_endpoints {
+            continue;
+        }
+        let missing = [
+            r.internal_local && !r.has_internal,
+            r.external_local && !r.has_external,
+        ];
+        let mut families = [false; 2];
+        for ip in &v.spec.cluster_ips {
+            families[usize::from(ip.is_ipv6())] = true;
+        }
+        if v.spec.cluster_ips.is_empty() {
+            families[0] = true;
+        }
+        for (f, _) in families.iter().enumerate().filter(|(_, on)| **on) {
+            for (p, m) in missing.iter().enumerate() {
+                n[f][p] += usize::from(*m);
+            }
+        }
+    }
+    n
+}
+
+/// Sets [`NO_LOCAL_ENDPOINTS`] from the served ports.
+pub fn set_no_local_endpoints(views: &[ServiceView]) {
+    let n = no_local_endpoints(views);
+    for (f, family) in ["IPv4", "IPv6"].into_iter().enumerate() {
+        for (p, policy) in ["internal", "external"].into_iter().enumerate() {
+            ::metrics::gauge!(NO_LOCAL_ENDPOINTS, "traffic_policy" => policy, "ip_family" => family)
+                .set(n[f][p] as f64);
+        }
+    }
 }
 
 #[cfg(test)]

@@ -127,7 +127,9 @@ impl ServicePort {
     /// Whether the port takes traffic other than ClusterIP's: a nodePort,
     /// external IPs or LB IPs (upstream's `ExternallyAccessible`).
     pub fn externally_accessible(&self) -> bool {
-        self.node_port.is_some() || !self.external_ips.is_empty() || !self.load_balancer_ips.is_empty()
+        self.node_port.is_some()
+            || !self.external_ips.is_empty()
+            || !self.load_balancer_ips.is_empty()
     }
 }
 

@@ -88,6 +88,7 @@ impl Loop {
                         );
                     }
                 }
+                metrics::set_no_local_endpoints(&self.proxier.published().load());
                 let service_changes = r.opened + r.closed + r.spec_changed;
                 ::metrics::counter!(metrics::SERVICE_CHANGES).increment(service_changes as u64);
                 ::metrics::counter!(metrics::ENDPOINT_CHANGES)

@@ -10,7 +10,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::proxy::connect::DialResult;
-use crate::proxy::ServiceView;
+use crate::proxy::{ServiceView, Traffic};
 
 /// The whole of `/debug/services`.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -106,8 +106,20 @@ pub struct ServiceStatus {
     /// Connect times observed (the `+Inf` bucket).
     #[serde(default)]
     pub connect_count: u64,
-    /// Backends.
+    /// Backends: every endpoint of the port, in any condition.
     pub endpoints: Vec<EndpointStatus>,
+    /// The endpoints (`IP:port`, `[IPv6]:port`) ClusterIP traffic goes to.
+    #[serde(default)]
+    pub internal_endpoints: Vec<String>,
+    /// The endpoints external traffic (nodePort, external IPs, LB IPs) from
+    /// outside the node goes to; empty when the port takes none. Traffic
+    /// from this node's pods or the host goes to the cluster set.
+    #[serde(default)]
+    pub external_endpoints: Vec<String>,
+    /// Why these endpoints (`zone hints (zone-a)`, `node-local`,
+    /// `terminating fallback`, `hints ignored: …`, `no endpoints`, …).
+    #[serde(default)]
+    pub endpoint_choice: String,
 }
 
 /// One backend of a service port.
@@ -158,6 +170,15 @@ pub fn collect(services: &[ServiceView], iptables: &str) -> StatusDoc {
             let s = &v.service.stats;
             let spec = &v.spec;
             let (connect_buckets, connect_count, _) = s.connect_latency.snapshot();
+            let routing = v.service.routing();
+            let used = |t: Traffic| -> Vec<String> {
+                v.service
+                    .balancer_of(t)
+                    .usable()
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect()
+            };
             let external: Vec<String> = spec
                 .external_ips
                 .iter()
@@ -227,6 +248,13 @@ pub fn collect(services: &[ServiceView], iptables: &str) -> StatusDoc {
                         connect_us: b.connect_us.load(Relaxed),
                     })
                     .collect(),
+                internal_endpoints: used(Traffic::Internal),
+                external_endpoints: if spec.externally_accessible() {
+                    used(Traffic::External)
+                } else {
+                    Vec::new()
+                },
+                endpoint_choice: routing.reason.clone(),
             }
         })
         .collect();
@@ -283,6 +311,20 @@ fn service_label(s: &ServiceStatus) -> String {
         },
     }
     name
+}
+
+/// What traffic of `s` uses the endpoint at `address`, when not all of
+/// it: ` (internal)`, ` (external)`, ` (unused)`, or nothing.
+fn endpoint_use(s: &ServiceStatus, address: &str) -> &'static str {
+    let internal = s.internal_endpoints.iter().any(|a| a == address);
+    let external = s.external_endpoints.iter().any(|a| a == address);
+    let takes_external = s.node_port.is_some() || !s.external_ips.is_empty();
+    match (internal, external || !takes_external) {
+        (true, true) => "",
+        (true, false) => " (internal)",
+        (false, true) if takes_external => " (external)",
+        _ => " (unused)",
+    }
 }
 
 /// The Sched column of a service row: `rr`, `sh sticky`, `lc pp-v2`.
@@ -371,6 +413,9 @@ pub fn render_table(doc: &StatusDoc, prev: Option<(&StatusDoc, Duration)>) -> St
                 &delta(s.bytes_out, before.map(|b| b.bytes_out)),
             ],
         );
+        if !s.endpoint_choice.is_empty() {
+            let _ = writeln!(out, "{:5}   endpoint choice: {}", "", s.endpoint_choice);
+        }
         for e in &s.endpoints {
             let eb = before.and_then(|b| b.endpoints.iter().find(|o| o.address == e.address));
             let state = if e.ejected_for_ms > 0 {
@@ -385,7 +430,7 @@ pub fn render_table(doc: &StatusDoc, prev: Option<(&StatusDoc, Duration)>) -> St
             row(
                 &mut out,
                 "",
-                &format!("  -> {}", e.address),
+                &format!("  -> {}{}", e.address, endpoint_use(s, &e.address)),
                 [
                     &state,
                     &e.active.to_string(),

@@ -168,24 +168,42 @@ async fn unbindable_node_port_is_reported_and_retried() {
     assert_eq!(read_all(localhost(taken.port())).await.unwrap(), "a");
 }
 
-/// With its own set for external traffic (`externalTrafficPolicy`), a client
-/// that dialled the listener itself (nodePort traffic, not REDIRECTed from
-/// the ClusterIP) is served from that set; without it, from the one set.
+/// `internalTrafficPolicy: Local` (upstream's `CategorizeEndpoints`):
+/// ClusterIP traffic reaches this node's endpoints only; a client that
+/// dialled the listener itself on a port with a nodePort is external
+/// traffic, served from every endpoint (`externalTrafficPolicy: Cluster`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn external_traffic_uses_the_external_endpoint_set() {
-    let internal = named_backend("internal").await;
-    let external = named_backend("external").await;
+async fn internal_policy_local_keeps_clusterip_traffic_on_this_node() {
+    let here = named_backend("here").await;
+    let there = named_backend("ther").await;
     let mut p = proxier(CopyMode::Splice);
-    let mut snap = snapshot("split", &[internal], None);
-    for e in snap.services.values_mut() {
-        e.external_endpoints = Some(vec![endpoint(external)]);
+    let split = |node_port: Option<u16>| {
+        let mut snap = snapshot("split", &[here, there], None);
+        snap.node.name = Some("n1".into());
+        for e in snap.services.values_mut() {
+            e.port.internal_local = true;
+            e.port.node_port = node_port;
+            for ep in &mut e.endpoints {
+                ep.node_name = Some(if ep.addr == here { "n1" } else { "n2" }.into());
+            }
+        }
+        recategorize(snap)
+    };
+    // ClusterIP only: every client is internal traffic.
+    let addr = serve(&mut p, &split(None), "split");
+    for _ in 0..6 {
+        assert_eq!(read_all(addr).await.unwrap(), "here");
     }
-    let addr = serve(&mut p, &snap, "split");
-    for _ in 0..5 {
-        assert_eq!(read_all(addr).await.unwrap(), "external");
+    let v = service(&p, "split");
+    assert_eq!(v.routing().reason, "node-local");
+    // With a nodePort, the listener's own port is external traffic.
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let np = free.local_addr().unwrap().port();
+    drop(free);
+    let addr = serve(&mut p, &split(Some(np)), "split");
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..6 {
+        seen.insert(read_all(addr).await.unwrap());
     }
-    let addr = serve(&mut p, &snapshot("split", &[internal], None), "split");
-    for _ in 0..5 {
-        assert_eq!(read_all(addr).await.unwrap(), "internal");
-    }
+    assert_eq!(seen, ["here".to_string(), "ther".to_string()].into());
 }

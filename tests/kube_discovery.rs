@@ -354,29 +354,29 @@ async fn traffic_policy_local_keeps_only_this_nodes_endpoints() {
     )
     .await;
     let snap = src.rx.borrow().clone();
-    let external = |k: &ServicePortName| -> Option<Vec<String>> {
-        snap.services[k]
-            .external_endpoints
-            .as_ref()
-            .map(|eps| eps.iter().map(|e| e.addr.to_string()).collect())
+    let strings = |eps: &[kube_userspace_proxy::model::Endpoint]| -> Vec<String> {
+        eps.iter().map(|e| e.addr.to_string()).collect()
     };
-    assert_eq!(addrs(&snap, &key("ns", "itp")), ["10.4.0.1:8080"]);
-    assert_eq!(external(&key("ns", "itp")), None);
+    let internal =
+        |k: &ServicePortName| strings(snap.services[k].choice.internal(&snap.services[k].port));
+    let external =
+        |k: &ServicePortName| strings(snap.services[k].choice.external(&snap.services[k].port));
+    let (here, all) = (
+        vec!["10.4.0.1:8080".to_string()],
+        vec!["10.4.0.1:8080".to_string(), "10.4.0.2:8080".to_string()],
+    );
+    assert_eq!(internal(&key("ns", "itp")), here);
+    assert_eq!(
+        external(&key("ns", "itp")),
+        Vec::<String>::new(),
+        "no external traffic"
+    );
     // eTP Local: external traffic to this node's endpoints only, ClusterIP
     // traffic to all of them, as kube-proxy.
-    assert_eq!(
-        addrs(&snap, &key("ns", "etp")),
-        ["10.4.0.1:8080", "10.4.0.2:8080"]
-    );
-    assert_eq!(
-        external(&key("ns", "etp")),
-        Some(vec!["10.4.0.1:8080".to_string()])
-    );
-    assert_eq!(
-        addrs(&snap, &key("ns", "cluster")),
-        ["10.4.0.1:8080", "10.4.0.2:8080"]
-    );
-    assert_eq!(external(&key("ns", "cluster")), None);
+    assert_eq!(internal(&key("ns", "etp")), all);
+    assert_eq!(external(&key("ns", "etp")), here);
+    assert_eq!(internal(&key("ns", "cluster")), all);
+    assert_eq!(external(&key("ns", "cluster")), all);
 }
 
 #[tokio::test]

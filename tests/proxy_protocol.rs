@@ -135,7 +135,7 @@ fn pp_snapshot(name: &str, backend: SocketAddr, v: ProxyProtocol) -> Snapshot {
     for e in snap.services.values_mut() {
         e.port.proxy_protocol = Setting::Set(v);
     }
-    snap
+    recategorize(snap)
 }
 
 /// Reads one `\n`-terminated line.

@@ -24,7 +24,7 @@ fn sched_snapshot(name: &str, endpoints: &[SocketAddr], s: Scheduler) -> Snapsho
     for e in snap.services.values_mut() {
         e.port.scheduler = Setting::Set(s);
     }
-    snap
+    recategorize(snap)
 }
 
 /// Connects to `to` from the loopback address 127.0.0.`last`: a distinct

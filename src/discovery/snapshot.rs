@@ -17,11 +17,10 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
-use super::topology::categorize;
+use super::topology;
 use crate::model::{
-    Affinity, Endpoint, NodeInfo, Protocol, ProxyProtocol, Scheduler, ServiceEntry, ServicePort,
-    ServicePortName, Setting, Snapshot, ANNOTATION_PROXY_PROTOCOL, ANNOTATION_SCHEDULER,
-    DEFAULT_AFFINITY_TIMEOUT,
+    Affinity, Endpoint, NodeInfo, Protocol, ProxyProtocol, Scheduler, ServicePort, ServicePortName,
+    Setting, Snapshot, ANNOTATION_PROXY_PROTOCOL, ANNOTATION_SCHEDULER, DEFAULT_AFFINITY_TIMEOUT,
 };
 
 /// Label joining an EndpointSlice to its Service.
@@ -114,7 +113,7 @@ pub fn build_snapshot(
 /// (the one of `nodes` named `options.node_name`, if any): services and
 /// slices that are not ours (other proxy, headless) are left out silently,
 /// and each port's endpoints are categorized for this node
-/// ([`categorize`]: traffic policies, topology hints).
+/// ([`topology::categorize`]: traffic policies, topology hints).
 pub fn build_snapshot_with(
     services: &[Sourced<Service>],
     slices: &[Sourced<EndpointSlice>],
@@ -217,16 +216,9 @@ pub fn build_snapshot_with(
         let families = ip_families(&s.object);
         for (name, port) in ports {
             let endpoints = join_endpoints(slices, &name.port_name, name.protocol, families);
-            let choice = categorize(&port, &endpoints, &snapshot.node);
             order.push((name.clone(), s.origin.clone()));
-            snapshot.services.insert(
-                name,
-                ServiceEntry {
-                    port,
-                    endpoints,
-                    choice,
-                },
-            );
+            let entry = topology::entry(port, endpoints, &snapshot.node);
+            snapshot.services.insert(name, entry);
         }
     }
     for (ns, name) in &broken {
@@ -775,26 +767,50 @@ mod tests {
             assert!(problems.is_empty(), "{problems:?}");
             let e = snap.services.into_values().next().unwrap();
             let addrs = |v: &[Endpoint]| v.iter().map(|e| e.addr.to_string()).collect::<Vec<_>>();
-            (addrs(e.choice.internal(&e.port)), addrs(e.choice.external(&e.port)))
+            (
+                addrs(e.choice.internal(&e.port)),
+                addrs(e.choice.external(&e.port)),
+            )
         };
         let strings = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-        let (all, here) = (strings(&["10.0.0.1:8080", "10.0.0.2:8080"]), strings(&["10.0.0.1:8080"]));
+        let (all, here) = (
+            strings(&["10.0.0.1:8080", "10.0.0.2:8080"]),
+            strings(&["10.0.0.1:8080"]),
+        );
         assert_eq!(choose("", Some("a")), (all.clone(), all.clone()));
-        assert_eq!(choose("internalTrafficPolicy: Local", Some("a")), (here.clone(), all.clone()));
-        assert_eq!(choose("externalTrafficPolicy: Local", Some("a")), (all.clone(), here.clone()));
         assert_eq!(
-            choose("internalTrafficPolicy: Local\n  externalTrafficPolicy: Local", Some("a")),
+            choose("internalTrafficPolicy: Local", Some("a")),
+            (here.clone(), all.clone())
+        );
+        assert_eq!(
+            choose("externalTrafficPolicy: Local", Some("a")),
+            (all.clone(), here.clone())
+        );
+        assert_eq!(
+            choose(
+                "internalTrafficPolicy: Local\n  externalTrafficPolicy: Local",
+                Some("a")
+            ),
             (here.clone(), here.clone())
         );
         // Upstream: with no node name, nothing is local.
-        assert_eq!(choose("externalTrafficPolicy: Local", None), (all, Vec::new()));
+        assert_eq!(
+            choose("externalTrafficPolicy: Local", None),
+            (all, Vec::new())
+        );
     }
 
     #[test]
     fn node_object_supplies_labels_and_pod_cidrs() {
         let node: Node = serde_saphyr::from_str("metadata: {name: n1, labels: {topology.kubernetes.io/zone: z1}}\nspec: {podCIDR: 10.244.1.0/24, podCIDRs: [10.244.1.0/24, \"fd00:1::/64\"]}\n").unwrap();
-        let other: Node = serde_saphyr::from_str("metadata: {name: n2, labels: {topology.kubernetes.io/zone: z2}}\n").unwrap();
-        let nodes = [other, node].map(|object| Sourced { origin: "t".into(), object });
+        let other: Node = serde_saphyr::from_str(
+            "metadata: {name: n2, labels: {topology.kubernetes.io/zone: z2}}\n",
+        )
+        .unwrap();
+        let nodes = [other, node].map(|object| Sourced {
+            origin: "t".into(),
+            object,
+        });
         let info = node_info(Some("n1"), &nodes);
         assert_eq!(info.zone(), Some("z1"));
         assert_eq!(info.pod_cidrs, ["10.244.1.0/24", "fd00:1::/64"]);

@@ -24,7 +24,18 @@
 //!   when `internalTrafficPolicy` is `Local`, or `externalTrafficPolicy` is
 //!   `Local` and the port has external traffic.
 
-use crate::model::{Endpoint, EndpointChoice, NodeInfo, ServicePort, Topology};
+use crate::model::{Endpoint, EndpointChoice, NodeInfo, ServiceEntry, ServicePort, Topology};
+
+/// A snapshot entry for `port` over `endpoints` (sorted and deduplicated
+/// by the caller), categorized for `node`.
+pub fn entry(port: ServicePort, endpoints: Vec<Endpoint>, node: &NodeInfo) -> ServiceEntry {
+    let choice = categorize(&port, &endpoints, node);
+    ServiceEntry {
+        port,
+        endpoints,
+        choice,
+    }
+}
 
 /// Where a set of endpoints comes from.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -411,8 +422,16 @@ mod tests {
             !all.is_empty() || c.only_remote,
             "{name}: hasAnyEndpoints"
         );
-        assert_eq!(addrs(got.internal(&port)), want(c.internal), "{name}: internal");
-        assert_eq!(addrs(got.external(&port)), want(c.external), "{name}: external");
+        assert_eq!(
+            addrs(got.internal(&port)),
+            want(c.internal),
+            "{name}: internal"
+        );
+        assert_eq!(
+            addrs(got.external(&port)),
+            want(c.external),
+            "{name}: external"
+        );
         assert_eq!(got.reason, c.reason, "{name}: reason");
     }
 

@@ -324,7 +324,11 @@ impl Balancer {
         let cur = self.set.load();
         self.set_affinity(affinity);
         let same = cur.all.len() == all.len()
-            && cur.all.iter().zip(all).all(|((e, b), (n, nb))| e == n && Arc::ptr_eq(b, nb))
+            && cur
+                .all
+                .iter()
+                .zip(all)
+                .all(|((e, b), (n, nb))| e == n && Arc::ptr_eq(b, nb))
             && cur.usable.len() == usable.len()
             && cur.usable.iter().zip(usable).all(|(b, u)| b.addr == u.addr);
         if same {
@@ -386,6 +390,11 @@ impl Balancer {
     /// Every endpoint with its conditions and live state, for status output.
     pub fn endpoints(&self) -> Vec<(Endpoint, Arc<Backend>)> {
         self.set.load().all.clone()
+    }
+
+    /// The addresses eligible for new connections.
+    pub fn usable(&self) -> Vec<SocketAddr> {
+        self.set.load().usable.iter().map(|b| b.addr).collect()
     }
 
     /// Number of endpoints eligible for new connections.

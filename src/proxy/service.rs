@@ -113,6 +113,9 @@ pub struct Service {
 pub struct Routing {
     /// `internalTrafficPolicy: Local`: ClusterIP traffic uses the local set.
     pub internal_local: bool,
+    /// The port takes external traffic (a nodePort, external IPs or LB
+    /// IPs); without it every client is internal.
+    pub externally_accessible: bool,
     /// `externalTrafficPolicy: Local` on a port with external traffic:
     /// external traffic from outside the node uses the local set.
     pub external_local: bool,
@@ -212,8 +215,9 @@ impl Service {
         if !r.internal_local && !r.external_local {
             return &self.balancer;
         }
-        let internal = proxy_protocol::original_dst(client)
-            .is_ok_and(|dst| self.cluster_ips.load().contains(&dst.ip().to_canonical()));
+        let internal = !r.externally_accessible
+            || proxy_protocol::original_dst(client)
+                .is_ok_and(|dst| self.cluster_ips.load().contains(&dst.ip().to_canonical()));
         let traffic = if internal {
             Traffic::Internal
         } else if r.external_local && origin.is_local(peer, || origin::incoming_interface(client)) {
@@ -232,11 +236,14 @@ impl Service {
         let mut backends = self.balancer.backends();
         backends.extend(self.local.backends());
         let all = Balancer::with_backends(&entry.endpoints, &backends);
-        let changed = self.balancer.install(&all, entry.choice.cluster(), affinity);
+        let changed = self
+            .balancer
+            .install(&all, entry.choice.cluster(), affinity);
         let local_changed = self.local.install(&all, entry.choice.local(), affinity);
         let (port, choice) = (&entry.port, &entry.choice);
         let routing = Routing {
             internal_local: port.internal_local,
+            externally_accessible: port.externally_accessible(),
             external_local: port.external_local && port.externally_accessible(),
             has_any_endpoints: choice.has_any_endpoints,
             has_internal: !choice.internal(port).is_empty(),
@@ -245,7 +252,11 @@ impl Service {
         };
         let old = self.routing.load_full();
         let rules_changed = (old.has_any_endpoints, old.has_internal, old.has_external)
-            != (routing.has_any_endpoints, routing.has_internal, routing.has_external);
+            != (
+                routing.has_any_endpoints,
+                routing.has_internal,
+                routing.has_external,
+            );
         let routing_changed = *old != routing;
         if routing_changed {
             self.routing.store(Arc::new(routing));

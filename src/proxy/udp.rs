@@ -37,7 +37,8 @@ use super::balancer::{now_ms, Backend};
 use super::carry::SharedFd;
 use super::connect::DialResult;
 use super::fds::FdLease;
-use super::{Context, Service};
+use super::origin::Origin;
+use super::{Context, Service, Traffic};
 
 /// Largest datagram relayed intact (the IPv4/IPv6 UDP maximum fits).
 pub const MAX_DATAGRAM: usize = 65536;
@@ -104,6 +105,8 @@ struct Session {
     client: SocketAddr,
     /// The address the client sent to, when the listener is a wildcard.
     local: Option<IpAddr>,
+    /// Which endpoint set the session draws from (and fails over within).
+    traffic: Traffic,
     conn: ArcSwap<Conn>,
     /// [`now_ms`] of the last datagram either way.
     last_active: AtomicU64,
@@ -356,6 +359,24 @@ async fn receive_loop(s: Arc<Shared>, stop: CancellationToken) {
     }
 }
 
+/// The kind of a new UDP client's traffic. NAT hides which address it
+/// dialled (`SO_ORIGINAL_DST` is TCP only), so its source decides: this
+/// node's pods and the host send ClusterIP traffic (internal), others
+/// external traffic. Exact unless `internalTrafficPolicy: Local` meets
+/// external traffic from the node, or ClusterIPs are routed from outside.
+/// The interface modes of `--detect-local-mode` are not asked here.
+fn traffic_of(service: &Service, client: IpAddr, origin: &Origin) -> Traffic {
+    let r = service.routing();
+    if !r.internal_local && !r.external_local {
+        return Traffic::Internal; // one set for all
+    }
+    if origin.is_local(client, || None) {
+        Traffic::Internal
+    } else {
+        Traffic::External
+    }
+}
+
 async fn open_session(
     s: &Arc<Shared>,
     client: SocketAddr,
@@ -373,9 +394,11 @@ async fn open_session(
         stats.sessions_dropped.fetch_add(1, Relaxed);
         return None;
     };
+    let traffic = traffic_of(&s.service, client.ip(), &s.ctx.origin);
+    let balancer = s.service.balancer_of(traffic);
     let mut tried = Vec::new();
     let conn = loop {
-        let Some(backend) = s.service.balancer.pick(client.ip(), &tried) else {
+        let Some(backend) = balancer.pick(client.ip(), &tried) else {
             stats.failed.fetch_add(1, Relaxed);
             return None;
         };
@@ -399,6 +422,7 @@ async fn open_session(
     let session = Arc::new(Session {
         client,
         local,
+        traffic,
         tried: Mutex::new(vec![conn.backend.addr]),
         conn: ArcSwap::from_pointee(conn),
         last_active: AtomicU64::new(now_ms()),
@@ -454,7 +478,7 @@ async fn failover(s: &Arc<Shared>, session: &Arc<Session>, dead: &Arc<Conn>) {
         .clone();
     let next = s
         .service
-        .balancer
+        .balancer_of(session.traffic)
         .pick(session.client.ip(), &tried)
         .filter(|b| !tried.contains(&b.addr));
     let Some(backend) = next else {

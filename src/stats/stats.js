@@ -231,6 +231,17 @@
     return ['not-ready', 'not ready'];
   }
 
+  // Which traffic uses an endpoint, when not all of it (as `status`).
+  function endpointUse(s, address) {
+    const internal = (s.internal_endpoints || []).includes(address);
+    const external = (s.external_endpoints || []).includes(address);
+    const takesExternal = Boolean(s.node_port) || s.external_ips.length > 0;
+    if (internal && (external || !takesExternal)) return '';
+    if (internal) return 'internal only';
+    if (external) return 'external only';
+    return 'unused';
+  }
+
   // Prometheus' histogram_quantile: linear within the bucket.
   function quantile(q, le, b, n) {
     if (!n) return null;
@@ -279,6 +290,7 @@
       s.proxy_protocol && s.proxy_protocol !== 'off' ? ['proxy-protocol', `PROXY ${s.proxy_protocol}`] : null,
       s.external_ips.length ? ['external', `external ${s.external_ips.join(' ')}`] : null,
       ['rules', s.rules ? 'rules in place' : 'no rules'],
+      s.endpoint_choice ? ['choice', `endpoints: ${s.endpoint_choice}`] : null,
     ].filter(Boolean);
     const tagText = tags.map((t) => t.join('=')).join('|');
     if (tagText !== card.tagText) {
@@ -302,6 +314,8 @@
       r.row.dataset.leftMs = String(e.ejected_for_ms);
       const badge = el('span', 'badge', label);
       const extra = [`${e.active} open`];
+      const use = endpointUse(s, e.address);
+      if (use) extra.push(use);
       if (e.ejections) extra.push(`${e.ejections} ejections`);
       if (e.connect_us) extra.push(`~${ms(e.connect_us / 1e6)}`);
       r.state.replaceChildren(badge, document.createTextNode(' ' + extra.join(' · ')));

@@ -241,6 +241,17 @@ pub fn svc_name(name: &str) -> ServicePortName {
     }
 }
 
+/// Categorizes every entry again for the snapshot's node, as discovery
+/// does: call it after a test changed an entry's spec or endpoints.
+pub fn recategorize(mut snap: Snapshot) -> Snapshot {
+    for e in snap.services.values_mut() {
+        let port = std::mem::take(&mut e.port);
+        let endpoints = std::mem::take(&mut e.endpoints);
+        *e = kube_userspace_proxy::discovery::topology::entry(port, endpoints, &snap.node);
+    }
+    snap
+}
+
 /// A snapshot with one TCP service port `name` over `endpoints`.
 pub fn snapshot(name: &str, endpoints: &[SocketAddr], affinity: Option<Affinity>) -> Snapshot {
     let mut services = BTreeMap::new();
@@ -260,10 +271,13 @@ pub fn snapshot(name: &str, endpoints: &[SocketAddr], affinity: Option<Affinity>
                 proxy_protocol: Default::default(),
             },
             endpoints: endpoints.iter().copied().map(endpoint).collect(),
-            external_endpoints: None,
+            choice: Default::default(),
         },
     );
-    Snapshot { services }
+    recategorize(Snapshot {
+        services,
+        ..Snapshot::default()
+    })
 }
 
 /// A proxier on 127.0.0.1 with fast dial timeouts.
@@ -402,7 +416,10 @@ pub fn udp_snapshot(name: &str, endpoints: &[SocketAddr]) -> Snapshot {
         .into_values()
         .map(|e| (udp_name(name), e))
         .collect();
-    Snapshot { services }
+    Snapshot {
+        services,
+        ..Snapshot::default()
+    }
 }
 
 /// A UDP backend answering every datagram with `name` + ":" + the datagram.
