@@ -316,6 +316,9 @@ fn service_label(s: &ServiceStatus) -> String {
 /// What traffic of `s` uses the endpoint at `address`, when not all of
 /// it: ` (internal)`, ` (external)`, ` (unused)`, or nothing.
 fn endpoint_use(s: &ServiceStatus, address: &str) -> &'static str {
+    if s.endpoint_choice.is_empty() {
+        return ""; // a document from before the choice was shown
+    }
     let internal = s.internal_endpoints.iter().any(|a| a == address);
     let external = s.external_endpoints.iter().any(|a| a == address);
     let takes_external = s.node_port.is_some() || !s.external_ips.is_empty();

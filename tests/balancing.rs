@@ -131,16 +131,43 @@ async fn endpoint_updates_apply_without_dropping_open_connections() {
     }
 }
 
+/// No endpoint anywhere: the listener stops listening, so the kernel
+/// refuses clients as upstream's REJECT does; endpoints coming back make
+/// it listen again on the same port.
 #[tokio::test]
-async fn no_endpoints_resets_the_client() {
+async fn no_endpoints_refuses_the_client_until_endpoints_come() {
     let mut p = proxier(CopyMode::Splice);
     let addr = serve(&mut p, &snapshot("empty", &[], None), "empty");
+    for _ in 0..3 {
+        let e = read_all(addr).await.unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused);
+    }
+    assert_eq!(service(&p, "empty").routing().reason, "no endpoints");
+    let backend = named_backend("back").await;
+    assert_eq!(
+        serve(&mut p, &snapshot("empty", &[backend], None), "empty"),
+        addr
+    );
+    for _ in 0..3 {
+        assert_eq!(read_all(addr).await.unwrap(), "back");
+    }
+    p.sync(&snapshot("empty", &[], None));
+    let e = read_all(addr).await.unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused);
+}
+
+/// Every endpoint dead (but present): clients are accepted, every dial
+/// fails, and the client is reset, counted as failed.
+#[tokio::test]
+async fn dead_endpoints_reset_the_client() {
+    let mut p = proxier(CopyMode::Splice);
+    let addr = serve(&mut p, &snapshot("dead", &[refusing_addr()], None), "dead");
     let r = read_all(addr).await;
     match r {
         Ok(s) => assert!(s.is_empty()),
         Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset),
     }
-    let svc = service(&p, "empty");
+    let svc = service(&p, "dead");
     assert!(
         eventually(Duration::from_secs(2), || svc.stats.failed.load(Relaxed)
             == 1)

@@ -762,8 +762,13 @@ mod tests {
                 node_name: node.map(String::from),
                 ..Options::default()
             };
-            let (snap, problems) =
-                build_snapshot_with(&[s], &[slice.clone()], &[], &Snapshot::default(), &options);
+            let (snap, problems) = build_snapshot_with(
+                &[s],
+                std::slice::from_ref(&slice),
+                &[],
+                &Snapshot::default(),
+                &options,
+            );
             assert!(problems.is_empty(), "{problems:?}");
             let e = snap.services.into_values().next().unwrap();
             let addrs = |v: &[Endpoint]| v.iter().map(|e| e.addr.to_string()).collect::<Vec<_>>();
