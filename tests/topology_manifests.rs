@@ -8,14 +8,18 @@
 use kube_userspace_proxy::discovery::{build_snapshot_with, Options, Sourced};
 use kube_userspace_proxy::model::Snapshot;
 
+use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+
+/// The objects of one case, by kind.
+type Objects = (
+    Vec<Sourced<Service>>,
+    Vec<Sourced<EndpointSlice>>,
+    Vec<Sourced<Node>>,
+);
+
 /// Splits YAML documents into the three kinds.
-fn objects(
-    yaml: &str,
-) -> (
-    Vec<Sourced<k8s_openapi::api::core::v1::Service>>,
-    Vec<Sourced<k8s_openapi::api::discovery::v1::EndpointSlice>>,
-    Vec<Sourced<k8s_openapi::api::core::v1::Node>>,
-) {
+fn objects(yaml: &str) -> Objects {
     let (mut svcs, mut slices, mut nodes) = (Vec::new(), Vec::new(), Vec::new());
     for (i, doc) in yaml.split("\n---\n").enumerate() {
         let origin = format!("case doc {i}");
