@@ -88,6 +88,12 @@ impl Config {
         Ok(())
     }
 
+    /// Whether the mode tells pods by their interface (listeners then
+    /// record each connection's incoming interface).
+    pub fn needs_interface(&self) -> bool {
+        matches!(self.mode, Mode::BridgeInterface | Mode::InterfaceNamePrefix)
+    }
+
     /// The detector in force for this node (`pod_cidrs`: its Node's
     /// `spec.podCIDRs`, for `NodeCIDR`; unparsable ones are skipped).
     pub fn detector(&self, pod_cidrs: &[String]) -> Detector {

@@ -272,7 +272,7 @@ impl Group {
     /// Registers `socket` with runtime `rt` and starts its accept loop.
     fn add(self: &Arc<Self>, socket: std::net::TcpListener, rt: usize) -> io::Result<()> {
         set_keepalive(&socket, self.ctx.config.tcp_keepalive.as_ref())?;
-        if self.ctx.config.detect_local.detector(&[]).needs_interface() {
+        if self.ctx.config.detect_local.needs_interface() {
             origin::record_interface(&socket, self.local.is_ipv6())?;
         }
         let socket = socket2::Socket::from(socket);
