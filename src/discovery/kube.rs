@@ -1,11 +1,17 @@
 //! Discovery from the Kubernetes API: `v1 Service` and
 //! `discovery.k8s.io/v1 EndpointSlice` listed and watched cluster-wide by
-//! [`list_watch`], joined by [`build_snapshot_with`].
+//! [`list_watch`], and this node's `v1 Node` (field selector
+//! `metadata.name=NODE`, as upstream kube-proxy's node informer), joined by
+//! [`build_snapshot_with`].
 //!
 //! Invariants:
-//! - Nothing is published before the first complete list of *both* kinds
+//! - Nothing is published before the first complete list of *every* kind
 //!   ([`spawn`] returns only then), so the proxier never starts from half a
-//!   cluster and `/readyz` stays 503 until then.
+//!   cluster and `/readyz` stays 503 until then. The Node list is quick
+//!   even when it is empty (no Node of that name: no labels); with no node
+//!   name there is no Node loop; a Node list the API forbids (403, RBAC
+//!   without `nodes`) is warned about once ([`NODES_FORBIDDEN`]) and counts
+//!   as empty, so Services are served without node labels.
 //! - A relist (watch expiry with 410 Gone, a resource version ahead of a
 //!   restored or fresh store, versions going backwards: see
 //!   [`list_watch`]) replaces a kind's objects atomically when its list is
@@ -26,7 +32,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::watcher::Event;
@@ -36,7 +42,7 @@ use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::list_watch;
+use super::list_watch::{self, Target};
 use super::raw::{ObjectKey, Raw};
 use super::snapshot::{build_snapshot_with, Options, Sourced};
 use crate::model::Snapshot;
@@ -48,6 +54,11 @@ pub const DEBOUNCE: Duration = Duration::from_millis(100);
 
 /// Longest a change waits under a steady stream of events.
 pub const MAX_DELAY: Duration = Duration::from_secs(1);
+
+/// The warning logged (once) when the API forbids listing or watching
+/// this node's Node object: Services are still served, without node labels.
+pub const NODES_FORBIDDEN: &str = "nodes: list/watch forbidden; topology hints and NodeCIDR need it \
+     (grant get, list, watch on nodes, as deploy/clusterrole.yaml does); serving without node labels";
 
 /// Environment variable set in every pod: its presence means in-cluster
 /// configuration is available.
@@ -190,6 +201,16 @@ impl Trim for EndpointSlice {
     }
 }
 
+impl Trim for Node {
+    /// Only labels and `spec.podCIDR(s)` are read: the status (images,
+    /// conditions, heartbeats) goes too.
+    fn trim(&mut self) {
+        self.metadata.managed_fields = None;
+        self.metadata.annotations = None;
+        self.status = None;
+    }
+}
+
 impl<K: DeserializeOwned + Clone + Trim> Store<K> {
     /// An empty, not yet synced store of `kind`.
     pub fn new(kind: &'static str) -> Self {
@@ -274,8 +295,9 @@ impl<K: DeserializeOwned + Clone + Trim> Store<K> {
 
 // === the source ===
 
-/// Starts watching and returns once the first complete snapshot (both kinds
-/// listed) is published; keeps publishing until `cancel` fires. While the
+/// Starts watching and returns once the first complete snapshot (every kind
+/// listed: Services, EndpointSlices and, when `options.node_name` is set,
+/// this node's Node) is published; keeps publishing until `cancel` fires. While the
 /// API server is unreachable it retries with back-off and does not return:
 /// callers select on their own stop signal (or cancel).
 pub async fn spawn(
@@ -288,6 +310,7 @@ pub async fn spawn(
     let source = KubeSource {
         services: Store::new("Service"),
         slices: Store::new("EndpointSlice"),
+        nodes: options.node_name.is_some().then(|| Store::new("Node")),
         options,
         last: Snapshot::default(),
         reported: BTreeSet::new(),
@@ -308,6 +331,8 @@ pub async fn spawn(
 struct KubeSource {
     services: Store<Service>,
     slices: Store<EndpointSlice>,
+    /// This node's Node (at most one object); `None` without a node name.
+    nodes: Option<Store<Node>>,
     options: Options,
     /// The last snapshot built, for build_snapshot's last-good-state.
     last: Snapshot,
@@ -321,14 +346,21 @@ impl KubeSource {
     async fn run(mut self, client: Client, cancel: CancellationToken) {
         let mut services = list_watch::spawn(
             Api::<Raw<Service>>::all(client.clone()),
-            "Service",
+            Target::all("Service"),
             cancel.clone(),
         );
         let mut slices = list_watch::spawn(
-            Api::<Raw<EndpointSlice>>::all(client),
-            "EndpointSlice",
+            Api::<Raw<EndpointSlice>>::all(client.clone()),
+            Target::all("EndpointSlice"),
             cancel.clone(),
         );
+        let mut nodes = self.options.node_name.as_ref().map(|name| {
+            list_watch::spawn(
+                Api::<Raw<Node>>::all(client),
+                node_target(name),
+                cancel.clone(),
+            )
+        });
         // (first unpublished change, latest change)
         let mut pending: Option<(Instant, Instant)> = None;
         let far = Instant::now() + Duration::from_secs(86400 * 365);
@@ -340,10 +372,13 @@ impl KubeSource {
                 _ = cancel.cancelled() => return,
                 Some(ev) = services.recv() => self.services.apply(ev),
                 Some(ev) = slices.recv() => self.slices.apply(ev),
+                Some(ev) = recv_some(&mut nodes) => {
+                    self.nodes.as_mut().is_some_and(|n| n.apply(ev))
+                }
                 _ = tokio::time::sleep_until(deadline), if pending.is_some() => {
-                    // Before both first lists are complete nothing is
-                    // published; the second one's InitDone re-arms.
-                    if self.services.synced() && self.slices.synced() {
+                    // Before every first list is complete nothing is
+                    // published; the last one's InitDone re-arms.
+                    if self.synced() {
                         self.publish();
                     }
                     pending = None;
@@ -356,6 +391,13 @@ impl KubeSource {
                 pending = Some(pending.map_or((now, now), |(first, _)| (first, now)));
             }
         }
+    }
+
+    /// Every kind has had a complete first list.
+    fn synced(&self) -> bool {
+        self.services.synced()
+            && self.slices.synced()
+            && self.nodes.as_ref().is_none_or(Store::synced)
     }
 
     fn publish(&mut self) {
@@ -376,8 +418,17 @@ impl KubeSource {
                 object: s.clone(),
             })
             .collect();
+        let nodes: Vec<Sourced<Node>> = self
+            .nodes
+            .iter()
+            .flat_map(Store::objects)
+            .map(|n| Sourced {
+                origin: origin(),
+                object: n.clone(),
+            })
+            .collect();
         let (snapshot, problems) =
-            build_snapshot_with(&services, &slices, &[], &self.last, &self.options);
+            build_snapshot_with(&services, &slices, &nodes, &self.last, &self.options);
         let now: BTreeSet<String> = problems.iter().map(|p| p.to_string()).collect();
         for p in &problems {
             if !self.reported.contains(&p.to_string()) {
@@ -404,13 +455,32 @@ impl KubeSource {
             tracing::info!(
                 services = services.len(),
                 endpointslices = slices.len(),
+                node = nodes.len(),
                 service_ports = count,
-                "first list of services and endpointslices complete"
+                "first list of services, endpointslices and this node complete"
             );
             let _ = first.send(());
         } else if changed {
             tracing::debug!(service_ports = count, "snapshot published");
         }
+    }
+}
+
+/// The Node loop's target: this node only (`metadata.name=NAME`), and
+/// optional ([`NODES_FORBIDDEN`]).
+fn node_target(name: &str) -> Target {
+    Target {
+        kind: "Node",
+        field_selector: Some(format!("metadata.name={name}")),
+        if_forbidden: Some(NODES_FORBIDDEN),
+    }
+}
+
+/// The next event of an optional loop; never ready without one.
+async fn recv_some<T>(rx: &mut Option<tokio::sync::mpsc::Receiver<T>>) -> Option<T> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
     }
 }
 
@@ -465,6 +535,36 @@ mod tests {
         s.apply(Event::Init);
         s.apply(Event::InitDone);
         assert_eq!(s.objects().count(), 0);
+    }
+
+    #[test]
+    fn the_node_loop_selects_this_node_only_is_optional_and_drops_status() {
+        let t = node_target("node-a");
+        assert_eq!(t.kind, "Node");
+        assert_eq!(t.field_selector.as_deref(), Some("metadata.name=node-a"));
+        assert_eq!(t.if_forbidden, Some(NODES_FORBIDDEN));
+        assert!(NODES_FORBIDDEN
+            .starts_with("nodes: list/watch forbidden; topology hints and NodeCIDR need it"));
+
+        let mut s = Store::<Node>::new("Node");
+        s.apply(Event::Init);
+        s.apply(Event::InitApply(Raw::new(serde_json::json!({
+            "metadata": {"name": "node-a", "labels": {"topology.kubernetes.io/zone": "z"},
+                "annotations": {"a": "b"}},
+            "spec": {"podCIDRs": ["10.244.0.0/24"]},
+            "status": {"conditions": [{"type": "Ready", "status": "True"}]}
+        }))));
+        assert!(s.apply(Event::InitDone));
+        let n = s.objects().next().unwrap();
+        assert!(n.status.is_none() && n.metadata.annotations.is_none());
+        assert_eq!(
+            n.metadata.labels.as_ref().unwrap()["topology.kubernetes.io/zone"],
+            "z"
+        );
+        assert_eq!(
+            n.spec.as_ref().unwrap().pod_cidrs.as_ref().unwrap()[0],
+            "10.244.0.0/24"
+        );
     }
 
     #[test]

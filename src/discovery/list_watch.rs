@@ -31,6 +31,12 @@
 //!
 //! Other failures are retried from the same version after a [`Retry`]
 //! back-off.
+//!
+//! A [`Target`] may restrict the kind with a field selector (this node's
+//! `Node`: `metadata.name=NODE`, on every list, watch and probe) and may be
+//! optional: a 403 on an optional kind is warned about once, its first list
+//! counts as complete and empty, and the loop keeps retrying at the
+//! back-off's pace, so permissions granted later are picked up.
 
 use std::future::Future;
 use std::time::Duration;
@@ -132,17 +138,73 @@ fn unusable_error(e: &kube::Error) -> Option<(Unusable, String)> {
     }
 }
 
+/// Whether the API refused the request for lack of permission (403).
+fn forbidden(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(s) if s.code == 403)
+}
+
+/// What one loop lists and watches.
+#[derive(Clone, Debug, Default)]
+pub struct Target {
+    /// The kind, in logs and in the `kind` label of the discovery metrics.
+    pub kind: &'static str,
+    /// `fieldSelector` of every list, watch and probe, e.g.
+    /// `metadata.name=node-a`; `None` selects every object.
+    pub field_selector: Option<String>,
+    /// Set for a kind the proxy can do without: when the API forbids
+    /// listing or watching it (403), this warning is logged once (naming
+    /// the missing permission), the first list counts as complete and
+    /// empty, and the loop keeps retrying with back-off. `None`: a 403 is
+    /// retried like any other error and the first list waits for it.
+    pub if_forbidden: Option<&'static str>,
+}
+
+impl Target {
+    /// Every object of `kind`, required.
+    pub fn all(kind: &'static str) -> Self {
+        Self {
+            kind,
+            ..Self::default()
+        }
+    }
+}
+
+/// A failed list: why, and whether it was a 403.
+struct ListError {
+    message: String,
+    forbidden: bool,
+}
+
+impl From<kube::Error> for ListError {
+    fn from(e: kube::Error) -> Self {
+        Self {
+            forbidden: forbidden(&e),
+            message: e.to_string(),
+        }
+    }
+}
+
+impl From<&str> for ListError {
+    fn from(message: &str) -> Self {
+        Self {
+            message: message.into(),
+            forbidden: false,
+        }
+    }
+}
+
 /// A resource version as a number, when it is one.
 fn numeric(rv: &str) -> Option<u64> {
     rv.parse().ok()
 }
 
-/// Starts the loop for the objects of `api`; events arrive on the returned
-/// channel until `cancel` fires. Errors are logged and counted here (by
-/// `kind`) and retried; the consumer sees only events.
+/// Starts the loop for the objects of `api` that `target` selects; events
+/// arrive on the returned channel until `cancel` fires. Errors are logged
+/// and counted here (by `target.kind`) and retried; the consumer sees only
+/// events.
 pub fn spawn<K>(
     api: Api<Raw<K>>,
-    kind: &'static str,
+    target: Target,
     cancel: CancellationToken,
 ) -> mpsc::Receiver<Event<Raw<K>>>
 where
@@ -152,7 +214,11 @@ where
     let (tx, rx) = mpsc::channel(CHANNEL);
     let lw = ListWatch {
         api,
-        kind,
+        kind: target.kind,
+        field_selector: target.field_selector,
+        if_forbidden: target.if_forbidden,
+        warned_forbidden: false,
+        listed: false,
         tx,
         high: None,
         retry: Retry::default(),
@@ -171,6 +237,13 @@ where
 struct ListWatch<K> {
     api: Api<Raw<K>>,
     kind: &'static str,
+    field_selector: Option<String>,
+    /// The warning of an optional kind forbidden to us ([`Target`]).
+    if_forbidden: Option<&'static str>,
+    /// The forbidden warning was logged since the last success.
+    warned_forbidden: bool,
+    /// A list (or, for an optional kind, a forbidden one) was delivered.
+    listed: bool,
     tx: mpsc::Sender<Event<Raw<K>>>,
     /// Highest numeric version this kind's store has reported; `None` after
     /// a relist forced by a version ahead of the store, until the next list.
@@ -193,6 +266,9 @@ enum End {
     Early,
     /// Failed: back off, re-watch and probe.
     Failed(String),
+    /// An optional kind's watch is forbidden (already warned): back off,
+    /// re-watch and probe.
+    Forbidden,
     /// The version is unusable: relist (already logged and counted).
     Relist,
     /// The consumer is gone.
@@ -272,6 +348,10 @@ where
                         tokio::time::sleep(self.next_delay()).await;
                         probe = true;
                     }
+                    End::Forbidden => {
+                        tokio::time::sleep(self.next_delay()).await;
+                        probe = true;
+                    }
                     End::Relist => {
                         // The first at once (client-go retries at once too).
                         if !self.progressed {
@@ -293,6 +373,20 @@ where
 
     fn failed(&self, what: &str, error: &str) {
         tracing::warn!(kind = self.kind, %error, "{what} failed; retrying with back-off");
+        ::metrics::counter!(crate::metrics::DISCOVERY_WATCH_ERRORS, "kind" => self.kind)
+            .increment(1);
+    }
+
+    /// An optional kind refused with 403: the warning once (until the
+    /// next success), the error counted every time.
+    fn forbidden(&mut self, what: &str, error: &str) {
+        let warning = self.if_forbidden.unwrap_or("forbidden");
+        if self.warned_forbidden {
+            tracing::debug!(kind = self.kind, %error, "{what} still forbidden; retrying with back-off");
+        } else {
+            tracing::warn!(kind = self.kind, %error, "{warning}");
+            self.warned_forbidden = true;
+        }
         ::metrics::counter!(crate::metrics::DISCOVERY_WATCH_ERRORS, "kind" => self.kind)
             .increment(1);
     }
@@ -379,26 +473,41 @@ where
                     if !self.send(Event::InitDone).await {
                         return None;
                     }
+                    self.listed = true;
+                    self.warned_forbidden = false;
                     return Some(rv);
                 }
                 Ok(None) => return None,
+                Err(error) if error.forbidden && self.if_forbidden.is_some() => {
+                    self.forbidden("list", &error.message);
+                    // The first time, an empty list: nothing to wait for.
+                    // Later, what was listed before stays (no InitDone).
+                    if !self.listed {
+                        if !self.send(Event::InitDone).await {
+                            return None;
+                        }
+                        self.listed = true;
+                    }
+                    tokio::time::sleep(self.next_delay()).await;
+                }
                 Err(error) => {
-                    self.failed("list", &error);
+                    self.failed("list", &error.message);
                     tokio::time::sleep(self.next_delay()).await;
                 }
             }
         }
     }
 
-    async fn list_pages(&mut self) -> Result<Option<String>, String> {
+    async fn list_pages(&mut self) -> Result<Option<String>, ListError> {
         let mut continue_token = None;
         loop {
             let lp = ListParams {
                 limit: Some(PAGE_SIZE),
                 continue_token: continue_token.take(),
+                field_selector: self.field_selector.clone(),
                 ..ListParams::default()
             };
-            let page = self.api.list(&lp).await.map_err(|e| e.to_string())?;
+            let page = self.api.list(&lp).await?;
             for item in page.items {
                 if !self.send(Event::InitApply(item)).await {
                     return Ok(None);
@@ -428,6 +537,7 @@ where
     async fn probe(&self) -> Option<String> {
         let lp = ListParams {
             limit: Some(1),
+            field_selector: self.field_selector.clone(),
             ..ListParams::default()
         };
         match self.api.list(&lp).await {
@@ -466,6 +576,7 @@ where
         let wp = WatchParams {
             bookmarks: true,
             timeout: Some(WATCH_TIMEOUT.as_secs() as u32),
+            field_selector: self.field_selector.clone(),
             ..WatchParams::default()
         };
         let opened = Instant::now();
@@ -481,6 +592,10 @@ where
                 if let Some((why, message)) = unusable_error(&e) {
                     self.relisting(why, rv, &message);
                     return End::Relist;
+                }
+                if forbidden(&e) && self.if_forbidden.is_some() {
+                    self.forbidden("watch", &e.to_string());
+                    return End::Forbidden;
                 }
                 return End::Failed(format!("starting the watch: {e}"));
             }
