@@ -18,8 +18,8 @@ use crate::{metrics, privileges, raise_fd_limit, shutdown_signal, ConfigError};
 
 /// Where snapshots come from, as the flags and environment choose.
 enum Source {
-    /// `--manifests DIR`, or the embedded examples.
-    Manifests(manifests::Source),
+    /// `--manifests DIR`, or the embedded examples, with this node's options.
+    Manifests(manifests::Source, discovery::Options),
     /// The Kubernetes API, with this node's options.
     Kube(Box<::kube::Client>, discovery::Options),
 }
@@ -32,7 +32,10 @@ async fn discovery_source(args: &RunArgs) -> Result<Source, ConfigError> {
             "--manifests {}: not a directory",
             dir.display()
         ))),
-        Some(dir) => Ok(Source::Manifests(manifests::Source::Dir(dir.clone()))),
+        Some(dir) => Ok(Source::Manifests(
+            manifests::Source::Dir(dir.clone()),
+            discovery_options(args),
+        )),
         None if discovery::kube::configured(args.kubeconfig.as_deref(), args.master.as_deref()) => {
             let config =
                 discovery::kube::config(args.kubeconfig.as_deref(), args.master.as_deref())
@@ -42,12 +45,16 @@ async fn discovery_source(args: &RunArgs) -> Result<Source, ConfigError> {
             let client = discovery::kube::client(config).map_err(|e| ConfigError(e.to_string()))?;
             Ok(Source::Kube(Box::new(client), discovery_options(args)))
         }
-        None => Ok(Source::Manifests(manifests::Source::Embedded)),
+        None => Ok(Source::Manifests(
+            manifests::Source::Embedded,
+            discovery_options(args),
+        )),
     }
 }
 
 /// Node name and proxy name, as kube-proxy takes them: `--hostname-override`
-/// or the hostname, lower-cased.
+/// or the hostname, lower-cased. Both sources use them: the node name
+/// picks this node's Node (labels, pod CIDRs) and its endpoints.
 fn discovery_options(args: &RunArgs) -> discovery::Options {
     let node_name = args
         .hostname_override
@@ -135,7 +142,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             "connection limit: what the fd limit leaves, lowered as Service ports need listeners"
         ),
     }
-    if matches!(source, Source::Manifests(manifests::Source::Embedded)) {
+    if matches!(source, Source::Manifests(manifests::Source::Embedded, _)) {
         tracing::info!("no --manifests and no cluster: serving the embedded example manifests");
     }
     // Before binding anything: a running predecessor hands its listeners over.
@@ -246,9 +253,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     let stop_discovery = CancellationToken::new();
     let snapshots = match source {
-        Source::Manifests(source) => manifests::spawn(source, stop_discovery.clone())
-            .await
-            .map_err(|e| ConfigError(e.to_string()))?,
+        Source::Manifests(source, options) => {
+            manifests::spawn_with(source, options, stop_discovery.clone())
+                .await
+                .map_err(|e| ConfigError(e.to_string()))?
+        }
         Source::Kube(client, options) => {
             // The admin servers already answer: /readyz is 503 until the
             // first complete list is applied.
@@ -434,9 +443,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
 /// `rules`: prints the payload for the discovery source, changes nothing.
 pub async fn rules(args: RunArgs) -> anyhow::Result<()> {
     let snapshot = match discovery_source(&args).await? {
-        Source::Manifests(source) => {
+        Source::Manifests(source, options) => {
             let (snapshot, problems) =
-                manifests::load(&source).map_err(|e| ConfigError(e.to_string()))?;
+                manifests::load_with(&source, &options).map_err(|e| ConfigError(e.to_string()))?;
             for p in &problems {
                 tracing::warn!("skipped: {p}");
             }

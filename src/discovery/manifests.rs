@@ -6,6 +6,14 @@
 //! Documents are parsed one by one, so a broken one costs only itself.
 //! The directory is polled: a change is published within [`POLL_INTERVAL`].
 //!
+//! Besides `v1 Service` and `discovery.k8s.io/v1 EndpointSlice`, `v1 Node`
+//! documents are read: the one named like this node (`--hostname-override`,
+//! else the hostname: [`Options::node_name`]) gives the snapshot its labels
+//! and pod CIDRs, as the API source's Node does; others are ignored. The
+//! snapshot is built with the node's [`Options`] (traffic policies,
+//! `--service-proxy-name`) as in the API source ([`spawn_with`],
+//! [`load_with`], [`parse_with`]).
+//!
 //! Hostile input is bounded: reading, parsing and snapshot building run on
 //! a thread of their own (see [`spawn`]), a file over [`MAX_FILE_BYTES`] or
 //! past [`MAX_TOTAL_BYTES`] is not parsed, a document nested deeper than
@@ -20,13 +28,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde_json::Value;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use super::snapshot::{build_snapshot, Problem, Sourced};
+use super::snapshot::{build_snapshot_with, Options, Problem, Sourced};
 use crate::model::Snapshot;
 
 /// How often the directory is re-read for changes (a change applies within
@@ -222,6 +230,8 @@ fn documents(text: &str) -> Vec<(usize, String)> {
 struct Objects {
     services: Vec<Sourced<Service>>,
     slices: Vec<Sourced<EndpointSlice>>,
+    /// Every Node document; the snapshot uses the one named like this node.
+    nodes: Vec<Sourced<Node>>,
     problems: Vec<Problem>,
 }
 
@@ -291,6 +301,18 @@ impl Objects {
                     message,
                 }),
             },
+            ("v1", "Node") => match typed::<Node>(v.clone()) {
+                Ok(object) => self.nodes.push(Sourced {
+                    origin: origin.into(),
+                    object,
+                }),
+                Err((field, message)) => self.problems.push(Problem {
+                    origin: origin.into(),
+                    object: node_name(&v),
+                    field,
+                    message,
+                }),
+            },
             ("", _) | (_, "") => self.problems.push(Problem {
                 origin: origin.into(),
                 object: object(),
@@ -305,6 +327,15 @@ impl Objects {
             ),
         }
     }
+}
+
+/// `Node NAME`: Nodes have no namespace.
+fn node_name(v: &Value) -> String {
+    let name = v
+        .get("metadata")
+        .and_then(|m| m.get("name"))
+        .and_then(Value::as_str);
+    format!("Node {}", name.unwrap_or("<unnamed>"))
 }
 
 /// Parses one YAML document within the budgets ([`MAX_DEPTH`], and the
@@ -374,7 +405,19 @@ pub struct LastGood {
 
 /// Parses a set of files into a snapshot; never fails, problems are returned.
 /// A file with an unparseable document is replaced by its last good text.
+/// Default [`Options`]: no node (every endpoint kept, no node labels).
 pub fn parse(files: &[(String, String)], last: &mut LastGood) -> (Snapshot, Vec<Problem>) {
+    parse_with(files, last, &Options::default())
+}
+
+/// [`parse`] for this node: `options` as in the API source (the Node
+/// document named `options.node_name` gives its labels and pod CIDRs,
+/// traffic policies keep its endpoints, `--service-proxy-name`).
+pub fn parse_with(
+    files: &[(String, String)],
+    last: &mut LastGood,
+    options: &Options,
+) -> (Snapshot, Vec<Problem>) {
     let mut objects = Objects::default();
     for (name, text) in files {
         let mut file_objects = Objects::default();
@@ -389,11 +432,17 @@ pub fn parse(files: &[(String, String)], last: &mut LastGood) -> (Snapshot, Vec<
         }
         objects.services.append(&mut file_objects.services);
         objects.slices.append(&mut file_objects.slices);
+        objects.nodes.append(&mut file_objects.nodes);
         objects.problems.append(&mut file_objects.problems);
     }
     last.files.retain(|n, _| files.iter().any(|(f, _)| f == n));
-    let (snapshot, mut problems) =
-        build_snapshot(&objects.services, &objects.slices, &last.snapshot);
+    let (snapshot, mut problems) = build_snapshot_with(
+        &objects.services,
+        &objects.slices,
+        &objects.nodes,
+        &last.snapshot,
+        options,
+    );
     objects.problems.append(&mut problems);
     last.snapshot = snapshot.clone();
     (snapshot, objects.problems)
@@ -401,7 +450,7 @@ pub fn parse(files: &[(String, String)], last: &mut LastGood) -> (Snapshot, Vec<
 
 /// [`parse`] of one pass over the source: files rejected by a size limit
 /// are parsed from their last good text, if they had one.
-fn parse_read(read: &Read, last: &mut LastGood) -> (Snapshot, Vec<Problem>) {
+fn parse_read(read: &Read, last: &mut LastGood, options: &Options) -> (Snapshot, Vec<Problem>) {
     let mut files = read.files.clone();
     for name in &read.rejected {
         if let Some(good) = last.files.get(name) {
@@ -410,16 +459,22 @@ fn parse_read(read: &Read, last: &mut LastGood) -> (Snapshot, Vec<Problem>) {
         }
     }
     files.sort_by(|a, b| a.0.cmp(&b.0));
-    let (snapshot, mut problems) = parse(&files, last);
+    let (snapshot, mut problems) = parse_with(&files, last, options);
     let mut all = read.problems.clone();
     all.append(&mut problems);
     (snapshot, all)
 }
 
-/// Reads and parses the source once, on the calling thread (blocking).
+/// Reads and parses the source once, on the calling thread (blocking),
+/// with default [`Options`] (no node).
 pub fn load(source: &Source) -> Result<(Snapshot, Vec<Problem>), Error> {
+    load_with(source, &Options::default())
+}
+
+/// [`load`] for this node ([`parse_with`]).
+pub fn load_with(source: &Source, options: &Options) -> Result<(Snapshot, Vec<Problem>), Error> {
     let read = source.read()?;
-    Ok(parse_read(&read, &mut LastGood::default()))
+    Ok(parse_read(&read, &mut LastGood::default(), options))
 }
 
 fn fingerprint(read: &Read) -> u64 {
@@ -451,15 +506,25 @@ type First = Result<watch::Receiver<Arc<Snapshot>>, Error>;
 ///
 /// Reading, parsing and building snapshots all run on a thread of their
 /// own (`kusp-manifests`), never on a runtime worker: however long a file
-/// takes, accepting and moving bytes go on.
+/// takes, accepting and moving bytes go on. Default [`Options`] (no node).
 pub async fn spawn(
     source: Source,
+    cancel: CancellationToken,
+) -> Result<watch::Receiver<Arc<Snapshot>>, Error> {
+    spawn_with(source, Options::default(), cancel).await
+}
+
+/// [`spawn`] for this node: snapshots are built with `options`
+/// ([`parse_with`]).
+pub async fn spawn_with(
+    source: Source,
+    options: Options,
     cancel: CancellationToken,
 ) -> Result<watch::Receiver<Arc<Snapshot>>, Error> {
     let (first_tx, first_rx) = tokio::sync::oneshot::channel::<First>();
     std::thread::Builder::new()
         .name("kusp-manifests".into())
-        .spawn(move || poll(source, cancel, first_tx))
+        .spawn(move || poll(source, options, cancel, first_tx))
         .map_err(Error::Thread)?;
     first_rx
         .await
@@ -467,7 +532,12 @@ pub async fn spawn(
 }
 
 /// The manifests thread: first load, then one re-read per [`POLL_INTERVAL`].
-fn poll(source: Source, cancel: CancellationToken, first: tokio::sync::oneshot::Sender<First>) {
+fn poll(
+    source: Source,
+    options: Options,
+    cancel: CancellationToken,
+    first: tokio::sync::oneshot::Sender<First>,
+) {
     let read = match source.read() {
         Ok(r) => r,
         Err(e) => {
@@ -476,7 +546,7 @@ fn poll(source: Source, cancel: CancellationToken, first: tokio::sync::oneshot::
         }
     };
     let mut last_good = LastGood::default();
-    let (snapshot, problems) = parse_read(&read, &mut last_good);
+    let (snapshot, problems) = parse_read(&read, &mut last_good, &options);
     report(&problems);
     let mut last = fingerprint(&read);
     tracing::info!(
@@ -518,7 +588,7 @@ fn poll(source: Source, cancel: CancellationToken, first: tokio::sync::oneshot::
             continue;
         }
         last = fp;
-        let (snapshot, problems) = parse_read(&read, &mut last_good);
+        let (snapshot, problems) = parse_read(&read, &mut last_good, &options);
         report(&problems);
         tracing::info!(
             services = snapshot.services.len(),
@@ -577,7 +647,7 @@ mod tests {
         let mut last = LastGood::default();
         let e = read.rejected[1].clone();
         last.files.insert(e.clone(), svc("e"));
-        let (snap, problems) = parse_read(&read, &mut last);
+        let (snap, problems) = parse_read(&read, &mut last, &Options::default());
         let served: Vec<&str> = snap.services.keys().map(|k| k.name.as_str()).collect();
         assert_eq!(served, ["a", "c", "d", "e"]);
         assert_eq!(problems.len(), 2);
