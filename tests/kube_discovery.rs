@@ -4,7 +4,8 @@
 //! skipping, traffic policy, debouncing, 410 relists, relists after a
 //! restored or fresh store (too-large versions, versions going backwards),
 //! undecodable objects, API server down at start and restarted mid-run,
-//! `/readyz`, and one
+//! `/readyz`, this node's Node (labels and pod CIDRs, field selector, 403),
+//! and one
 //! end-to-end run with backends in a network namespace.
 
 mod common;
@@ -20,9 +21,9 @@ use std::time::{Duration, Instant};
 
 use common::netns::{node_and_pod, require_root, wait_for, Netns};
 use common::*;
-use fake_api::{node_port_service, service, slice, FakeApi, Kind, TooLarge, Trust};
+use fake_api::{node, node_port_service, service, slice, FakeApi, Kind, TooLarge, Trust};
 use kube_userspace_proxy::discovery::{self, Options};
-use kube_userspace_proxy::model::{Protocol, ServicePortName, Snapshot};
+use kube_userspace_proxy::model::{Protocol, ServicePortName, Snapshot, Topology};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
@@ -377,6 +378,239 @@ async fn traffic_policy_local_keeps_only_this_nodes_endpoints() {
     assert_eq!(external(&key("ns", "etp")), here);
     assert_eq!(internal(&key("ns", "cluster")), all);
     assert_eq!(external(&key("ns", "cluster")), all);
+}
+
+fn node_a() -> Options {
+    Options {
+        node_name: Some("node-a".into()),
+        service_proxy_name: None,
+    }
+}
+
+const ZONE: &str = "topology.kubernetes.io/zone";
+
+/// The cluster set's addresses and the hints that chose it.
+fn cluster(s: &Snapshot, k: &ServicePortName) -> (Vec<String>, Topology) {
+    let c = &s.services[k].choice;
+    let addrs = c.cluster().iter().map(|e| e.addr.to_string()).collect();
+    (addrs, c.topology.clone())
+}
+
+#[tokio::test]
+async fn this_nodes_node_labels_reach_the_snapshot_and_drive_zone_hints() {
+    let api = FakeApi::new().await;
+    api.apply(service("ns", "web", "10.96.0.10", 80));
+    let mut s = slice(
+        "ns",
+        "web-1",
+        "web",
+        8080,
+        &[("10.5.0.1", true, None), ("10.5.0.2", true, None)],
+    );
+    s["endpoints"][0]["hints"] = json!({"forZones": [{"name": "zone-a"}]});
+    s["endpoints"][1]["hints"] = json!({"forZones": [{"name": "zone-b"}]});
+    api.apply(s);
+    api.apply(node(
+        "node-a",
+        &[(ZONE, "zone-a")],
+        &["10.244.1.0/24", "fd00:1::/64"],
+    ));
+    // Another node's labels must never count (nor even be sent).
+    api.apply(node("node-b", &[(ZONE, "zone-b")], &["10.244.2.0/24"]));
+
+    let mut src = source(&api, node_a()).await;
+    let snap = src.rx.borrow_and_update().clone();
+    assert_eq!(snap.node.name.as_deref(), Some("node-a"));
+    assert_eq!(snap.node.zone(), Some("zone-a"));
+    assert_eq!(snap.node.pod_cidrs, ["10.244.1.0/24", "fd00:1::/64"]);
+    assert_eq!(
+        cluster(&snap, &key("ns", "web")),
+        (
+            vec!["10.5.0.1:8080".into()],
+            Topology::SameZone("zone-a".into())
+        )
+    );
+    // Every Node request, list and watch, selects this node by name.
+    let sel = api.selectors(Kind::Node);
+    assert!(sel.iter().any(|(watch, _)| !watch), "listed: {sel:?}");
+    assert!(sel.iter().any(|(watch, _)| *watch), "watched: {sel:?}");
+    for (_, s) in &sel {
+        assert_eq!(s.as_deref(), Some("metadata.name=node-a"), "{sel:?}");
+    }
+
+    // The other node changing publishes nothing new about ours.
+    api.apply(node("node-b", &[(ZONE, "zone-a")], &[]));
+    // A label change on ours moves the cluster set to the other zone.
+    let t = Instant::now();
+    api.apply(node("node-a", &[(ZONE, "zone-b")], &["10.244.1.0/24"]));
+    let snap = wait_snapshot(&mut src.rx, Duration::from_secs(5), "zone-b", |s| {
+        s.node.zone() == Some("zone-b")
+    })
+    .await;
+    eprintln!("a Node label change was published after {:?}", t.elapsed());
+    assert!(t.elapsed() < Duration::from_secs(2));
+    assert_eq!(snap.node.pod_cidrs, ["10.244.1.0/24"]);
+    assert_eq!(
+        cluster(&snap, &key("ns", "web")),
+        (
+            vec!["10.5.0.2:8080".into()],
+            Topology::SameZone("zone-b".into())
+        )
+    );
+
+    // Our Node deleted: no labels, hints for no zone are ignored.
+    assert!(api.delete(Kind::Node, "", "node-a"));
+    let snap = wait_snapshot(&mut src.rx, Duration::from_secs(5), "no labels", |s| {
+        s.node.labels.is_empty()
+    })
+    .await;
+    assert_eq!(snap.node.name.as_deref(), Some("node-a"));
+    assert!(snap.node.pod_cidrs.is_empty());
+    assert_eq!(
+        cluster(&snap, &key("ns", "web")).0,
+        ["10.5.0.1:8080", "10.5.0.2:8080"]
+    );
+}
+
+#[tokio::test]
+async fn no_node_object_means_no_labels_and_no_node_name_means_no_node_requests() {
+    let api = FakeApi::new().await;
+    api.apply(service("ns", "web", "10.96.0.10", 80));
+    api.apply(node("node-b", &[(ZONE, "zone-b")], &[]));
+    // No Node named node-a: the first snapshot does not wait for one.
+    let t = Instant::now();
+    let src = source(&api, node_a()).await;
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    let snap = src.rx.borrow().clone();
+    assert!(snap.services.contains_key(&key("ns", "web")));
+    assert_eq!(snap.node.name.as_deref(), Some("node-a"));
+    assert!(snap.node.labels.is_empty(), "{:?}", snap.node);
+    assert!(!api.selectors(Kind::Node).is_empty());
+    drop(src);
+
+    // No node name: no Node loop at all.
+    let api = FakeApi::new().await;
+    api.apply(service("ns", "web", "10.96.0.10", 80));
+    api.apply(node("node-a", &[(ZONE, "zone-a")], &[]));
+    let src = source(&api, Options::default()).await;
+    let snap = src.rx.borrow().clone();
+    assert!(snap.services.contains_key(&key("ns", "web")));
+    assert_eq!(snap.node, Default::default());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(api.selectors(Kind::Node).is_empty());
+    assert!(!api.selectors(Kind::Service).is_empty());
+}
+
+#[tokio::test]
+async fn nodes_forbidden_still_serves_services_and_a_later_grant_is_picked_up() {
+    let api = FakeApi::new().await;
+    api.apply(service("ns", "web", "10.96.0.10", 80));
+    api.apply(slice(
+        "ns",
+        "web-1",
+        "web",
+        8080,
+        &[("10.1.0.1", true, None)],
+    ));
+    api.apply(node("node-a", &[(ZONE, "zone-a")], &[]));
+    api.forbid(Kind::Node, true);
+    let mut src = source(&api, node_a()).await;
+    let snap = src.rx.borrow_and_update().clone();
+    assert_eq!(addrs(&snap, &key("ns", "web")), ["10.1.0.1:8080"]);
+    assert!(snap.node.labels.is_empty());
+    assert!(api.forbidden_sent() >= 1);
+
+    // Services keep flowing while nodes stay forbidden.
+    api.apply(service("ns", "db", "10.96.0.11", 5432));
+    wait_snapshot(&mut src.rx, Duration::from_secs(5), "db added", |s| {
+        s.services.contains_key(&key("ns", "db"))
+    })
+    .await;
+
+    // RBAC fixed: the retries (back-off, at most 15 s apart) find the Node.
+    api.forbid(Kind::Node, false);
+    wait_snapshot(&mut src.rx, Duration::from_secs(20), "node labels", |s| {
+        s.node.zone() == Some("zone-a")
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_forbidden_is_one_clear_warning_and_the_proxy_gets_ready() {
+    let api = FakeApi::new().await;
+    api.apply(service("ns", "web", "10.96.0.10", 80));
+    api.forbid(Kind::Node, true);
+    let dir = tempfile::tempdir().unwrap();
+    let kc = api.kubeconfig(dir.path());
+    let (healthz, metrics) = (free_port(), free_port());
+    let mut child = Command::new(BIN)
+        .arg("--kubeconfig")
+        .arg(&kc)
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .args([
+            "--iptables",
+            "off",
+            "--bind-address",
+            "127.0.0.1",
+            "--metrics-bind-address",
+            &format!("127.0.0.1:{metrics}"),
+            "--healthz-bind-address",
+            &format!("127.0.0.1:{healthz}"),
+            "--hostname-override",
+            "node-a",
+            "--log-level",
+            "warn",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let _proxy = Proxy(child);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let mut ready = false;
+    for _ in 0..200 {
+        if try_get(healthz, "/readyz").await == Some(200) {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(ready, "/readyz 200 with nodes forbidden");
+    // Let a few retries pass: still one warning.
+    let end = Instant::now() + Duration::from_secs(10);
+    while api.forbidden_sent() < 3 && Instant::now() < end {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(api.forbidden_sent() >= 3, "retried");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let lines: Vec<String> = rx.try_iter().collect();
+    let warned: Vec<&String> = lines
+        .iter()
+        .filter(|l| l.contains("nodes: list/watch forbidden; topology hints and NodeCIDR need it"))
+        .collect();
+    assert_eq!(warned.len(), 1, "{lines:#?}");
+    assert!(
+        warned[0].contains("WARN") && warned[0].contains("Node"),
+        "{}",
+        warned[0]
+    );
+    let (_, body) = http(localhost(metrics), "GET", "/metrics").await;
+    let counted = body
+        .lines()
+        .find(|l| l.starts_with("kusp_discovery_watch_errors_total{kind=\"Node\"}"));
+    assert!(counted.is_some(), "{body}");
 }
 
 #[tokio::test]

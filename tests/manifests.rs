@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use common::*;
 use kube_userspace_proxy::discovery::manifests::{self, Source};
-use kube_userspace_proxy::model::{Protocol, ServicePortName};
+use kube_userspace_proxy::discovery::Options;
+use kube_userspace_proxy::model::{Protocol, ServicePortName, Topology};
 use tokio_util::sync::CancellationToken;
 
 const BIN: &str = env!("CARGO_BIN_EXE_kube-userspace-proxy");
@@ -498,4 +499,211 @@ async fn hostile_files_stall_neither_traffic_nor_the_other_files() {
         "the grown file's service kept its last good state"
     );
     assert_eq!(read_all(grow).await.unwrap(), "g");
+}
+
+fn node_yaml(name: &str, zone: &str, pod_cidr: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Node\nmetadata:\n  name: {name}\n  labels:\n    topology.kubernetes.io/zone: {zone}\nspec:\n  podCIDR: {pod_cidr}\n  podCIDRs: [{pod_cidr}]\n"
+    )
+}
+
+/// `web` with one endpoint per zone, each hinted for its zone and on the
+/// node of that zone, and `local` (internalTrafficPolicy Local) on the
+/// same endpoints.
+fn zoned_services() -> String {
+    let slice = |name: &str, svc: &str| {
+        format!(
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}\n  namespace: ns\n  labels:\n    kubernetes.io/service-name: {svc}\naddressType: IPv4\nports:\n  - name: http\n    port: 8080\nendpoints:\n  - addresses: [\"10.6.0.1\"]\n    nodeName: node-a\n    hints: {{forZones: [{{name: zone-a}}]}}\n  - addresses: [\"10.6.0.2\"]\n    nodeName: node-b\n    hints: {{forZones: [{{name: zone-b}}]}}\n"
+        )
+    };
+    format!(
+        "{}---\n{}---\n{}  internalTrafficPolicy: Local\n---\n{}",
+        service_yaml("web", "80", None),
+        slice("web-1", "web"),
+        service_yaml("local", "81", None),
+        slice("local-1", "local"),
+    )
+}
+
+fn for_node(name: &str) -> Options {
+    Options {
+        node_name: Some(name.into()),
+        service_proxy_name: None,
+    }
+}
+
+fn cluster_set(
+    snap: &kube_userspace_proxy::model::Snapshot,
+    name: &str,
+) -> (Vec<String>, Topology) {
+    let c = &snap.services[&key(name)].choice;
+    let addrs = c.cluster().iter().map(|e| e.addr.to_string()).collect();
+    (addrs, c.topology.clone())
+}
+
+#[test]
+fn a_node_document_named_like_this_node_gives_its_labels_others_are_ignored() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "a-services.yaml", &zoned_services());
+    write(
+        dir.path(),
+        "b-nodes.yaml",
+        &format!(
+            "{}---\n{}---\n{}",
+            node_yaml("node-a", "zone-a", "10.244.1.0/24"),
+            node_yaml("node-b", "zone-b", "10.244.2.0/24"),
+            // A bad Node: named by file, object and field, and skipped.
+            "apiVersion: v1\nkind: Node\nmetadata:\n  name: node-c\n  labels: [zone-c]\n"
+        ),
+    );
+    let source = Source::Dir(dir.path().into());
+
+    for (node, zone, cidr, ep) in [
+        ("node-a", "zone-a", "10.244.1.0/24", "10.6.0.1:8080"),
+        ("node-b", "zone-b", "10.244.2.0/24", "10.6.0.2:8080"),
+    ] {
+        let (snap, problems) = manifests::load_with(&source, &for_node(node)).unwrap();
+        let text: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
+        assert_eq!(problems.len(), 1, "{text:#?}");
+        let p = &problems[0];
+        assert!(p.origin.contains("b-nodes.yaml"), "{text:#?}");
+        assert_eq!(p.object, "Node node-c", "{text:#?}");
+        assert_eq!(p.field, "metadata.labels", "{text:#?}");
+
+        assert_eq!(snap.node.name.as_deref(), Some(node));
+        assert_eq!(snap.node.zone(), Some(zone));
+        assert_eq!(snap.node.pod_cidrs, [cidr]);
+        // The zone label picks the hinted endpoint; traffic policy Local
+        // keeps the node's own.
+        assert_eq!(
+            cluster_set(&snap, "web"),
+            (vec![ep.to_string()], Topology::SameZone(zone.into()))
+        );
+        let local = &snap.services[&key("local")].choice;
+        let local: Vec<String> = local.local().iter().map(|e| e.addr.to_string()).collect();
+        assert_eq!(local, [ep]);
+    }
+
+    // A node with no Node document: no labels, every endpoint.
+    let (snap, _) = manifests::load_with(&source, &for_node("node-z")).unwrap();
+    assert_eq!(snap.node.name.as_deref(), Some("node-z"));
+    assert!(snap.node.labels.is_empty());
+    assert_eq!(
+        cluster_set(&snap, "web").0,
+        ["10.6.0.1:8080", "10.6.0.2:8080"]
+    );
+    // Without options (no node name), as before: no node at all.
+    let (snap, _) = manifests::load(&source).unwrap();
+    assert_eq!(snap.node, Default::default());
+}
+
+#[tokio::test]
+async fn editing_this_nodes_node_document_resyncs_its_labels() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "a-services.yaml", &zoned_services());
+    write(
+        dir.path(),
+        "node.yaml",
+        &node_yaml("node-a", "zone-a", "10.244.1.0/24"),
+    );
+    let cancel = CancellationToken::new();
+    let mut rx = manifests::spawn_with(
+        Source::Dir(dir.path().into()),
+        for_node("node-a"),
+        cancel.clone(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(rx.borrow_and_update().node.zone(), Some("zone-a"));
+    write(
+        dir.path(),
+        "node.yaml",
+        &node_yaml("node-a", "zone-b", "10.244.1.0/24"),
+    );
+    tokio::time::timeout(Duration::from_secs(3), rx.changed())
+        .await
+        .expect("re-synced within 3 s")
+        .unwrap();
+    let snap = rx.borrow_and_update().clone();
+    assert_eq!(snap.node.zone(), Some("zone-b"));
+    assert_eq!(
+        cluster_set(&snap, "web"),
+        (
+            vec!["10.6.0.2:8080".to_string()],
+            Topology::SameZone("zone-b".into())
+        )
+    );
+    cancel.cancel();
+}
+
+#[tokio::test]
+async fn the_binary_reads_its_node_by_hostname_override_and_follows_its_zone() {
+    let a = named_backend("a").await;
+    let b = named_backend("b").await;
+    let node_port = refusing_addr().port();
+    let dir = tempfile::tempdir().unwrap();
+    // One endpoint per zone (two slices: the backends' ports differ).
+    let hinted = |name: &str, port: u16, zone: &str| {
+        format!(
+            "{}    hints: {{forZones: [{{name: {zone}}}]}}\n",
+            slice_yaml(name, "web", "IPv4", &["127.0.0.1"], port)
+        )
+    };
+    write(
+        dir.path(),
+        "web.yaml",
+        &format!(
+            "{}---\n{}---\n{}",
+            service_yaml("web", "80", Some(node_port)),
+            hinted("web-a", a.port(), "zone-a"),
+            hinted("web-b", b.port(), "zone-b"),
+        ),
+    );
+    write(
+        dir.path(),
+        "node.yaml",
+        &format!(
+            "{}---\n{}",
+            node_yaml("node-a", "zone-a", "10.244.1.0/24"),
+            node_yaml("node-b", "zone-b", "10.244.2.0/24")
+        ),
+    );
+    let _child = Child(
+        proxy_on(dir.path())
+            .args(["--hostname-override", "node-a"])
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let addr = localhost(node_port);
+    assert!(
+        eventually(Duration::from_secs(10), || std::net::TcpStream::connect(
+            addr
+        )
+        .is_ok())
+        .await,
+        "listener on the nodePort"
+    );
+    for _ in 0..4 {
+        assert_eq!(read_all(addr).await.unwrap(), "a", "zone-a's endpoint only");
+    }
+    // This node moves to zone-b: its endpoint only, within 2 s.
+    write(
+        dir.path(),
+        "node.yaml",
+        &node_yaml("node-a", "zone-b", "10.244.1.0/24"),
+    );
+    let mut switched = false;
+    for _ in 0..40 {
+        let mut got = Vec::new();
+        for _ in 0..4 {
+            got.push(read_all(addr).await.unwrap());
+        }
+        if got.iter().all(|g| g == "b") {
+            switched = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(switched, "the Node edit was applied within 2 s");
 }

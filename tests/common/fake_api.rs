@@ -1,8 +1,16 @@
 //! An in-process fake Kubernetes API server (HTTP on 127.0.0.1) speaking
-//! the real list/watch protocol for `v1 Service` and
-//! `discovery.k8s.io/v1 EndpointSlice`, so the real `kube::Client` and
-//! watcher can be driven through a kubeconfig:
+//! the real list/watch protocol for `v1 Service`,
+//! `discovery.k8s.io/v1 EndpointSlice` and `v1 Node`, so the real
+//! `kube::Client` and watcher can be driven through a kubeconfig:
 //!
+//! - Nodes are cluster-scoped (no `metadata.namespace`); their lists and
+//!   watches honour `fieldSelector=metadata.name=NAME` (the only field
+//!   selector the fake knows, as kube-proxy uses it), a list then holding
+//!   zero or one item; [`FakeApi::forbid`] answers every request for a kind
+//!   with kube-apiserver's 403 (`NewForbidden` with the RBAC authorizer's
+//!   reason: `nodes is forbidden: User "..." cannot list resource "nodes"
+//!   in API group "" at the cluster scope`, reason `Forbidden`,
+//!   `details.kind` the resource);
 //! - one global `resourceVersion` counter (like etcd's revision), stamped
 //!   on every write; lists report it in `metadata.resourceVersion` and
 //!   leave `apiVersion`/`kind` off their items, as the real server does;
@@ -62,6 +70,7 @@ use tokio_util::sync::CancellationToken;
 pub enum Kind {
     Service,
     EndpointSlice,
+    Node,
 }
 
 impl Kind {
@@ -69,13 +78,14 @@ impl Kind {
         match obj["kind"].as_str() {
             Some("Service") => Kind::Service,
             Some("EndpointSlice") => Kind::EndpointSlice,
+            Some("Node") => Kind::Node,
             other => panic!("fake API: unsupported kind {other:?}"),
         }
     }
 
     fn api_version(self) -> &'static str {
         match self {
-            Kind::Service => "v1",
+            Kind::Service | Kind::Node => "v1",
             Kind::EndpointSlice => "discovery.k8s.io/v1",
         }
     }
@@ -84,7 +94,29 @@ impl Kind {
         match self {
             Kind::Service => "Service",
             Kind::EndpointSlice => "EndpointSlice",
+            Kind::Node => "Node",
         }
+    }
+
+    /// The resource in URLs and RBAC.
+    fn resource(self) -> &'static str {
+        match self {
+            Kind::Service => "services",
+            Kind::EndpointSlice => "endpointslices",
+            Kind::Node => "nodes",
+        }
+    }
+
+    /// The API group ("" for the core group).
+    fn group(self) -> &'static str {
+        match self {
+            Kind::Service | Kind::Node => "",
+            Kind::EndpointSlice => "discovery.k8s.io",
+        }
+    }
+
+    fn namespaced(self) -> bool {
+        !matches!(self, Kind::Node)
     }
 }
 
@@ -137,6 +169,12 @@ struct Inner {
     /// Lists with `limit=1` and no `continue`: clients probing the store's
     /// version.
     probes: AtomicUsize,
+    /// Kinds answered with 403 Forbidden.
+    forbidden: Mutex<Vec<Kind>>,
+    /// Requests answered with 403 Forbidden.
+    forbidden_sent: AtomicUsize,
+    /// `fieldSelector` of every request (in arrival order), per kind.
+    selectors: Mutex<Vec<(Kind, bool, Option<String>)>>,
 }
 
 /// The fake server; serves until dropped or [`FakeApi::stop`]ped.
@@ -305,6 +343,9 @@ impl FakeApi {
             too_large: Mutex::new((TooLarge::Event, BLOCK_TIMEOUT)),
             too_large_sent: AtomicUsize::new(0),
             probes: AtomicUsize::new(0),
+            forbidden: Mutex::new(Vec::new()),
+            forbidden_sent: AtomicUsize::new(0),
+            selectors: Mutex::new(Vec::new()),
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -503,22 +544,55 @@ impl FakeApi {
         *g = CancellationToken::new();
     }
 
+    /// Answers every request for `kind` with 403 Forbidden (`true`), or
+    /// serves it again (`false`).
+    pub fn forbid(&self, kind: Kind, forbidden: bool) {
+        let mut f = self.inner.forbidden.lock().unwrap();
+        f.retain(|k| *k != kind);
+        if forbidden {
+            f.push(kind);
+        }
+    }
+
+    /// Requests answered with 403 so far.
+    pub fn forbidden_sent(&self) -> usize {
+        self.inner.forbidden_sent.load(Ordering::Relaxed)
+    }
+
+    /// The `fieldSelector` of every request for `kind` so far, as
+    /// (watch, selector), in arrival order.
+    pub fn selectors(&self, kind: Kind) -> Vec<(bool, Option<String>)> {
+        let all = self.inner.selectors.lock().unwrap();
+        all.iter()
+            .filter(|(k, _, _)| *k == kind)
+            .map(|(_, w, s)| (*w, s.clone()))
+            .collect()
+    }
+
     /// Creates or replaces an object (raw JSON: it need not decode).
+    /// Namespaced objects without a namespace go to `default`; Nodes have
+    /// none.
     pub fn apply(&self, mut obj: Value) {
         let kind = Kind::of(&obj);
         let mut s = self.inner.store.lock().unwrap();
         s.rv += 1;
         let rv = s.rv;
-        let ns = obj["metadata"]["namespace"]
-            .as_str()
-            .unwrap_or("default")
-            .to_string();
+        let ns = if kind.namespaced() {
+            obj["metadata"]["namespace"]
+                .as_str()
+                .unwrap_or("default")
+                .to_string()
+        } else {
+            String::new()
+        };
         let name = obj["metadata"]["name"]
             .as_str()
             .expect("metadata.name")
             .to_string();
         obj["metadata"]["resourceVersion"] = json!(rv.to_string());
-        obj["metadata"]["namespace"] = json!(ns);
+        if kind.namespaced() {
+            obj["metadata"]["namespace"] = json!(ns);
+        }
         let key = (kind, ns, name);
         let type_ = if s.objects.contains_key(&key) {
             "MODIFIED"
@@ -590,6 +664,7 @@ fn router(inner: Arc<Inner>) -> Router {
             "/apis/discovery.k8s.io/v1/endpointslices",
             get(|s, h, q| handle(s, h, q, Kind::EndpointSlice)),
         )
+        .route("/api/v1/nodes", get(|s, h, q| handle(s, h, q, Kind::Node)))
         .fallback(|| async {
             status(
                 StatusCode::NOT_FOUND,
@@ -676,8 +751,28 @@ async fn handle(
         }
     }
     let flag = |k: &str| q.get(k).is_some_and(|v| v == "true" || v == "1");
+    inner
+        .selectors
+        .lock()
+        .unwrap()
+        .push((kind, flag("watch"), q.get("fieldSelector").cloned()));
+    if inner.forbidden.lock().unwrap().contains(&kind) {
+        inner.forbidden_sent.fetch_add(1, Ordering::Relaxed);
+        return forbidden(kind, if flag("watch") { "watch" } else { "list" });
+    }
+    let selector = match field_selector(&q) {
+        Ok(s) => s,
+        Err(message) => return status(StatusCode::BAD_REQUEST, "BadRequest", &message),
+    };
     if flag("watch") {
-        return watch(inner, q.clone(), kind, flag("allowWatchBookmarks")).await;
+        return watch(
+            inner,
+            q.clone(),
+            kind,
+            selector,
+            flag("allowWatchBookmarks"),
+        )
+        .await;
     }
     // A list "not older than" a version ahead of the store.
     let min = q.get("resourceVersion").and_then(|v| v.parse::<u64>().ok());
@@ -686,14 +781,69 @@ async fn handle(
             return status_response(StatusCode::GATEWAY_TIMEOUT, &too_large_status(min, current));
         }
     }
-    list(&inner, kind, &q)
+    list(&inner, kind, &selector, &q)
+}
+
+/// kube-apiserver's 403 for a verb on a kind's resource at the cluster
+/// scope: `apierrors.NewForbidden(resource, "", reason)` (k8s.io/apimachinery
+/// pkg/api/errors) with the RBAC authorizer's reason as
+/// `responsewriters.forbiddenMessage` words it.
+fn forbidden(kind: Kind, verb: &str) -> Response {
+    let resource = kind.resource();
+    let qualified = if kind.group().is_empty() {
+        resource.to_string()
+    } else {
+        format!("{resource}.{}", kind.group())
+    };
+    let body = json!({
+        "kind": "Status", "apiVersion": "v1", "metadata": {},
+        "status": "Failure",
+        "message": format!(
+            "{qualified} is forbidden: User \"system:serviceaccount:kube-system:kube-userspace-proxy\" \
+             cannot {verb} resource \"{resource}\" in API group \"{}\" at the cluster scope",
+            kind.group()
+        ),
+        "reason": "Forbidden",
+        "details": {"group": kind.group(), "kind": resource},
+        "code": 403
+    });
+    status_response(StatusCode::FORBIDDEN, &body)
+}
+
+/// The name a `fieldSelector` asks for: `metadata.name=NAME` (or `==`);
+/// none when absent or empty. Any other field is an error (answered with
+/// 400), as a real server refuses a field it cannot select on.
+fn field_selector(q: &BTreeMap<String, String>) -> Result<Option<String>, String> {
+    let Some(sel) = q.get("fieldSelector").filter(|s| !s.is_empty()) else {
+        return Ok(None);
+    };
+    let name = sel
+        .strip_prefix("metadata.name==")
+        .or_else(|| sel.strip_prefix("metadata.name="));
+    match name {
+        Some(n) if !n.contains(',') => Ok(Some(n.to_string())),
+        _ => Err(format!(
+            "unable to parse requirement: field label not supported: {sel}"
+        )),
+    }
+}
+
+/// Whether `obj` is selected by the name a field selector asks for.
+fn selected(name: &Option<String>, obj: &Value) -> bool {
+    name.as_deref()
+        .is_none_or(|n| obj["metadata"]["name"].as_str() == Some(n))
 }
 
 /// Lists, in pages when `limit` is given: `continue` carries the offset and
 /// the version of the first page (every page is of that version, as long as
 /// no write happens in between; a write in between gets 410, as a real
 /// server whose continue token expired).
-fn list(inner: &Inner, kind: Kind, q: &BTreeMap<String, String>) -> Response {
+fn list(
+    inner: &Inner,
+    kind: Kind,
+    selector: &Option<String>,
+    q: &BTreeMap<String, String>,
+) -> Response {
     let s = inner.store.lock().unwrap();
     let (offset, rv) = match q.get("continue").filter(|c| !c.is_empty()) {
         Some(c) => {
@@ -725,7 +875,7 @@ fn list(inner: &Inner, kind: Kind, q: &BTreeMap<String, String>) -> Response {
     let all: Vec<&Value> = s
         .objects
         .iter()
-        .filter(|((k, _, _), _)| *k == kind)
+        .filter(|((k, _, _), o)| *k == kind && selected(selector, o))
         .map(|(_, o)| o)
         .collect();
     let end = offset.saturating_add(limit).min(all.len());
@@ -765,6 +915,7 @@ async fn watch(
     inner: Arc<Inner>,
     q: BTreeMap<String, String>,
     kind: Kind,
+    selector: Option<String>,
     bookmarks: bool,
 ) -> Response {
     inner.watches.fetch_add(1, Ordering::Relaxed);
@@ -803,7 +954,7 @@ async fn watch(
             let backlog: Vec<Event> = s
                 .history
                 .iter()
-                .filter(|e| e.kind == kind && e.rv > from)
+                .filter(|e| e.kind == kind && e.rv > from && selected(&selector, &e.object))
                 .cloned()
                 .collect();
             (backlog, live, None, from, s.epoch)
@@ -855,7 +1006,7 @@ async fn watch(
                             epoch = e.epoch;
                             last = e.rv.saturating_sub(1);
                         }
-                        if e.kind == kind && e.rv > last {
+                        if e.kind == kind && e.rv > last && selected(&selector, &e.object) {
                             last = e.rv;
                             if tx.send(line(e.type_, &e.object)).await.is_err() {
                                 return;
@@ -878,6 +1029,25 @@ async fn watch(
 }
 
 // === object builders ===
+
+/// A Node `name` with these labels and `spec.podCIDRs`, cluster-scoped, as
+/// the API serves it (status trimmed to what a kubelet always sets).
+pub fn node(name: &str, labels: &[(&str, &str)], pod_cidrs: &[&str]) -> Value {
+    let labels: serde_json::Map<String, Value> = labels
+        .iter()
+        .map(|(k, v)| (k.to_string(), json!(v)))
+        .collect();
+    let mut spec = json!({});
+    if let Some(first) = pod_cidrs.first() {
+        spec = json!({"podCIDR": first, "podCIDRs": pod_cidrs});
+    }
+    json!({
+        "apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": name, "labels": labels},
+        "spec": spec,
+        "status": {"conditions": [{"type": "Ready", "status": "True"}]}
+    })
+}
 
 /// A ClusterIP Service `ns/name` with one TCP port `http`.
 pub fn service(ns: &str, name: &str, cluster_ip: &str, port: u16) -> Value {
