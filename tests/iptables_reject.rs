@@ -380,11 +380,27 @@ fn external_policy_local_without_local_endpoints_drops_outside_clients_only() {
     require_root_and_tools(
         "external_policy_local_without_local_endpoints_drops_outside_clients_only",
     );
-    let (node, pod, _) = node_and_pod("etp", "10.236.1");
+    external_policy_local_case("etp", false);
+}
+
+#[test]
+fn external_policy_local_tells_pods_by_their_bridge_interface() {
+    require_root_and_tools("external_policy_local_tells_pods_by_their_bridge_interface");
+    external_policy_local_case("etpbr", true);
+}
+
+/// eTP Local with a remote endpoint only, pods told by `--cluster-cidr`
+/// or (`bridge`) by the node's interface towards them.
+fn external_policy_local_case(tag: &str, bridge: bool) {
+    let node = Netns::new(&format!("{tag}node"));
+    let pod = Netns::new(&format!("{tag}pod"));
+    let (node_if, _) = veth(&node, "10.236.1.1/24", &pod, "10.236.1.2/24");
+    pod.run(&["ip", "route", "add", "default", "via", "10.236.1.1"]);
+    // The service range is routed, as a real node's default route would.
+    node.run(&["ip", "route", "add", "10.96.0.0/16", "dev", &node_if]);
     let (ext, node_ip) = external_client(&node, "10.236.2");
     // The external IP is one of the node's addresses (as with an L2 LB).
     node.run(&["ip", "addr", "add", "198.18.0.9/32", "dev", "lo"]);
-    pod.run(&["ip", "route", "add", "198.18.0.9/32", "via", "10.236.1.1"]);
     // The endpoint runs on another node (it is reached from the pod
     // namespace): this node has no local endpoint.
     backends(
@@ -406,22 +422,32 @@ fn external_policy_local_without_local_endpoints_drops_outside_clients_only() {
          endpoints: [{addresses: [\"10.236.1.2\"], nodeName: node-b}]\n",
     )
     .unwrap();
-    let proxy = Proxy::start(
-        &node,
-        dir.path(),
-        &[
-            "--hostname-override",
-            "node-a",
-            "--cluster-cidr",
-            "10.236.1.0/24",
-        ],
-    );
+    let mut args = vec!["--hostname-override", "node-a"];
+    let (pods_match, not_pods_match) = if bridge {
+        args.extend([
+            "--detect-local-mode",
+            "BridgeInterface",
+            "--pod-bridge-interface",
+            &node_if,
+        ]);
+        (
+            format!("-d 198.18.0.9/32 -i {node_if} -p tcp"),
+            format!("! -i {node_if} -p tcp"),
+        )
+    } else {
+        args.extend(["--cluster-cidr", "10.236.1.0/24"]);
+        (
+            "-s 10.236.1.0/24 -d 198.18.0.9/32 -p tcp".to_string(),
+            "! -s 10.236.1.0/24 -p tcp".to_string(),
+        )
+    };
+    let proxy = Proxy::start(&node, dir.path(), &args);
     wait_for("DROP rules for ns/web", Duration::from_secs(10), || {
         count(&node.filter(), "has no local endpoints\" -j DROP") == 2
     });
     let (nat, filter) = (node.nat(), node.filter());
     assert!(
-        nat.contains("-A KUSP-PORTALS-CONTAINER -s 10.236.1.0/24 -d 198.18.0.9/32 -p tcp"),
+        nat.contains(&format!("-A KUSP-PORTALS-CONTAINER {pods_match}")),
         "{nat}"
     );
     assert!(
@@ -429,7 +455,7 @@ fn external_policy_local_without_local_endpoints_drops_outside_clients_only() {
         "{nat}"
     );
     assert!(
-        filter.contains("-A KUSP-EXTERNAL-SERVICES ! -s 10.236.1.0/24 -p tcp -m addrtype --dst-type LOCAL -m addrtype ! --src-type LOCAL -m tcp --dport 30090 -m conntrack ! --ctstate DNAT"),
+        filter.contains(&format!("-A KUSP-EXTERNAL-SERVICES {not_pods_match} -m addrtype --dst-type LOCAL -m addrtype ! --src-type LOCAL -m tcp --dport 30090 -m conntrack ! --ctstate DNAT")),
         "{filter}"
     );
 
@@ -471,4 +497,124 @@ fn external_policy_local_without_local_endpoints_drops_outside_clients_only() {
         !nat.contains("KUSP") && !filter.contains("KUSP"),
         "left:\n{nat}{filter}"
     );
+}
+
+#[test]
+fn every_disposition_is_accepted_by_both_families_and_cleaned_up() {
+    use kube_userspace_proxy::detect_local::Detector;
+    use kube_userspace_proxy::iptables::exec::Tool;
+    use kube_userspace_proxy::iptables::render::{
+        find_jumps, render, render_cleanup, Disposition, NodePort, Portal, PortalKind, Rules,
+    };
+    use kube_userspace_proxy::model::Protocol;
+
+    require_root_and_tools("every_disposition_is_accepted_by_both_families_and_cleaned_up");
+    require_tools(
+        "every_disposition_is_accepted_by_both_families_and_cleaned_up",
+        &["ip6tables-save", "ip6tables-restore"],
+        "iptables",
+    );
+    let mut portals = Vec::new();
+    let mut node_ports = Vec::new();
+    let dispositions = [
+        Disposition::Redirect,
+        Disposition::RedirectLocalOnly,
+        Disposition::Drop,
+        Disposition::Reject,
+    ];
+    for (i, d) in dispositions.into_iter().enumerate() {
+        let i = i as u16;
+        for (ip, kind) in [
+            (format!("10.96.0.{}", 10 + i), PortalKind::ClusterIp),
+            (format!("198.18.0.{}", 10 + i), PortalKind::ExternalIp),
+            (format!("fd00::{}", 10 + i), PortalKind::LoadBalancerIp),
+        ] {
+            for protocol in [Protocol::Tcp, Protocol::Udp] {
+                portals.push(Portal {
+                    ip: ip.parse().unwrap(),
+                    port: 80,
+                    protocol,
+                    listener_port: 31000 + i,
+                    kind,
+                    comment: format!("ns/svc{i}:p"),
+                    disposition: d,
+                });
+            }
+        }
+        node_ports.push(NodePort {
+            port: 30000 + i,
+            protocol: Protocol::Tcp,
+            comment: format!("ns/svc{i}:p"),
+            disposition: d,
+        });
+    }
+    let rules = Rules {
+        portals,
+        node_ports,
+    };
+    let detectors = [
+        Detector::Cidrs(vec![
+            "10.244.0.0/16".parse().unwrap(),
+            "fd00:10::/48".parse().unwrap(),
+        ]),
+        Detector::Bridge("cbr0".into()),
+        Detector::Prefix("veth".into()),
+        Detector::default(),
+    ];
+    let node = Netns::new("syntax");
+    let failures = node
+        .spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let mut failures = Vec::new();
+                for v6 in [false, true] {
+                    let (base, bind) = if v6 {
+                        ("ip6tables", "::")
+                    } else {
+                        ("iptables", "0.0.0.0")
+                    };
+                    let tool = Tool {
+                        restore: format!("{base}-restore"),
+                        save: format!("{base}-save"),
+                    };
+                    for d in &detectors {
+                        let saved = tool.save_ours().await.unwrap();
+                        let payload =
+                            render(&rules, v6, bind.parse().unwrap(), d, &find_jumps(&saved));
+                        if let Err(e) = tool.restore(&payload).await {
+                            failures.push(format!("{base} {d:?}: {e}"));
+                            continue;
+                        }
+                        let saved = tool.save_ours().await.unwrap();
+                        let jumps = find_jumps(&saved);
+                        if jumps.found.iter().any(|f| f.len() != 1) {
+                            failures.push(format!("{base} {d:?}: jumps {jumps:?}"));
+                        }
+                        // One rule per rendered rule line.
+                        let want = payload.lines().filter(|l| l.starts_with("-A ")).count();
+                        let have = saved.lines().filter(|l| l.starts_with("-A KUSP-")).count();
+                        if want != have {
+                            failures.push(format!("{base} {d:?}: {have} rules, want {want}"));
+                        }
+                    }
+                    let saved = tool.save_ours().await.unwrap();
+                    if let Some(cleanup) = render_cleanup(&saved) {
+                        if let Err(e) = tool.restore(&cleanup).await {
+                            failures.push(format!("{base} cleanup: {e}"));
+                        }
+                    }
+                    let left = tool.save_ours().await.unwrap();
+                    if left.contains("KUSP") {
+                        failures.push(format!("{base}: left after cleanup:\n{left}"));
+                    }
+                }
+                failures
+            })
+        })
+        .join()
+        .unwrap();
+    assert!(failures.is_empty(), "{failures:#?}");
 }
