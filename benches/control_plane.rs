@@ -78,7 +78,15 @@ fn apply(p: &mut Proxier, snap: &Snapshot) -> (Duration, usize) {
     if r.opened + r.closed + r.spec_changed > 0 {
         let portals = iptables::portals(p);
         let any = IpAddr::from([0, 0, 0, 0]);
-        bytes = render::render(&portals, false, any, &render::JumpState::default()).len();
+        let detector = p.detector();
+        bytes = render::render(
+            &portals,
+            false,
+            any,
+            &detector,
+            &render::JumpState::default(),
+        )
+        .len();
     }
     (t0.elapsed(), bytes)
 }

@@ -4,10 +4,13 @@
 use std::net::IpAddr;
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use kube_userspace_proxy::iptables::render::{render, JumpState, Portal, PortalKind};
+use kube_userspace_proxy::detect_local::Detector;
+use kube_userspace_proxy::iptables::render::{
+    render, Disposition, JumpState, Portal, PortalKind, Rules,
+};
 use kube_userspace_proxy::model::Protocol;
 
-fn portals(n: usize) -> Vec<Portal> {
+fn portals(n: usize) -> Rules {
     (0..n)
         .map(|i| Portal {
             ip: IpAddr::from([10, 96, (i >> 8) as u8, i as u8]),
@@ -16,8 +19,10 @@ fn portals(n: usize) -> Vec<Portal> {
             listener_port: 30000 + (i % 2700) as u16,
             kind: PortalKind::ClusterIp,
             comment: format!("ns-{}/svc-{i}:http", i % 50),
+            disposition: Disposition::Redirect,
         })
-        .collect()
+        .collect::<Vec<_>>()
+        .into()
 }
 
 fn bench(c: &mut Criterion) {
@@ -25,7 +30,7 @@ fn bench(c: &mut Criterion) {
     for n in [100, 5000] {
         let p = portals(n);
         c.bench_function(&format!("render/{n}"), |b| {
-            b.iter(|| render(&p, false, bind, &JumpState::default()))
+            b.iter(|| render(&p, false, bind, &Detector::default(), &JumpState::default()))
         });
     }
 }

@@ -467,7 +467,11 @@ pub async fn rules(args: RunArgs) -> anyhow::Result<()> {
     proxier.sync(&snapshot);
     print!(
         "{}",
-        iptables::preview(&iptables::portals(&proxier), args.bind_address)
+        iptables::preview(
+            &iptables::portals(&proxier),
+            args.bind_address,
+            &proxier.detector()
+        )
     );
     proxier.shutdown(Duration::ZERO).await;
     Ok(())

@@ -105,7 +105,8 @@ impl Loop {
                 let repair = now >= next_repair;
                 if (rules_dirty && due) || repair {
                     let portals = iptables::portals(&self.proxier);
-                    let result = r.iptables.sync(&portals, repair).await;
+                    let detector = self.proxier.detector();
+                    let result = r.iptables.sync(&portals, &detector, repair).await;
                     let took = r.iptables.stats.last_duration;
                     ::metrics::histogram!(metrics::SYNC_DURATION).record(took.as_secs_f64());
                     match result {

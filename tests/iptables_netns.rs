@@ -227,8 +227,11 @@ fn cluster_ip_is_reached_from_a_pod_and_from_the_node_and_follows_the_service() 
     // A clean SIGTERM removes everything of ours.
     proxy.signal(nix::sys::signal::Signal::SIGTERM);
     assert_eq!(proxy.wait(Duration::from_secs(15)), Some(0));
-    let nat = node.nat();
-    assert!(!nat.contains("KUSP"), "rules left after SIGTERM:\n{nat}");
+    let (nat, filter) = (node.nat(), node.filter());
+    assert!(
+        !nat.contains("KUSP") && !filter.contains("KUSP"),
+        "rules left after SIGTERM:\n{nat}{filter}"
+    );
 }
 
 #[test]
@@ -263,6 +266,24 @@ fn kill_9_then_restart_keeps_one_jump_and_cleanup_removes_all() {
     first.signal(nix::sys::signal::Signal::SIGKILL);
     first.wait(Duration::from_secs(5));
     assert!(node.nat().contains("KUSP"), "kill -9 leaves rules behind");
+    // A duplicate filter jump (as from two runs racing): the next run keeps one.
+    node.run(&[
+        "iptables",
+        "-I",
+        "FORWARD",
+        "1",
+        "-m",
+        "conntrack",
+        "--ctstate",
+        "NEW",
+        "-m",
+        "comment",
+        "--comment",
+        "kube-userspace-proxy service portals",
+        "-j",
+        "KUSP-SERVICES",
+    ]);
+    assert_eq!(count(&node.filter(), "-A FORWARD -m conntrack --ctstate NEW -m comment --comment \"kube-userspace-proxy service portals\" -j KUSP-SERVICES"), 2);
 
     let mut second = Proxy::start_with(&node, dir.path(), &["--iptables-sync-period", "1s"]);
     std::thread::sleep(Duration::from_millis(500));
@@ -272,6 +293,9 @@ fn kill_9_then_restart_keeps_one_jump_and_cleanup_removes_all() {
     let nat = node.nat();
     assert_eq!(count(&nat, "-j KUSP-PORTALS-CONTAINER"), 1, "{nat}");
     assert_eq!(count(&nat, "-j KUSP-PORTALS-HOST"), 1, "{nat}");
+    let filter = node.filter();
+    assert_eq!(count(&filter, "-j KUSP-SERVICES"), 2, "{filter}");
+    assert_eq!(count(&filter, "-j KUSP-EXTERNAL-SERVICES"), 2, "{filter}");
     assert_eq!(
         count(&nat, "ns/web:http"),
         4,
@@ -304,6 +328,8 @@ fn kill_9_then_restart_keeps_one_jump_and_cleanup_removes_all() {
     );
     let nat = node.nat();
     assert!(!nat.contains("KUSP"), "--cleanup left:\n{nat}");
+    let filter = node.filter();
+    assert!(!filter.contains("KUSP"), "--cleanup left:\n{filter}");
     assert!(
         nat.contains("-A OUTPUT -d 203.0.113.9/32 -j ACCEPT"),
         "a foreign rule was removed:\n{nat}"
@@ -328,8 +354,11 @@ fn iptables_on_without_privileges_fails_start_up_clearly() {
 
 #[test]
 fn a_failed_restore_names_the_line_and_keeps_the_previous_rules() {
+    use kube_userspace_proxy::detect_local::Detector;
     use kube_userspace_proxy::iptables::exec::Tool;
-    use kube_userspace_proxy::iptables::render::{render, JumpState, Portal, PortalKind};
+    use kube_userspace_proxy::iptables::render::{
+        render, Disposition, JumpState, Portal, PortalKind,
+    };
     use kube_userspace_proxy::iptables::Error;
     use kube_userspace_proxy::model::Protocol;
 
@@ -349,16 +378,19 @@ fn a_failed_restore_names_the_line_and_keeps_the_previous_rules() {
                     save: "iptables-save".into(),
                 };
                 let good = render(
-                    &[Portal {
+                    &vec![Portal {
                         ip: "10.96.0.30".parse().unwrap(),
                         port: 80,
                         protocol: Protocol::Tcp,
                         listener_port: 31000,
                         kind: PortalKind::ClusterIp,
                         comment: "ns/good:http".into(),
-                    }],
+                        disposition: Disposition::Redirect,
+                    }]
+                    .into(),
                     false,
                     "0.0.0.0".parse().unwrap(),
+                    &Detector::default(),
                     &JumpState::default(),
                 );
                 tool.restore(&good).await.unwrap();

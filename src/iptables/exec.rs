@@ -83,8 +83,22 @@ pub async fn detect(choice: BackendChoice, v6: bool) -> Tool {
 impl Tool {
     /// `save -t nat`.
     pub async fn save_nat(&self) -> Result<String, Error> {
+        self.save_table("nat").await
+    }
+
+    /// `save -t nat` then `save -t filter`: the tables we write.
+    pub async fn save_ours(&self) -> Result<String, Error> {
+        let mut out = String::new();
+        for table in super::render::TABLES {
+            out.push_str(&self.save_table(table).await?);
+        }
+        Ok(out)
+    }
+
+    /// `save -t TABLE`.
+    pub async fn save_table(&self, table: &str) -> Result<String, Error> {
         let out = Command::new(&self.save)
-            .args(["-t", "nat"])
+            .args(["-t", table])
             .stdin(Stdio::null())
             .output()
             .await

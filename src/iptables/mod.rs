@@ -1,11 +1,15 @@
 //! The small iptables redirect: ClusterIP, externalIP and LoadBalancer-IP
 //! traffic is REDIRECTed to the listeners from chains we own in the `nat`
-//! table (see [`render`] for the rules, [`exec`] for running the tools).
+//! table, and traffic of ports without endpoints is REJECTed or DROPped
+//! from chains we own in the `filter` table, as upstream's iptables proxier
+//! does (see [`render`] for the rules, [`exec`] for running the tools).
 //!
-//! Every apply is one `iptables-restore --noflush --wait`: atomic, touching
-//! only our chains and our two jump rules (kept at exactly one each). A
-//! failed apply leaves the previous rules in place, is logged with the
-//! offending line and counted; the proxy keeps serving.
+//! Every apply is one `iptables-restore --noflush --wait` per family with
+//! both tables, touching only our chains and our jump rules (kept at
+//! exactly one each). A failed apply leaves the previous rules in place
+//! (with the legacy backend, a table committed before the failing one
+//! stays applied), is logged with the offending line and counted; the
+//! proxy keeps serving.
 
 pub mod exec;
 pub mod render;
@@ -14,9 +18,10 @@ use std::net::IpAddr;
 use std::time::{Duration, Instant, SystemTime};
 
 use exec::{BackendChoice, Tool};
-use render::{Portal, PortalKind};
+use render::{Disposition, NodePort, Portal, PortalKind, Rules};
 
-use crate::proxy::Proxier;
+use crate::detect_local::Detector;
+use crate::proxy::{Proxier, Routing};
 
 /// `--iptables`: whether to manage rules.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -72,45 +77,104 @@ pub struct Iptables {
     pub stats: SyncStats,
 }
 
-/// Every service address that should reach a bound listener.
-pub fn portals(proxier: &Proxier) -> Vec<Portal> {
-    let mut out = Vec::new();
+/// What the rules do with a port's ClusterIP traffic and with its
+/// external traffic (external IPs, LB IPs, nodePort), as upstream's
+/// `syncProxyRules` decides from `hasEndpoints`, `hasInternalEndpoints`
+/// and `hasExternalEndpoints`.
+pub fn dispositions(routing: &Routing) -> (Disposition, Disposition) {
+    if !routing.has_any_endpoints {
+        return (Disposition::Reject, Disposition::Reject);
+    }
+    let internal = if routing.has_internal {
+        Disposition::Redirect
+    } else {
+        Disposition::Drop
+    };
+    // Upstream short-circuits this node's pods and the host to the cluster
+    // endpoints only under `externalTrafficPolicy: Local`.
+    let external = if routing.has_external {
+        Disposition::Redirect
+    } else if routing.external_local {
+        Disposition::RedirectLocalOnly
+    } else {
+        Disposition::Drop
+    };
+    (internal, external)
+}
+
+/// Every service address and nodePort of the served ports, with what the
+/// rules do with its traffic ([`dispositions`]). Addresses of a port with
+/// no listener yet are left out unless they are dropped or rejected
+/// (which needs no listener); a nodePort only while our listener holds it.
+pub fn portals(proxier: &Proxier) -> Rules {
+    let mut out = Rules::default();
     for (service, spec, port) in proxier.services() {
-        let Some(listener_port) = port else { continue };
+        let (internal, external) = dispositions(&service.routing());
+        let needs_no_listener =
+            |d: Disposition| matches!(d, Disposition::Drop | Disposition::Reject);
         let kinds = [
-            (&spec.cluster_ips, PortalKind::ClusterIp),
-            (&spec.external_ips, PortalKind::ExternalIp),
-            (&spec.load_balancer_ips, PortalKind::LoadBalancerIp),
+            (&spec.cluster_ips, PortalKind::ClusterIp, internal),
+            (&spec.external_ips, PortalKind::ExternalIp, external),
+            (
+                &spec.load_balancer_ips,
+                PortalKind::LoadBalancerIp,
+                external,
+            ),
         ];
-        for (ips, kind) in kinds {
+        for (ips, kind, disposition) in kinds {
+            if port.is_none() && !needs_no_listener(disposition) {
+                continue;
+            }
             for ip in ips {
-                out.push(Portal {
+                out.portals.push(Portal {
                     ip: *ip,
                     port: spec.port,
                     protocol: service.name.protocol,
-                    listener_port,
+                    listener_port: port.unwrap_or(0),
                     kind,
                     comment: service.name.to_string(),
+                    disposition,
                 });
             }
+        }
+        // Only while our listener holds the nodePort: without it the port
+        // may be someone else's (and the kernel refuses it anyway).
+        let node_port = spec
+            .node_port
+            .filter(|np| port == Some(*np) && external != Disposition::Redirect);
+        if let Some(node_port) = node_port {
+            out.node_ports.push(NodePort {
+                port: node_port,
+                protocol: service.name.protocol,
+                comment: service.name.to_string(),
+                disposition: external,
+            });
         }
     }
     out
 }
 
 /// Renders the payloads a fresh start would apply (IPv4, then IPv6 if any
-/// IPv6 portal), for `kube-userspace-proxy rules`.
-pub fn preview(portals: &[Portal], bind: IpAddr) -> String {
+/// IPv6 portal, or any nodePort rule and an IPv6 `bind`), for
+/// `kube-userspace-proxy rules`; `detector` is the one in force.
+pub fn preview(rules: &Rules, bind: IpAddr, detector: &Detector) -> String {
     let none = render::JumpState::default();
     let mut out = format!(
         "# iptables-restore --noflush\n{}",
-        render::render(portals, false, bind, &none)
+        render::render(rules, false, bind, detector, &none)
     );
-    if portals.iter().any(|p| p.ip.is_ipv6()) {
+    if wants_v6(rules, bind) {
         out.push_str("# ip6tables-restore --noflush\n");
-        out.push_str(&render::render(portals, true, bind, &none));
+        out.push_str(&render::render(rules, true, bind, detector, &none));
     }
     out
+}
+
+/// Whether IPv6 rules are wanted: an IPv6 service address, or nodePort
+/// rules while the listeners take IPv6 (`bind` is an IPv6 address, e.g.
+/// `::`); with an IPv4 `bind` no IPv6 client reaches a nodePort anyway.
+fn wants_v6(rules: &Rules, bind: IpAddr) -> bool {
+    rules.portals.iter().any(|p| p.ip.is_ipv6()) || (bind.is_ipv6() && rules.has_family(true))
 }
 
 impl Iptables {
@@ -153,11 +217,17 @@ impl Iptables {
         }))
     }
 
-    /// Makes the live rules match `portals`. Unless `force` (the periodic
-    /// repair), a family whose payload is unchanged is skipped.
-    pub async fn sync(&mut self, portals: &[Portal], force: bool) -> Result<(), Error> {
+    /// Makes the live rules match `rules`, pods told apart by `detector`.
+    /// Unless `force` (the periodic repair), a family whose payload is
+    /// unchanged is skipped.
+    pub async fn sync(
+        &mut self,
+        rules: &Rules,
+        detector: &Detector,
+        force: bool,
+    ) -> Result<(), Error> {
         let started = Instant::now();
-        let result = self.sync_families(portals, force).await;
+        let result = self.sync_families(rules, detector, force).await;
         self.stats.last_duration = started.elapsed();
         match &result {
             Ok(()) => {
@@ -169,8 +239,13 @@ impl Iptables {
         result
     }
 
-    async fn sync_families(&mut self, portals: &[Portal], force: bool) -> Result<(), Error> {
-        let has_v6 = portals.iter().any(|p| p.ip.is_ipv6());
+    async fn sync_families(
+        &mut self,
+        rules: &Rules,
+        detector: &Detector,
+        force: bool,
+    ) -> Result<(), Error> {
+        let has_v6 = wants_v6(rules, self.bind);
         for (i, v6) in [(0, false), (1, true)] {
             let tool = if v6 {
                 match &self.v6 {
@@ -180,18 +255,16 @@ impl Iptables {
             } else {
                 self.v4.clone()
             };
-            let saved = tool.save_nat().await?;
+            let saved = tool.save_ours().await?;
             let jumps = render::find_jumps(&saved);
-            let payload = render::render(portals, v6, self.bind, &jumps);
+            let payload = render::render(rules, v6, self.bind, detector, &jumps);
             if !force && self.last[i].as_deref() == Some(payload.as_str()) {
                 continue;
             }
             tool.restore(&payload).await?;
             // What a re-render finds next time: the jumps exactly once.
-            let settled = render::JumpState {
-                found: [vec![String::new()], vec![String::new()]],
-            };
-            self.last[i] = Some(render::render(portals, v6, self.bind, &settled));
+            let settled = render::JumpState::settled();
+            self.last[i] = Some(render::render(rules, v6, self.bind, detector, &settled));
         }
         Ok(())
     }
@@ -204,7 +277,7 @@ impl Iptables {
 
 async fn cleanup_tools<'a>(tools: impl Iterator<Item = &'a Tool>) -> Result<(), Error> {
     for tool in tools {
-        let saved = tool.save_nat().await?;
+        let saved = tool.save_ours().await?;
         if let Some(payload) = render::render_cleanup(&saved) {
             tool.restore(&payload).await?;
         }
@@ -241,4 +314,80 @@ pub async fn cleanup_all(backend: BackendChoice) -> Result<(), Error> {
         ));
     }
     cleanup_tools(tools.iter()).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn routing(any: bool, internal: bool, external: bool, external_local: bool) -> Routing {
+        Routing {
+            external_local,
+            has_any_endpoints: any,
+            has_internal: internal,
+            has_external: external,
+            ..Routing::default()
+        }
+    }
+
+    #[test]
+    fn dispositions_follow_upstream() {
+        use Disposition::*;
+        assert_eq!(
+            dispositions(&routing(false, false, false, true)),
+            (Reject, Reject)
+        );
+        assert_eq!(
+            dispositions(&routing(true, true, true, false)),
+            (Redirect, Redirect)
+        );
+        // internalTrafficPolicy: Local without a local endpoint.
+        assert_eq!(
+            dispositions(&routing(true, false, true, false)),
+            (Drop, Redirect)
+        );
+        // externalTrafficPolicy: Local without one: pods and host only.
+        assert_eq!(
+            dispositions(&routing(true, true, false, true)),
+            (Redirect, RedirectLocalOnly)
+        );
+        // No external endpoint under Cluster policy: no short-circuit.
+        assert_eq!(
+            dispositions(&routing(true, true, false, false)),
+            (Redirect, Drop)
+        );
+    }
+
+    #[test]
+    fn ipv6_rules_only_when_wanted() {
+        let v4: Rules = vec![Portal {
+            ip: "10.96.0.1".parse().unwrap(),
+            port: 80,
+            protocol: crate::model::Protocol::Tcp,
+            listener_port: 1,
+            kind: PortalKind::ClusterIp,
+            comment: "ns/a:b".into(),
+            disposition: Disposition::Redirect,
+        }]
+        .into();
+        let any4: IpAddr = "0.0.0.0".parse().unwrap();
+        let any6: IpAddr = "::".parse().unwrap();
+        assert!(!wants_v6(&v4, any4) && !wants_v6(&v4, any6));
+        let np = Rules {
+            node_ports: vec![NodePort {
+                port: 30080,
+                protocol: crate::model::Protocol::Tcp,
+                comment: "ns/a:b".into(),
+                disposition: Disposition::Reject,
+            }],
+            ..v4
+        };
+        assert!(!wants_v6(&np, any4) && wants_v6(&np, any6));
+        let preview = preview(&np, any6, &Detector::default());
+        assert!(
+            preview.contains("# ip6tables-restore --noflush\n*nat\n"),
+            "{preview}"
+        );
+        assert_eq!(preview.matches("has no endpoints\" -j REJECT").count(), 2);
+    }
 }

@@ -1,15 +1,22 @@
-//! Pure rendering of the `nat` table payload for `iptables-restore
-//! --noflush`: service addresses → our listeners. No I/O, deterministic:
-//! an unchanged input renders byte-identical text.
+//! Pure rendering of the payload for `iptables-restore --noflush`: a `nat`
+//! section (service addresses → our listeners) and a `filter` section
+//! (upstream's REJECT and DROP for ports without endpoints). No I/O,
+//! deterministic: an unchanged input renders byte-identical text.
 //!
 //! Declaring our chains (`:KUSP-… - [0:0]`) in a `--noflush` restore creates
 //! them or flushes them, so each apply replaces their whole content
 //! atomically; built-in chains are only touched by the jump rules the caller
 //! asks for.
+//!
+//! What each service address and nodePort gets follows upstream's
+//! `syncProxyRules` (`pkg/proxy/iptables/proxier.go`), see [`Disposition`];
+//! where a userspace proxy differs (the nodePort is our listener's own
+//! port, not NATed), the rules say why.
 
 use std::fmt::Write as _;
 use std::net::IpAddr;
 
+use crate::detect_local::Detector;
 use crate::model::Protocol;
 
 /// Prefix of every chain we own: cleanup removes whatever carries it.
@@ -18,11 +25,94 @@ pub const CHAIN_PREFIX: &str = "KUSP-";
 pub const CHAIN_CONTAINER: &str = "KUSP-PORTALS-CONTAINER";
 /// Chain for traffic the node itself sends (from `OUTPUT`).
 pub const CHAIN_HOST: &str = "KUSP-PORTALS-HOST";
-/// Comment on our jump rules, so they can be found and counted.
+/// `filter` chain for ClusterIP traffic (upstream's `KUBE-SERVICES`), from
+/// `FORWARD` and `OUTPUT`.
+pub const CHAIN_SERVICES: &str = "KUSP-SERVICES";
+/// `filter` chain for external IPs, LB IPs and nodePorts (upstream's
+/// `KUBE-EXTERNAL-SERVICES`), from `INPUT` and `FORWARD`.
+pub const CHAIN_EXTERNAL: &str = "KUSP-EXTERNAL-SERVICES";
+/// Comment on our `nat` jump rules, so they can be found and counted.
 pub const JUMP_COMMENT: &str = "kube-userspace-proxy portals";
+/// Comment on the jumps to [`CHAIN_SERVICES`].
+pub const SERVICES_JUMP_COMMENT: &str = "kube-userspace-proxy service portals";
+/// Comment on the jumps to [`CHAIN_EXTERNAL`].
+pub const EXTERNAL_JUMP_COMMENT: &str = "kube-userspace-proxy externally-visible service portals";
 
-/// Every (built-in chain, our chain) jump we install in `nat`.
-pub const JUMPS: [(&str, &str); 2] = [("PREROUTING", CHAIN_CONTAINER), ("OUTPUT", CHAIN_HOST)];
+/// The tables we write, in payload order.
+pub const TABLES: [&str; 2] = ["nat", "filter"];
+
+/// One jump from a built-in chain into one of ours.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Jump {
+    /// `nat` or `filter`.
+    pub table: &'static str,
+    /// The built-in chain jumping.
+    pub builtin: &'static str,
+    /// Our chain.
+    pub chain: &'static str,
+    /// Matches before the comment (empty, or upstream's conntrack match).
+    pub matches: &'static str,
+    /// The rule's comment.
+    pub comment: &'static str,
+}
+
+const NEW: &str = "-m conntrack --ctstate NEW";
+
+/// Every jump we install, kept at exactly one each: `nat` as before, and
+/// `filter` where upstream jumps to `KUBE-SERVICES` (`FORWARD`, `OUTPUT`)
+/// and `KUBE-EXTERNAL-SERVICES` (`INPUT`, `FORWARD`), new connections only.
+pub const JUMPS: [Jump; 6] = [
+    Jump {
+        table: "nat",
+        builtin: "PREROUTING",
+        chain: CHAIN_CONTAINER,
+        matches: "",
+        comment: JUMP_COMMENT,
+    },
+    Jump {
+        table: "nat",
+        builtin: "OUTPUT",
+        chain: CHAIN_HOST,
+        matches: "",
+        comment: JUMP_COMMENT,
+    },
+    Jump {
+        table: "filter",
+        builtin: "INPUT",
+        chain: CHAIN_EXTERNAL,
+        matches: NEW,
+        comment: EXTERNAL_JUMP_COMMENT,
+    },
+    Jump {
+        table: "filter",
+        builtin: "FORWARD",
+        chain: CHAIN_EXTERNAL,
+        matches: NEW,
+        comment: EXTERNAL_JUMP_COMMENT,
+    },
+    Jump {
+        table: "filter",
+        builtin: "FORWARD",
+        chain: CHAIN_SERVICES,
+        matches: NEW,
+        comment: SERVICES_JUMP_COMMENT,
+    },
+    Jump {
+        table: "filter",
+        builtin: "OUTPUT",
+        chain: CHAIN_SERVICES,
+        matches: NEW,
+        comment: SERVICES_JUMP_COMMENT,
+    },
+];
+
+/// Our chains of `table`, in declaration order.
+fn chains_of(table: &str) -> &'static [&'static str] {
+    match table {
+        "nat" => &[CHAIN_CONTAINER, CHAIN_HOST],
+        _ => &[CHAIN_SERVICES, CHAIN_EXTERNAL],
+    }
+}
 
 /// Why a service address is redirected (for ordering and debug output).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -35,7 +125,30 @@ pub enum PortalKind {
     LoadBalancerIp,
 }
 
-/// One service address redirected to a local listener.
+/// What the rules do with a service address's (or nodePort's) traffic,
+/// from the port's endpoints (upstream's `hasEndpoints`,
+/// `hasInternalEndpoints`, `hasExternalEndpoints`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Disposition {
+    /// Served: `nat` REDIRECTs it to the listener (a nodePort reaches the
+    /// listener by itself); nothing in `filter`.
+    #[default]
+    Redirect,
+    /// `externalTrafficPolicy: Local` without a local endpoint: only this
+    /// node's pods (the detector's match, in the container chain) and the
+    /// host (host chain) are REDIRECTed, as upstream short-circuits them to
+    /// the cluster endpoints; everything else is DROPped in `filter`.
+    RedirectLocalOnly,
+    /// No endpoint for this kind of traffic (`internalTrafficPolicy: Local`
+    /// without a local endpoint, or external traffic without one): no
+    /// `nat` rule, DROP in `filter` ("has no local endpoints").
+    Drop,
+    /// No endpoint at all: no `nat` rule, REJECT in `filter` (ICMP port
+    /// unreachable: "connection refused"; "has no endpoints").
+    Reject,
+}
+
+/// One service address and what its traffic gets.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Portal {
     /// Address clients dial.
@@ -44,12 +157,67 @@ pub struct Portal {
     pub port: u16,
     /// TCP or UDP.
     pub protocol: Protocol,
-    /// Our listener's port.
+    /// Our listener's port (used by the REDIRECT dispositions only; 0 for
+    /// a `Drop` or `Reject` portal of a port without a listener).
     pub listener_port: u16,
     /// Which field of the Service the address came from.
     pub kind: PortalKind,
     /// `namespace/name:port`, put in the rule's comment.
     pub comment: String,
+    /// What the rules do with its traffic.
+    pub disposition: Disposition,
+}
+
+/// A nodePort whose traffic `filter` drops or rejects (one not
+/// [`Disposition::Redirect`]). NodePort traffic is never NATed: the
+/// listener binds the nodePort itself.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct NodePort {
+    /// The node port.
+    pub port: u16,
+    /// TCP or UDP.
+    pub protocol: Protocol,
+    /// `namespace/name:port`, put in the rule's comment.
+    pub comment: String,
+    /// What the rules do with its traffic.
+    pub disposition: Disposition,
+}
+
+/// Everything the payload is rendered from (both families; [`render`]
+/// picks one).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Rules {
+    /// Service addresses (ClusterIPs, external IPs, LB IPs).
+    pub portals: Vec<Portal>,
+    /// NodePorts with a `filter` rule.
+    pub node_ports: Vec<NodePort>,
+}
+
+impl Rules {
+    /// Whether `family` (`v6`) has anything to render: an address of it,
+    /// or (both families) a nodePort.
+    pub fn has_family(&self, v6: bool) -> bool {
+        self.portals.iter().any(|p| p.ip.is_ipv6() == v6) || !self.node_ports.is_empty()
+    }
+
+    /// Service addresses plus nodePorts, for logs.
+    pub fn len(&self) -> usize {
+        self.portals.len() + self.node_ports.len()
+    }
+
+    /// Whether there is nothing to render but our chains and jumps.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl From<Vec<Portal>> for Rules {
+    fn from(portals: Vec<Portal>) -> Self {
+        Self {
+            portals,
+            node_ports: Vec::new(),
+        }
+    }
 }
 
 /// Where matched traffic is sent.
@@ -76,13 +244,23 @@ impl Target {
     }
 }
 
-/// What the caller found of our jump rules in the live table, per built-in
-/// chain, so the payload can make each exist exactly once.
+/// What the caller found of our jump rules in the live tables, per entry
+/// of [`JUMPS`], so the payload can make each exist exactly once.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct JumpState {
     /// For each entry of [`JUMPS`]: the rule specs (after `-A CHAIN `) of
-    /// every jump to our chain found in the live table.
-    pub found: [Vec<String>; 2],
+    /// every jump to our chain found in its built-in chain.
+    pub found: [Vec<String>; JUMPS.len()],
+}
+
+impl JumpState {
+    /// Every jump present exactly once: what a re-render after a
+    /// successful apply finds.
+    pub fn settled() -> Self {
+        Self {
+            found: std::array::from_fn(|_| vec![String::new()]),
+        }
+    }
 }
 
 /// Makes a comment safe inside double quotes and within iptables' 256
@@ -102,39 +280,119 @@ pub fn sanitize_comment(s: &str) -> String {
     out
 }
 
-fn jump_spec(chain: &str) -> String {
-    format!("-m comment --comment \"{JUMP_COMMENT}\" -j {chain}")
+/// `name` sanitized, then `suffix` (a fixed text of ours, spaces allowed),
+/// within the 255-byte limit.
+fn comment_with(name: &str, suffix: &str) -> String {
+    let mut out = sanitize_comment(name);
+    out.truncate(255 - suffix.len());
+    out.push_str(suffix);
+    out
 }
 
-/// Renders the `nat` payload for one address family (`v6` selects IPv6
-/// portals and `/128` masks): our chains declared (thus flushed), the jumps
-/// fixed to exactly one each, then one rule per portal and chain.
-pub fn render(portals: &[Portal], v6: bool, bind: IpAddr, jumps: &JumpState) -> String {
-    let mut portals: Vec<&Portal> = portals.iter().filter(|p| p.ip.is_ipv6() == v6).collect();
+fn jump_spec(j: &Jump) -> String {
+    let sep = if j.matches.is_empty() { "" } else { " " };
+    format!(
+        "{}{sep}-m comment --comment \"{}\" -j {}",
+        j.matches, j.comment, j.chain
+    )
+}
+
+fn proto_name(p: Protocol) -> Option<&'static str> {
+    match p {
+        Protocol::Tcp => Some("tcp"),
+        Protocol::Udp => Some("udp"),
+        Protocol::Sctp => None,
+    }
+}
+
+/// Renders the payload for one address family (`v6` selects IPv6 portals,
+/// `/128` masks and the detector's IPv6 match): for `nat` then `filter`,
+/// our chains declared (thus flushed), the jumps fixed to exactly one
+/// each, then the rules. Both tables go in one `iptables-restore`.
+///
+/// - `nat`: a REDIRECT (or DNAT, per `bind`) per served portal and chain;
+///   a [`Disposition::RedirectLocalOnly`] portal only from this node's pods
+///   in the container chain (none when `detector` is not implemented for
+///   the family) and from the host.
+/// - `filter`: [`CHAIN_SERVICES`] drops or rejects ClusterIPs,
+///   [`CHAIN_EXTERNAL`] external and LB IPs (`-d IP`), and nodePorts
+///   (`--dst-type LOCAL`). NodePort rules skip NATed traffic
+///   (`! --ctstate DNAT`: ClusterIP traffic REDIRECTed to the same listener
+///   port), and a `RedirectLocalOnly` nodePort also skips this node's pods
+///   and the host, since a userspace proxy cannot short-circuit them
+///   before `filter` as upstream's DNAT does.
+pub fn render(
+    rules: &Rules,
+    v6: bool,
+    bind: IpAddr,
+    detector: &Detector,
+    jumps: &JumpState,
+) -> String {
+    let mut portals: Vec<&Portal> = rules
+        .portals
+        .iter()
+        .filter(|p| p.ip.is_ipv6() == v6)
+        .collect();
     portals.sort();
     portals.dedup_by(|a, b| a.ip == b.ip && a.port == b.port && a.protocol == b.protocol);
-    let mut out = String::from("*nat\n");
-    for (_, chain) in JUMPS {
-        let _ = writeln!(out, ":{chain} - [0:0]");
-    }
-    for (i, (builtin, chain)) in JUMPS.iter().enumerate() {
-        let found = &jumps.found[i];
-        if found.is_empty() {
-            let _ = writeln!(out, "-I {builtin} 1 {}", jump_spec(chain));
-        }
-        // Duplicates (e.g. from an older run killed mid-way): keep one.
-        for extra in found.iter().skip(1) {
-            let _ = writeln!(out, "-D {builtin} {extra}");
-        }
-    }
+    let mut node_ports: Vec<&NodePort> = rules.node_ports.iter().collect();
+    node_ports.sort();
+    node_ports.dedup_by(|a, b| a.port == b.port && a.protocol == b.protocol);
     let mask = if v6 { 128 } else { 32 };
+    let local = detector.if_local(v6);
+    let not_local = detector.if_not_local(v6);
+
+    let mut out = String::new();
+    for table in TABLES {
+        let _ = writeln!(out, "*{table}");
+        for chain in chains_of(table) {
+            let _ = writeln!(out, ":{chain} - [0:0]");
+        }
+        for (i, j) in JUMPS.iter().enumerate() {
+            if j.table != table {
+                continue;
+            }
+            let found = &jumps.found[i];
+            if found.is_empty() {
+                let _ = writeln!(out, "-I {} 1 {}", j.builtin, jump_spec(j));
+            }
+            // Duplicates (e.g. from an older run killed mid-way): keep one.
+            for extra in found.iter().skip(1) {
+                let _ = writeln!(out, "-D {} {extra}", j.builtin);
+            }
+        }
+        if table == "nat" {
+            render_nat(&mut out, &portals, mask, bind, local.as_deref());
+        } else {
+            render_filter(&mut out, &portals, &node_ports, mask, not_local.as_deref());
+        }
+        out.push_str("COMMIT\n");
+    }
+    out
+}
+
+fn render_nat(out: &mut String, portals: &[&Portal], mask: u8, bind: IpAddr, local: Option<&str>) {
     for (chain, host) in [(CHAIN_CONTAINER, false), (CHAIN_HOST, true)] {
-        for p in &portals {
-            let proto = match p.protocol {
-                Protocol::Tcp => "tcp",
-                Protocol::Udp => "udp",
-                Protocol::Sctp => continue,
+        for p in portals {
+            let Some(proto) = proto_name(p.protocol) else {
+                continue;
             };
+            // Only pods of this node: the detector's match, or no rule.
+            // Written where `iptables-save` puts it (`-s` before `-d`,
+            // `-i` after), so the saved rule reads as rendered.
+            let (before, after) = match p.disposition {
+                Disposition::Redirect => (String::new(), String::new()),
+                Disposition::RedirectLocalOnly if host => (String::new(), String::new()),
+                Disposition::RedirectLocalOnly => match local {
+                    Some(m) if m.starts_with("-s ") => (format!(" {m}"), String::new()),
+                    Some(m) => (String::new(), format!(" {m}")),
+                    None => continue,
+                },
+                Disposition::Drop | Disposition::Reject => continue,
+            };
+            if p.listener_port == 0 {
+                continue;
+            }
             let target = match Target::for_bind(bind, host) {
                 Target::Redirect => format!("REDIRECT --to-ports {}", p.listener_port),
                 Target::Dnat(ip) if ip.is_ipv6() => {
@@ -144,83 +402,151 @@ pub fn render(portals: &[Portal], v6: bool, bind: IpAddr, jumps: &JumpState) -> 
             };
             let _ = writeln!(
                 out,
-                "-A {chain} -d {}/{mask} -p {proto} -m {proto} --dport {} -m comment --comment \"{}\" -j {target}",
+                "-A {chain}{before} -d {}/{mask}{after} -p {proto} -m {proto} --dport {} -m comment --comment \"{}\" -j {target}",
                 p.ip,
                 p.port,
                 sanitize_comment(&p.comment),
             );
         }
     }
-    out.push_str("COMMIT\n");
-    out
 }
 
-/// Renders the payload that removes everything of ours from a saved `nat`
-/// table (`iptables-save -t nat` output): every jump into a `KUSP-` chain,
-/// then every `KUSP-` chain (flushed, then deleted). `None` when there is
-/// nothing of ours.
-pub fn render_cleanup(saved: &str) -> Option<String> {
-    let mut chains = Vec::new();
-    let mut jumps = Vec::new();
-    let mut in_nat = false;
-    for line in saved.lines() {
-        if let Some(table) = line.strip_prefix('*') {
-            in_nat = table.trim() == "nat";
-            continue;
+/// The `filter` target and comment of a disposition; `None` for served
+/// traffic.
+fn filter_target(d: Disposition, name: &str) -> Option<(&'static str, String)> {
+    match d {
+        Disposition::Redirect => None,
+        Disposition::RedirectLocalOnly | Disposition::Drop => {
+            Some(("DROP", comment_with(name, " has no local endpoints")))
         }
-        if !in_nat {
-            continue;
-        }
-        if let Some(decl) = line.strip_prefix(':') {
-            let name = decl.split_whitespace().next().unwrap_or("");
-            if name.starts_with(CHAIN_PREFIX) {
-                chains.push(name.to_string());
-            }
-        } else if let Some(rule) = line.strip_prefix("-A ") {
-            let (chain, spec) = rule.split_once(' ').unwrap_or((rule, ""));
-            let jumps_to_ours = spec
-                .split_whitespace()
-                .collect::<Vec<_>>()
-                .windows(2)
-                .any(|w| (w[0] == "-j" || w[0] == "-g") && w[1].starts_with(CHAIN_PREFIX));
-            if !chain.starts_with(CHAIN_PREFIX) && jumps_to_ours {
-                jumps.push(format!("-D {chain} {spec}"));
-            }
-        }
+        Disposition::Reject => Some(("REJECT", comment_with(name, " has no endpoints"))),
     }
-    if chains.is_empty() && jumps.is_empty() {
-        return None;
-    }
-    let mut out = String::from("*nat\n");
-    for c in &chains {
-        let _ = writeln!(out, ":{c} - [0:0]");
-    }
-    for j in &jumps {
-        let _ = writeln!(out, "{j}");
-    }
-    for c in &chains {
-        let _ = writeln!(out, "-X {c}");
-    }
-    out.push_str("COMMIT\n");
-    Some(out)
 }
 
-/// Finds our jump rules in a saved `nat` table, for [`render`].
-pub fn find_jumps(saved: &str) -> JumpState {
-    let mut state = JumpState::default();
-    let mut in_nat = false;
-    for line in saved.lines() {
-        if let Some(table) = line.strip_prefix('*') {
-            in_nat = table.trim() == "nat";
-            continue;
+fn render_filter(
+    out: &mut String,
+    portals: &[&Portal],
+    node_ports: &[&NodePort],
+    mask: u8,
+    not_local: Option<&str>,
+) {
+    for chain in [CHAIN_SERVICES, CHAIN_EXTERNAL] {
+        for p in portals {
+            let internal = p.kind == PortalKind::ClusterIp;
+            if internal != (chain == CHAIN_SERVICES) {
+                continue;
+            }
+            let (Some(proto), Some((target, comment))) = (
+                proto_name(p.protocol),
+                filter_target(p.disposition, &p.comment),
+            ) else {
+                continue;
+            };
+            let _ = writeln!(
+                out,
+                "-A {chain} -d {}/{mask} -p {proto} -m {proto} --dport {} -m comment --comment \"{comment}\" -j {target}",
+                p.ip, p.port,
+            );
         }
-        let Some(rule) = line.strip_prefix("-A ").filter(|_| in_nat) else {
+    }
+    for n in node_ports {
+        let (Some(proto), Some((target, comment))) = (
+            proto_name(n.protocol),
+            filter_target(n.disposition, &n.comment),
+        ) else {
             continue;
         };
-        let (chain, spec) = rule.split_once(' ').unwrap_or((rule, ""));
-        for (i, (builtin, ours)) in JUMPS.iter().enumerate() {
-            if chain == *builtin && spec.ends_with(&format!("-j {ours}")) {
-                state.found[i].push(spec.to_string());
+        // Upstream DNATs this node's pods and the host to the cluster
+        // endpoints before `filter`; here they reach the listener
+        // un-NATed, so the DROP itself lets them by.
+        let (pods, host) = match (n.disposition, not_local) {
+            (Disposition::RedirectLocalOnly, m) => (
+                m.map(|m| format!(" {m}")).unwrap_or_default(),
+                " -m addrtype ! --src-type LOCAL",
+            ),
+            _ => (String::new(), ""),
+        };
+        let _ = writeln!(
+            out,
+            "-A {CHAIN_EXTERNAL}{pods} -p {proto} -m addrtype --dst-type LOCAL{host} -m {proto} --dport {} -m conntrack ! --ctstate DNAT -m comment --comment \"{comment}\" -j {target}",
+            n.port,
+        );
+    }
+}
+
+/// Renders the payload that removes everything of ours from saved `nat`
+/// and `filter` tables (`iptables-save` output): every jump into a `KUSP-`
+/// chain, then every `KUSP-` chain (flushed, then deleted), per table.
+/// `None` when there is nothing of ours.
+pub fn render_cleanup(saved: &str) -> Option<String> {
+    let mut out = String::new();
+    for table in TABLES {
+        let mut chains = Vec::new();
+        let mut jumps = Vec::new();
+        for line in table_lines(saved, table) {
+            if let Some(decl) = line.strip_prefix(':') {
+                let name = decl.split_whitespace().next().unwrap_or("");
+                if name.starts_with(CHAIN_PREFIX) {
+                    chains.push(name.to_string());
+                }
+            } else if let Some(rule) = line.strip_prefix("-A ") {
+                let (chain, spec) = rule.split_once(' ').unwrap_or((rule, ""));
+                let jumps_to_ours = spec
+                    .split_whitespace()
+                    .collect::<Vec<_>>()
+                    .windows(2)
+                    .any(|w| (w[0] == "-j" || w[0] == "-g") && w[1].starts_with(CHAIN_PREFIX));
+                if !chain.starts_with(CHAIN_PREFIX) && jumps_to_ours {
+                    jumps.push(format!("-D {chain} {spec}"));
+                }
+            }
+        }
+        if chains.is_empty() && jumps.is_empty() {
+            continue;
+        }
+        let _ = writeln!(out, "*{table}");
+        for c in &chains {
+            let _ = writeln!(out, ":{c} - [0:0]");
+        }
+        for j in &jumps {
+            let _ = writeln!(out, "{j}");
+        }
+        for c in &chains {
+            let _ = writeln!(out, "-X {c}");
+        }
+        out.push_str("COMMIT\n");
+    }
+    (!out.is_empty()).then_some(out)
+}
+
+/// The lines of `table`'s section(s) in `iptables-save` output.
+fn table_lines<'a>(saved: &'a str, table: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+    let mut inside = false;
+    saved.lines().filter(move |line| {
+        if let Some(t) = line.strip_prefix('*') {
+            inside = t.trim() == table;
+            return false;
+        }
+        inside
+    })
+}
+
+/// Finds our jump rules in saved `nat` and `filter` tables, for [`render`].
+pub fn find_jumps(saved: &str) -> JumpState {
+    let mut state = JumpState::default();
+    for table in TABLES {
+        for line in table_lines(saved, table) {
+            let Some(rule) = line.strip_prefix("-A ") else {
+                continue;
+            };
+            let (chain, spec) = rule.split_once(' ').unwrap_or((rule, ""));
+            for (i, j) in JUMPS.iter().enumerate() {
+                if j.table == table
+                    && chain == j.builtin
+                    && spec.ends_with(&format!("-j {}", j.chain))
+                {
+                    state.found[i].push(spec.to_string());
+                }
             }
         }
     }
@@ -239,14 +565,54 @@ mod tests {
             listener_port: lp,
             kind,
             comment: "ns/web:http".into(),
+            disposition: Disposition::Redirect,
+        }
+    }
+
+    fn with(mut p: Portal, d: Disposition) -> Portal {
+        p.disposition = d;
+        p
+    }
+
+    fn node_port(port: u16, protocol: Protocol, d: Disposition) -> NodePort {
+        NodePort {
+            port,
+            protocol,
+            comment: "ns/web:http".into(),
+            disposition: d,
         }
     }
 
     const ANY: IpAddr = IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED);
 
+    fn none() -> Detector {
+        Detector::default()
+    }
+
+    fn pods() -> Detector {
+        Detector::Cidrs(vec![
+            "10.244.0.0/16".parse().unwrap(),
+            "fd00:10::/48".parse().unwrap(),
+        ])
+    }
+
+    /// The lines of `table`'s section that add rules to our chains.
+    fn rules_of(out: &str, table: &str) -> Vec<String> {
+        table_lines(out, table)
+            .filter(|l| l.starts_with("-A KUSP-"))
+            .map(str::to_string)
+            .collect()
+    }
+
     #[test]
     fn empty_snapshot_renders_only_chains_and_jumps() {
-        let out = render(&[], false, ANY, &JumpState::default());
+        let out = render(
+            &Rules::default(),
+            false,
+            ANY,
+            &none(),
+            &JumpState::default(),
+        );
         assert_eq!(
             out,
             "*nat\n\
@@ -254,7 +620,26 @@ mod tests {
              :KUSP-PORTALS-HOST - [0:0]\n\
              -I PREROUTING 1 -m comment --comment \"kube-userspace-proxy portals\" -j KUSP-PORTALS-CONTAINER\n\
              -I OUTPUT 1 -m comment --comment \"kube-userspace-proxy portals\" -j KUSP-PORTALS-HOST\n\
+             COMMIT\n\
+             *filter\n\
+             :KUSP-SERVICES - [0:0]\n\
+             :KUSP-EXTERNAL-SERVICES - [0:0]\n\
+             -I INPUT 1 -m conntrack --ctstate NEW -m comment --comment \"kube-userspace-proxy externally-visible service portals\" -j KUSP-EXTERNAL-SERVICES\n\
+             -I FORWARD 1 -m conntrack --ctstate NEW -m comment --comment \"kube-userspace-proxy externally-visible service portals\" -j KUSP-EXTERNAL-SERVICES\n\
+             -I FORWARD 1 -m conntrack --ctstate NEW -m comment --comment \"kube-userspace-proxy service portals\" -j KUSP-SERVICES\n\
+             -I OUTPUT 1 -m conntrack --ctstate NEW -m comment --comment \"kube-userspace-proxy service portals\" -j KUSP-SERVICES\n\
              COMMIT\n"
+        );
+        let settled = render(
+            &Rules::default(),
+            false,
+            ANY,
+            &none(),
+            &JumpState::settled(),
+        );
+        assert!(
+            !settled.contains("-I ") && !settled.contains("-D "),
+            "{settled}"
         );
     }
 
@@ -265,15 +650,13 @@ mod tests {
             portal("10.96.0.10", 80, 30080, PortalKind::ClusterIp),
             portal("198.51.100.7", 80, 30080, PortalKind::ExternalIp),
         ];
-        let jumps = JumpState {
-            found: [vec!["x".into()], vec!["y".into()]],
-        };
-        let out = render(&ps, false, ANY, &jumps);
+        let jumps = JumpState::settled();
+        let out = render(&ps.clone().into(), false, ANY, &none(), &jumps);
         let mut reversed = ps.clone();
         reversed.reverse();
         assert_eq!(
             out,
-            render(&reversed, false, ANY, &jumps),
+            render(&reversed.into(), false, ANY, &none(), &jumps),
             "order-independent"
         );
         assert_eq!(
@@ -287,32 +670,236 @@ mod tests {
              -A KUSP-PORTALS-HOST -d 10.96.0.10/32 -p tcp -m tcp --dport 80 -m comment --comment \"ns/web:http\" -j REDIRECT --to-ports 30080\n\
              -A KUSP-PORTALS-HOST -d 192.0.2.10/32 -p tcp -m tcp --dport 80 -m comment --comment \"ns/web:http\" -j REDIRECT --to-ports 30080\n\
              -A KUSP-PORTALS-HOST -d 198.51.100.7/32 -p tcp -m tcp --dport 80 -m comment --comment \"ns/web:http\" -j REDIRECT --to-ports 30080\n\
+             COMMIT\n\
+             *filter\n\
+             :KUSP-SERVICES - [0:0]\n\
+             :KUSP-EXTERNAL-SERVICES - [0:0]\n\
              COMMIT\n"
         );
     }
 
     #[test]
+    fn no_endpoints_rejects_every_address_and_the_node_port() {
+        let rules = Rules {
+            portals: vec![
+                with(
+                    portal("10.96.0.10", 80, 30080, PortalKind::ClusterIp),
+                    Disposition::Reject,
+                ),
+                with(
+                    portal("198.51.100.7", 80, 30080, PortalKind::ExternalIp),
+                    Disposition::Reject,
+                ),
+                with(
+                    portal("192.0.2.10", 80, 30080, PortalKind::LoadBalancerIp),
+                    Disposition::Reject,
+                ),
+            ],
+            node_ports: vec![node_port(30080, Protocol::Udp, Disposition::Reject)],
+        };
+        let out = render(&rules, false, ANY, &pods(), &JumpState::settled());
+        assert!(rules_of(&out, "nat").is_empty(), "no nat rule: {out}");
+        assert_eq!(
+            rules_of(&out, "filter"),
+            [
+                "-A KUSP-SERVICES -d 10.96.0.10/32 -p tcp -m tcp --dport 80 -m comment --comment \"ns/web:http has no endpoints\" -j REJECT",
+                "-A KUSP-EXTERNAL-SERVICES -d 192.0.2.10/32 -p tcp -m tcp --dport 80 -m comment --comment \"ns/web:http has no endpoints\" -j REJECT",
+                "-A KUSP-EXTERNAL-SERVICES -d 198.51.100.7/32 -p tcp -m tcp --dport 80 -m comment --comment \"ns/web:http has no endpoints\" -j REJECT",
+                "-A KUSP-EXTERNAL-SERVICES -p udp -m addrtype --dst-type LOCAL -m udp --dport 30080 -m conntrack ! --ctstate DNAT -m comment --comment \"ns/web:http has no endpoints\" -j REJECT",
+            ]
+        );
+        // A port without a listener is rejected all the same.
+        let mut unbound = rules.clone();
+        unbound.portals.iter_mut().for_each(|p| p.listener_port = 0);
+        assert_eq!(
+            rules_of(
+                &render(&unbound, false, ANY, &pods(), &JumpState::settled()),
+                "filter"
+            )
+            .len(),
+            4
+        );
+    }
+
+    #[test]
+    fn internal_policy_local_without_local_endpoints_drops_the_cluster_ip() {
+        let rules: Rules = vec![
+            with(
+                portal("10.96.0.10", 80, 30080, PortalKind::ClusterIp),
+                Disposition::Drop,
+            ),
+            portal("198.51.100.7", 80, 30080, PortalKind::ExternalIp),
+        ]
+        .into();
+        let out = render(&rules, false, ANY, &none(), &JumpState::settled());
+        assert_eq!(
+            rules_of(&out, "nat"),
+            [
+                "-A KUSP-PORTALS-CONTAINER -d 198.51.100.7/32 -p tcp -m tcp --dport 80 -m comment --comment \"ns/web:http\" -j REDIRECT --to-ports 30080",
+                "-A KUSP-PORTALS-HOST -d 198.51.100.7/32 -p tcp -m tcp --dport 80 -m comment --comment \"ns/web:http\" -j REDIRECT --to-ports 30080",
+            ]
+        );
+        assert_eq!(
+            rules_of(&out, "filter"),
+            ["-A KUSP-SERVICES -d 10.96.0.10/32 -p tcp -m tcp --dport 80 -m comment --comment \"ns/web:http has no local endpoints\" -j DROP"]
+        );
+    }
+
+    #[test]
+    fn external_policy_local_without_local_endpoints_serves_only_local_clients() {
+        let rules = Rules {
+            portals: vec![
+                portal("10.96.0.10", 80, 30080, PortalKind::ClusterIp),
+                with(
+                    portal("198.51.100.7", 80, 30080, PortalKind::ExternalIp),
+                    Disposition::RedirectLocalOnly,
+                ),
+                with(
+                    portal("fd00::7", 80, 30080, PortalKind::LoadBalancerIp),
+                    Disposition::RedirectLocalOnly,
+                ),
+            ],
+            node_ports: vec![node_port(
+                30080,
+                Protocol::Tcp,
+                Disposition::RedirectLocalOnly,
+            )],
+        };
+        let v4 = render(&rules, false, ANY, &pods(), &JumpState::settled());
+        assert_eq!(
+            rules_of(&v4, "nat"),
+            [
+                "-A KUSP-PORTALS-CONTAINER -d 10.96.0.10/32 -p tcp -m tcp --dport 80 -m comment --comment \"ns/web:http\" -j REDIRECT --to-ports 30080",
+                "-A KUSP-PORTALS-CONTAINER -s 10.244.0.0/16 -d 198.51.100.7/32 -p tcp -m tcp --dport 80 -m comment --comment \"ns/web:http\" -j REDIRECT --to-ports 30080",
+                "-A KUSP-PORTALS-HOST -d 10.96.0.10/32 -p tcp -m tcp --dport 80 -m comment --comment \"ns/web:http\" -j REDIRECT --to-ports 30080",
+                "-A KUSP-PORTALS-HOST -d 198.51.100.7/32 -p tcp -m tcp --dport 80 -m comment --comment \"ns/web:http\" -j REDIRECT --to-ports 30080",
+            ]
+        );
+        assert_eq!(
+            rules_of(&v4, "filter"),
+            [
+                "-A KUSP-EXTERNAL-SERVICES -d 198.51.100.7/32 -p tcp -m tcp --dport 80 -m comment --comment \"ns/web:http has no local endpoints\" -j DROP",
+                "-A KUSP-EXTERNAL-SERVICES ! -s 10.244.0.0/16 -p tcp -m addrtype --dst-type LOCAL -m addrtype ! --src-type LOCAL -m tcp --dport 30080 -m conntrack ! --ctstate DNAT -m comment --comment \"ns/web:http has no local endpoints\" -j DROP",
+            ]
+        );
+        // IPv6: its own addresses and the detector's IPv6 CIDR; the
+        // nodePort in both families.
+        let v6 = render(
+            &rules,
+            true,
+            "::".parse().unwrap(),
+            &pods(),
+            &JumpState::settled(),
+        );
+        assert_eq!(
+            rules_of(&v6, "nat"),
+            [
+                "-A KUSP-PORTALS-CONTAINER -s fd00:10::/48 -d fd00::7/128 -p tcp -m tcp --dport 80 -m comment --comment \"ns/web:http\" -j REDIRECT --to-ports 30080",
+                "-A KUSP-PORTALS-HOST -d fd00::7/128 -p tcp -m tcp --dport 80 -m comment --comment \"ns/web:http\" -j REDIRECT --to-ports 30080",
+            ]
+        );
+        assert_eq!(
+            rules_of(&v6, "filter"),
+            [
+                "-A KUSP-EXTERNAL-SERVICES -d fd00::7/128 -p tcp -m tcp --dport 80 -m comment --comment \"ns/web:http has no local endpoints\" -j DROP",
+                "-A KUSP-EXTERNAL-SERVICES ! -s fd00:10::/48 -p tcp -m addrtype --dst-type LOCAL -m addrtype ! --src-type LOCAL -m tcp --dport 30080 -m conntrack ! --ctstate DNAT -m comment --comment \"ns/web:http has no local endpoints\" -j DROP",
+            ]
+        );
+        // No detector: pods cannot be told apart, so only the host is
+        // redirected; the nodePort still exempts the host.
+        let bare = render(&rules, false, ANY, &none(), &JumpState::settled());
+        assert!(
+            !bare.contains("-A KUSP-PORTALS-CONTAINER -d 198.51.100.7"),
+            "{bare}"
+        );
+        assert!(
+            bare.contains("-A KUSP-PORTALS-HOST -d 198.51.100.7/32"),
+            "{bare}"
+        );
+        assert!(bare.contains("-A KUSP-EXTERNAL-SERVICES -p tcp -m addrtype --dst-type LOCAL -m addrtype ! --src-type LOCAL -m tcp --dport 30080 "), "{bare}");
+        // Interface detectors match the incoming interface.
+        let bridge = render(
+            &rules,
+            false,
+            ANY,
+            &Detector::Bridge("cbr0".into()),
+            &JumpState::settled(),
+        );
+        assert!(
+            bridge.contains("-A KUSP-PORTALS-CONTAINER -d 198.51.100.7/32 -i cbr0 -p tcp"),
+            "{bridge}"
+        );
+        assert!(
+            bridge.contains(
+                "-A KUSP-EXTERNAL-SERVICES ! -i cbr0 -p tcp -m addrtype --dst-type LOCAL"
+            ),
+            "{bridge}"
+        );
+    }
+
+    #[test]
+    fn external_policy_cluster_without_external_endpoints_drops_even_local_clients() {
+        let rules = Rules {
+            portals: vec![with(
+                portal("198.51.100.7", 80, 1, PortalKind::ExternalIp),
+                Disposition::Drop,
+            )],
+            node_ports: vec![
+                node_port(30080, Protocol::Tcp, Disposition::Drop),
+                // Served nodePorts and SCTP render nothing.
+                node_port(30081, Protocol::Tcp, Disposition::Redirect),
+                node_port(30082, Protocol::Sctp, Disposition::Reject),
+            ],
+        };
+        let out = render(&rules, false, ANY, &pods(), &JumpState::settled());
+        assert!(rules_of(&out, "nat").is_empty(), "{out}");
+        assert_eq!(
+            rules_of(&out, "filter"),
+            [
+                "-A KUSP-EXTERNAL-SERVICES -d 198.51.100.7/32 -p tcp -m tcp --dport 80 -m comment --comment \"ns/web:http has no local endpoints\" -j DROP",
+                "-A KUSP-EXTERNAL-SERVICES -p tcp -m addrtype --dst-type LOCAL -m tcp --dport 30080 -m conntrack ! --ctstate DNAT -m comment --comment \"ns/web:http has no local endpoints\" -j DROP",
+            ]
+        );
+    }
+
+    #[test]
     fn ipv6_goes_to_its_own_payload() {
-        let ps = vec![
+        let rules: Rules = vec![
             portal("10.96.0.10", 80, 30080, PortalKind::ClusterIp),
             portal("fd00::10", 80, 30080, PortalKind::ClusterIp),
-        ];
-        let jumps = JumpState {
-            found: [vec!["x".into()], vec!["y".into()]],
-        };
-        let v4 = render(&ps, false, ANY, &jumps);
-        let v6 = render(&ps, true, "::".parse().unwrap(), &jumps);
+        ]
+        .into();
+        let v4 = render(&rules, false, ANY, &none(), &JumpState::settled());
+        let v6 = render(
+            &rules,
+            true,
+            "::".parse().unwrap(),
+            &none(),
+            &JumpState::settled(),
+        );
         assert!(v4.contains("-d 10.96.0.10/32") && !v4.contains("fd00"));
         assert!(v6.contains("-d fd00::10/128 -p tcp") && !v6.contains("10.96"));
+        assert!(rules.has_family(true) && rules.has_family(false));
+        let v4_only: Rules = vec![portal("10.96.0.10", 80, 1, PortalKind::ClusterIp)].into();
+        assert!(!v4_only.has_family(true));
+        let with_node_port = Rules {
+            node_ports: vec![node_port(30080, Protocol::Tcp, Disposition::Reject)],
+            ..v4_only
+        };
+        assert!(
+            with_node_port.has_family(true),
+            "nodePorts go in both families"
+        );
     }
 
     #[test]
     fn specific_bind_address_uses_dnat() {
-        let ps = vec![portal("10.96.0.10", 80, 30080, PortalKind::ClusterIp)];
+        let ps: Rules = vec![portal("10.96.0.10", 80, 30080, PortalKind::ClusterIp)].into();
         let out = render(
             &ps,
             false,
             "192.0.2.1".parse().unwrap(),
+            &none(),
             &JumpState::default(),
         );
         assert!(out.contains("-A KUSP-PORTALS-CONTAINER -d 10.96.0.10/32 -p tcp -m tcp --dport 80 -m comment --comment \"ns/web:http\" -j DNAT --to-destination 192.0.2.1:30080"));
@@ -321,6 +908,7 @@ mod tests {
             &ps,
             false,
             "127.0.0.1".parse().unwrap(),
+            &none(),
             &JumpState::default(),
         );
         assert!(out.contains("-A KUSP-PORTALS-HOST -d 10.96.0.10/32 -p tcp -m tcp --dport 80 -m comment --comment \"ns/web:http\" -j REDIRECT --to-ports 30080"));
@@ -330,9 +918,20 @@ mod tests {
     fn comments_are_escaped() {
         let mut p = portal("10.96.0.10", 80, 1, PortalKind::ClusterIp);
         p.comment = "ns/we\"b:h ttp\\x".into();
-        let out = render(&[p], false, ANY, &JumpState::default());
+        let out = render(
+            &vec![p.clone()].into(),
+            false,
+            ANY,
+            &none(),
+            &JumpState::default(),
+        );
         assert!(out.contains("--comment \"ns/we_b:h_ttp_x\""), "{out}");
         assert_eq!(sanitize_comment(&"a".repeat(300)).len(), 255);
+        p.comment = "a".repeat(300);
+        p.disposition = Disposition::Reject;
+        let out = render(&vec![p].into(), false, ANY, &none(), &JumpState::default());
+        let long = format!("{} has no endpoints\"", "a".repeat(255 - 17));
+        assert!(out.contains(&long), "{out}");
     }
 
     #[test]
@@ -340,19 +939,36 @@ mod tests {
         let saved = "*nat\n:PREROUTING ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n\
             -A PREROUTING -m comment --comment \"kube-userspace-proxy portals\" -j KUSP-PORTALS-CONTAINER\n\
             -A PREROUTING -m comment --comment \"kube-userspace-proxy portals\" -j KUSP-PORTALS-CONTAINER\n\
-            -A PREROUTING -j DOCKER\nCOMMIT\n";
+            -A PREROUTING -j DOCKER\nCOMMIT\n\
+            *filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n\
+            -A INPUT -m conntrack --ctstate NEW -m comment --comment \"kube-userspace-proxy externally-visible service portals\" -j KUSP-EXTERNAL-SERVICES\n\
+            -A FORWARD -m conntrack --ctstate NEW -m comment --comment \"kube-userspace-proxy externally-visible service portals\" -j KUSP-EXTERNAL-SERVICES\n\
+            -A FORWARD -m conntrack --ctstate NEW -m comment --comment \"kube-userspace-proxy service portals\" -j KUSP-SERVICES\n\
+            -A FORWARD -m conntrack --ctstate NEW -m comment --comment \"kube-userspace-proxy service portals\" -j KUSP-SERVICES\n\
+            -A OUTPUT -j KUSP-PORTALS-HOST\n\
+            COMMIT\n";
         let jumps = find_jumps(saved);
-        assert_eq!(jumps.found[0].len(), 2);
-        assert!(jumps.found[1].is_empty());
-        let out = render(&[], false, ANY, &jumps);
+        let counts: Vec<usize> = jumps.found.iter().map(Vec::len).collect();
+        // The filter OUTPUT rule jumps to a nat chain's name: not ours there.
+        assert_eq!(counts, [2, 0, 1, 1, 2, 0]);
+        let out = render(&Rules::default(), false, ANY, &none(), &jumps);
         assert!(out.contains("-D PREROUTING -m comment --comment \"kube-userspace-proxy portals\" -j KUSP-PORTALS-CONTAINER\n"));
         assert_eq!(out.matches("-I PREROUTING").count(), 0);
-        assert_eq!(out.matches("-I OUTPUT 1").count(), 1);
+        assert_eq!(out.matches("-I OUTPUT 1").count(), 2, "{out}");
+        assert!(out.contains("-D FORWARD -m conntrack --ctstate NEW -m comment --comment \"kube-userspace-proxy service portals\" -j KUSP-SERVICES\n"));
+        assert!(out.contains("-I OUTPUT 1 -m conntrack --ctstate NEW -m comment --comment \"kube-userspace-proxy service portals\" -j KUSP-SERVICES\n"));
+        assert_eq!(
+            out.matches("-I INPUT").count() + out.matches("-I FORWARD").count(),
+            0
+        );
     }
 
     #[test]
     fn cleanup_removes_only_ours() {
-        let saved = "*filter\n:KUSP-NOT-NAT - [0:0]\nCOMMIT\n*nat\n:PREROUTING ACCEPT [0:0]\n:DOCKER - [0:0]\n:KUSP-PORTALS-HOST - [0:0]\n:KUSP-OLD - [0:0]\n\
+        let saved = "*filter\n:INPUT ACCEPT [0:0]\n:KUSP-SERVICES - [0:0]\n:KUBE-SERVICES - [0:0]\n\
+            -A OUTPUT -m conntrack --ctstate NEW -m comment --comment \"kube-userspace-proxy service portals\" -j KUSP-SERVICES\n\
+            -A OUTPUT -j KUBE-SERVICES\n-A KUSP-SERVICES -j REJECT\nCOMMIT\n\
+            *nat\n:PREROUTING ACCEPT [0:0]\n:DOCKER - [0:0]\n:KUSP-PORTALS-HOST - [0:0]\n:KUSP-OLD - [0:0]\n\
             -A OUTPUT -m comment --comment \"kube-userspace-proxy portals\" -j KUSP-PORTALS-HOST\n\
             -A OUTPUT -j DOCKER\n-A KUSP-OLD -j KUSP-PORTALS-HOST\nCOMMIT\n";
         let out = render_cleanup(saved).unwrap();
@@ -360,7 +976,10 @@ mod tests {
             out,
             "*nat\n:KUSP-PORTALS-HOST - [0:0]\n:KUSP-OLD - [0:0]\n\
              -D OUTPUT -m comment --comment \"kube-userspace-proxy portals\" -j KUSP-PORTALS-HOST\n\
-             -X KUSP-PORTALS-HOST\n-X KUSP-OLD\nCOMMIT\n"
+             -X KUSP-PORTALS-HOST\n-X KUSP-OLD\nCOMMIT\n\
+             *filter\n:KUSP-SERVICES - [0:0]\n\
+             -D OUTPUT -m conntrack --ctstate NEW -m comment --comment \"kube-userspace-proxy service portals\" -j KUSP-SERVICES\n\
+             -X KUSP-SERVICES\nCOMMIT\n"
         );
         assert_eq!(render_cleanup("*nat\n:DOCKER - [0:0]\nCOMMIT\n"), None);
     }

@@ -277,6 +277,12 @@ impl Proxier {
             .map(|s| (&s.service, &s.spec, s.listener.as_ref().map(Listener::port)))
     }
 
+    /// The local-traffic detector in force (`--detect-local-mode`, with the
+    /// Node's pod CIDRs of the last snapshot), for the rules.
+    pub fn detector(&self) -> crate::detect_local::Detector {
+        crate::detect_local::Detector::clone(&self.ctx.origin.detector())
+    }
+
     /// Whether some listener failed to bind and wants a retry.
     pub fn has_pending(&self) -> bool {
         self.served.values().any(|s| s.listener.is_none())

@@ -116,6 +116,11 @@ impl Netns {
         self.run(&["iptables-save", "-t", "nat"])
     }
 
+    /// `iptables-save -t filter` inside.
+    pub fn filter(&self) -> String {
+        self.run(&["iptables-save", "-t", "filter"])
+    }
+
     /// Runs `f` on a thread that has entered this namespace: sockets it
     /// creates live here.
     pub fn spawn<T: Send + 'static>(

@@ -1,0 +1,620 @@
+//! Upstream's REJECT and DROP, for real, inside network namespaces the
+//! tests create: a "node" namespace runs the proxy binary, a "pod"
+//! namespace holds a backend (and is a pod client: its source is in
+//! `--cluster-cidr`), an "ext" namespace is a client outside the cluster,
+//! routed to the node over a veth pair. The host's own rules are never
+//! touched. Root and the tools are required: without them these tests
+//! fail, they never skip.
+
+mod common;
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::path::Path;
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use common::netns::{node_and_pod, require_tools, veth, wait_for, Netns};
+
+const BIN: &str = env!("CARGO_BIN_EXE_kube-userspace-proxy");
+
+/// Panics unless we are root with the tools: these tests must run.
+fn require_root_and_tools(test: &str) {
+    assert!(
+        nix::unistd::Uid::effective().is_root(),
+        "{test}: needs root (network namespaces, iptables); run it as root"
+    );
+    require_tools(
+        test,
+        &[
+            "ip",
+            "iptables",
+            "iptables-save",
+            "iptables-restore",
+            "sysctl",
+        ],
+        "iproute2, iptables and procps",
+    );
+}
+
+/// The proxy binary running inside `ns` on the manifests in `dir`;
+/// SIGKILLed on drop if still alive.
+struct Proxy(Child);
+
+impl Proxy {
+    fn start(ns: &Netns, dir: &Path, extra: &[&str]) -> Self {
+        let mut cmd = ns.command(&[BIN, "--manifests"]);
+        cmd.arg(dir)
+            .args([
+                "--iptables",
+                "on",
+                "--iptables-min-sync-period",
+                "100ms",
+                "--log-level",
+                "warn",
+                "--metrics-bind-address",
+                "127.0.0.1:0",
+                "--healthz-bind-address",
+                "127.0.0.1:0",
+            ])
+            .args(extra)
+            .arg("--handover-socket")
+            .arg(dir.join("handover.sock"))
+            .stdout(Stdio::null());
+        Proxy(cmd.spawn().unwrap())
+    }
+
+    fn stop(mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.0.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+        let end = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < end {
+            if let Some(status) = self.0.try_wait().unwrap() {
+                assert_eq!(status.code(), Some(0), "proxy exit status");
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("the proxy did not stop within 15 s of SIGTERM");
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// What a client saw.
+#[derive(Debug, PartialEq, Eq)]
+enum Seen {
+    /// The answer (TCP: everything until EOF).
+    Answer(String),
+    /// ECONNREFUSED (RST or ICMP port unreachable).
+    Refused,
+    /// Nothing within the timeout.
+    TimedOut,
+    /// Anything else.
+    Other(String),
+}
+
+fn seen_error(e: &std::io::Error) -> Seen {
+    match e.kind() {
+        ErrorKind::ConnectionRefused => Seen::Refused,
+        ErrorKind::TimedOut | ErrorKind::WouldBlock => Seen::TimedOut,
+        _ => Seen::Other(e.to_string()),
+    }
+}
+
+/// Connects over TCP from inside `ns` and reads until EOF; how long the
+/// connect took.
+fn tcp(ns: &Netns, addr: SocketAddr, timeout: Duration) -> (Seen, Duration) {
+    ns.spawn(move || {
+        let t0 = Instant::now();
+        let mut s = match TcpStream::connect_timeout(&addr, timeout) {
+            Ok(s) => s,
+            Err(e) => return (seen_error(&e), t0.elapsed()),
+        };
+        let took = t0.elapsed();
+        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        let mut out = String::new();
+        match s.read_to_string(&mut out) {
+            Ok(_) => (Seen::Answer(out), took),
+            Err(e) => (Seen::Other(format!("read: {e}")), took),
+        }
+    })
+    .join()
+    .unwrap()
+}
+
+/// Sends "query" from a connected UDP socket inside `ns` and waits for
+/// the answer (an ICMP port unreachable shows as ECONNREFUSED); how long
+/// it took.
+fn udp(ns: &Netns, addr: SocketAddr, timeout: Duration) -> (Seen, Duration) {
+    ns.spawn(move || {
+        let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+        s.set_read_timeout(Some(timeout)).unwrap();
+        s.connect(addr).unwrap();
+        let t0 = Instant::now();
+        // From the node itself, a REJECT in OUTPUT also fails the send
+        // (EPERM); its ICMP port unreachable still reaches the socket.
+        match s.send(b"query") {
+            Err(e) if e.raw_os_error() != Some(libc::EPERM) => {
+                return (seen_error(&e), t0.elapsed())
+            }
+            _ => {}
+        }
+        let mut buf = [0u8; 2048];
+        match s.recv(&mut buf) {
+            Ok(n) => (
+                Seen::Answer(String::from_utf8_lossy(&buf[..n]).into_owned()),
+                t0.elapsed(),
+            ),
+            Err(e) => (seen_error(&e), t0.elapsed()),
+        }
+    })
+    .join()
+    .unwrap()
+}
+
+/// Asserts `addr` refuses (TCP, or UDP with ICMP) within 100 ms.
+fn assert_refused_fast(what: &str, seen: (Seen, Duration)) {
+    assert_eq!(seen.0, Seen::Refused, "{what}");
+    assert!(
+        seen.1 < Duration::from_millis(100),
+        "{what}: refused only after {:?}",
+        seen.1
+    );
+}
+
+/// A TCP backend answering "NAME\n" and a UDP one answering
+/// "udp:" + the datagram, in `ns`.
+fn backends(ns: &Netns, tcp_addr: SocketAddr, udp_addr: SocketAddr, name: &'static str) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let tx2 = tx.clone();
+    ns.spawn(move || {
+        let l = TcpListener::bind(tcp_addr).unwrap();
+        tx.send(()).unwrap();
+        for s in l.incoming().take(1000) {
+            let Ok(mut s) = s else { continue };
+            let _ = s.write_all(format!("{name}\n").as_bytes());
+        }
+    });
+    ns.spawn(move || {
+        let s = UdpSocket::bind(udp_addr).unwrap();
+        tx2.send(()).unwrap();
+        let mut buf = [0u8; 2048];
+        for _ in 0..1000 {
+            let Ok((n, from)) = s.recv_from(&mut buf) else {
+                continue;
+            };
+            let mut out = b"udp:".to_vec();
+            out.extend_from_slice(&buf[..n]);
+            let _ = s.send_to(&out, from);
+        }
+    });
+    for _ in 0..2 {
+        rx.recv_timeout(Duration::from_secs(5)).unwrap();
+    }
+}
+
+/// `iptables-save -c -t filter` inside `ns`: the packet count of the one
+/// rule containing `needle`.
+fn packets(ns: &Netns, needle: &str) -> u64 {
+    let saved = ns.run(&["iptables-save", "-c", "-t", "filter"]);
+    let lines: Vec<&str> = saved.lines().filter(|l| l.contains(needle)).collect();
+    assert_eq!(lines.len(), 1, "one rule with {needle:?}:\n{saved}");
+    lines[0]
+        .strip_prefix('[')
+        .and_then(|l| l.split(':').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no counters in {:?}", lines[0]))
+}
+
+fn count(haystack: &str, needle: &str) -> usize {
+    haystack.lines().filter(|l| l.contains(needle)).count()
+}
+
+/// An "ext" namespace linked to `node` on `subnet`: node `.1`, ext `.2`;
+/// returns it and the node's address on the link.
+fn external_client(node: &Netns, subnet: &str) -> (Netns, String) {
+    let ext = Netns::new("ext");
+    veth(
+        node,
+        &format!("{subnet}.1/24"),
+        &ext,
+        &format!("{subnet}.2/24"),
+    );
+    ext.run(&[
+        "ip",
+        "route",
+        "add",
+        "default",
+        "via",
+        &format!("{subnet}.1"),
+    ]);
+    (ext, format!("{subnet}.1"))
+}
+
+const SERVICE: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: ns}\n\
+    spec:\n  type: NodePort\n  clusterIP: 10.96.0.50\n  ports:\n\
+    \x20 - {name: http, port: 80, nodePort: 30080}\n\
+    \x20 - {name: dns, port: 53, protocol: UDP, nodePort: 30053}\n";
+
+/// The slice of `web`: one endpoint at `ip` (TCP 8080, UDP 8081), ready
+/// or neither ready nor serving.
+fn slice(ip: &str, ready: bool) -> String {
+    format!(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+         metadata: {{name: web-1, namespace: ns, labels: {{kubernetes.io/service-name: web}}}}\n\
+         addressType: IPv4\nports: [{{name: http, port: 8080}}, {{name: dns, port: 8081, protocol: UDP}}]\n\
+         endpoints: [{{addresses: [\"{ip}\"], conditions: {{ready: {ready}, serving: {ready}, terminating: false}}}}]\n"
+    )
+}
+
+#[test]
+fn no_endpoints_is_refused_everywhere_until_endpoints_appear() {
+    require_root_and_tools("no_endpoints_is_refused_everywhere_until_endpoints_appear");
+    let (node, pod, _) = node_and_pod("rj", "10.235.1");
+    // A pod's ClusterIP traffic without a nat rule is forwarded, as on a
+    // real node: out of another interface (the default route's), so the
+    // node sends no ICMP redirect (which would use up the per-host ICMP
+    // rate limit before REJECT's port unreachable).
+    node.run(&["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"]);
+    node.run(&[
+        "ip", "link", "add", "uplink0", "type", "veth", "peer", "name", "uplink1",
+    ]);
+    node.run(&["ip", "link", "set", "uplink0", "up"]);
+    node.run(&["ip", "link", "set", "uplink1", "up"]);
+    node.run(&["ip", "route", "replace", "10.96.0.0/16", "dev", "uplink0"]);
+    let (ext, node_ip) = external_client(&node, "10.235.2");
+    backends(
+        &pod,
+        "10.235.1.2:8080".parse().unwrap(),
+        "10.235.1.2:8081".parse().unwrap(),
+        "pod-backend",
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = dir.path().join("web.yaml");
+    std::fs::write(
+        &manifest,
+        format!("{SERVICE}---\n{}", slice("10.235.1.2", false)),
+    )
+    .unwrap();
+    let proxy = Proxy::start(&node, dir.path(), &[]);
+    wait_for("REJECT rules for ns/web", Duration::from_secs(10), || {
+        count(&node.filter(), "has no endpoints\" -j REJECT") == 4
+    });
+    let filter = node.filter();
+    assert!(
+        !node.nat().contains("ns/web:"),
+        "no nat rule for a port without endpoints"
+    );
+    assert_eq!(count(&filter, "-j KUSP-SERVICES"), 2, "{filter}");
+    assert_eq!(count(&filter, "-j KUSP-EXTERNAL-SERVICES"), 2, "{filter}");
+
+    let vip: SocketAddr = "10.96.0.50:80".parse().unwrap();
+    let dns_vip: SocketAddr = "10.96.0.50:53".parse().unwrap();
+    let node_port: SocketAddr = format!("{node_ip}:30080").parse().unwrap();
+    let udp_node_port: SocketAddr = format!("{node_ip}:30053").parse().unwrap();
+    let t = Duration::from_secs(2);
+    let tcp_node_port_before = packets(&node, "--dport 30080 ");
+    assert_refused_fast("node → ClusterIP (TCP)", tcp(&node, vip, t));
+    assert_refused_fast("node → ClusterIP (UDP)", udp(&node, dns_vip, t));
+    assert_refused_fast("pod → ClusterIP (TCP)", tcp(&pod, vip, t));
+    assert_refused_fast("pod → ClusterIP (UDP)", udp(&pod, dns_vip, t));
+    assert_refused_fast("ext → nodePort (TCP)", tcp(&ext, node_port, t));
+    assert_refused_fast("ext → nodePort (UDP)", udp(&ext, udp_node_port, t));
+    // The refusals are our REJECTs (the listener may refuse on its own).
+    assert!(packets(&node, "10.96.0.50/32 -p tcp") >= 2);
+    assert!(packets(&node, "10.96.0.50/32 -p udp") >= 2);
+    assert!(packets(&node, "--dport 30080 ") > tcp_node_port_before);
+    assert!(packets(&node, "--dport 30053 ") >= 1);
+
+    // Endpoints appear: the same addresses answer once the rules follow.
+    std::fs::write(
+        &manifest,
+        format!("{SERVICE}---\n{}", slice("10.235.1.2", true)),
+    )
+    .unwrap();
+    wait_for("REJECT rules gone", Duration::from_secs(5), || {
+        let filter = node.filter();
+        !filter.contains("ns/web") && filter.contains(":KUSP-SERVICES")
+    });
+    wait_for("nat rules for ns/web", Duration::from_secs(5), || {
+        count(&node.nat(), "ns/web:") == 4
+    });
+    let answer = |s: &str| Seen::Answer(s.to_string());
+    assert_eq!(
+        tcp(&node, vip, t).0,
+        answer("pod-backend\n"),
+        "node → ClusterIP"
+    );
+    assert_eq!(
+        tcp(&pod, vip, t).0,
+        answer("pod-backend\n"),
+        "pod → ClusterIP"
+    );
+    assert_eq!(
+        udp(&pod, dns_vip, t).0,
+        answer("udp:query"),
+        "pod → ClusterIP (UDP)"
+    );
+    assert_eq!(
+        udp(&node, dns_vip, t).0,
+        answer("udp:query"),
+        "node → ClusterIP (UDP)"
+    );
+    assert_eq!(
+        tcp(&ext, node_port, t).0,
+        answer("pod-backend\n"),
+        "ext → nodePort"
+    );
+    assert_eq!(
+        udp(&ext, udp_node_port, t).0,
+        answer("udp:query"),
+        "ext → nodePort (UDP)"
+    );
+
+    // And vanish again: refused again.
+    std::fs::write(&manifest, SERVICE).unwrap();
+    wait_for("REJECT rules back", Duration::from_secs(5), || {
+        count(&node.filter(), "has no endpoints\" -j REJECT") == 4
+    });
+    assert_refused_fast("ext → nodePort (UDP), again", udp(&ext, udp_node_port, t));
+    assert_refused_fast("pod → ClusterIP (TCP), again", tcp(&pod, vip, t));
+
+    // A clean stop removes both tables' chains and jumps.
+    proxy.stop();
+    let (nat, filter) = (node.nat(), node.filter());
+    assert!(
+        !nat.contains("KUSP") && !filter.contains("KUSP"),
+        "left:\n{nat}{filter}"
+    );
+}
+
+#[test]
+fn external_policy_local_without_local_endpoints_drops_outside_clients_only() {
+    require_root_and_tools(
+        "external_policy_local_without_local_endpoints_drops_outside_clients_only",
+    );
+    external_policy_local_case("etp", false);
+}
+
+#[test]
+fn external_policy_local_tells_pods_by_their_bridge_interface() {
+    require_root_and_tools("external_policy_local_tells_pods_by_their_bridge_interface");
+    external_policy_local_case("etpbr", true);
+}
+
+/// eTP Local with a remote endpoint only, pods told by `--cluster-cidr`
+/// or (`bridge`) by the node's interface towards them.
+fn external_policy_local_case(tag: &str, bridge: bool) {
+    let node = Netns::new(&format!("{tag}node"));
+    let pod = Netns::new(&format!("{tag}pod"));
+    let (node_if, _) = veth(&node, "10.236.1.1/24", &pod, "10.236.1.2/24");
+    pod.run(&["ip", "route", "add", "default", "via", "10.236.1.1"]);
+    // The service range is routed, as a real node's default route would.
+    node.run(&["ip", "route", "add", "10.96.0.0/16", "dev", &node_if]);
+    let (ext, node_ip) = external_client(&node, "10.236.2");
+    // The external IP is one of the node's addresses (as with an L2 LB).
+    node.run(&["ip", "addr", "add", "198.18.0.9/32", "dev", "lo"]);
+    // The endpoint runs on another node (it is reached from the pod
+    // namespace): this node has no local endpoint.
+    backends(
+        &pod,
+        "10.236.1.2:8080".parse().unwrap(),
+        "10.236.1.2:8081".parse().unwrap(),
+        "remote-backend",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("web.yaml"),
+        "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: ns}\n\
+         spec:\n  type: NodePort\n  clusterIP: 10.96.0.60\n  externalTrafficPolicy: Local\n\
+         \x20 externalIPs: [198.18.0.9]\n  ports: [{name: http, port: 80, nodePort: 30090}]\n\
+         ---\n\
+         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+         metadata: {name: web-1, namespace: ns, labels: {kubernetes.io/service-name: web}}\n\
+         addressType: IPv4\nports: [{name: http, port: 8080}]\n\
+         endpoints: [{addresses: [\"10.236.1.2\"], nodeName: node-b}]\n",
+    )
+    .unwrap();
+    let mut args = vec!["--hostname-override", "node-a"];
+    let (pods_match, not_pods_match) = if bridge {
+        args.extend([
+            "--detect-local-mode",
+            "BridgeInterface",
+            "--pod-bridge-interface",
+            &node_if,
+        ]);
+        (
+            format!("-d 198.18.0.9/32 -i {node_if} -p tcp"),
+            format!("! -i {node_if} -p tcp"),
+        )
+    } else {
+        args.extend(["--cluster-cidr", "10.236.1.0/24"]);
+        (
+            "-s 10.236.1.0/24 -d 198.18.0.9/32 -p tcp".to_string(),
+            "! -s 10.236.1.0/24 -p tcp".to_string(),
+        )
+    };
+    let proxy = Proxy::start(&node, dir.path(), &args);
+    wait_for("DROP rules for ns/web", Duration::from_secs(10), || {
+        count(&node.filter(), "has no local endpoints\" -j DROP") == 2
+    });
+    let (nat, filter) = (node.nat(), node.filter());
+    assert!(
+        nat.contains(&format!("-A KUSP-PORTALS-CONTAINER {pods_match}")),
+        "{nat}"
+    );
+    assert!(
+        nat.contains("-A KUSP-PORTALS-HOST -d 198.18.0.9/32 -p tcp"),
+        "{nat}"
+    );
+    assert!(
+        filter.contains(&format!("-A KUSP-EXTERNAL-SERVICES {not_pods_match} -m addrtype --dst-type LOCAL -m addrtype ! --src-type LOCAL -m tcp --dport 30090 -m conntrack ! --ctstate DNAT")),
+        "{filter}"
+    );
+
+    let node_port: SocketAddr = format!("{node_ip}:30090").parse().unwrap();
+    let external_ip: SocketAddr = "198.18.0.9:80".parse().unwrap();
+    let short = Duration::from_millis(300);
+    let t = Duration::from_secs(3);
+    let answer = Seen::Answer("remote-backend\n".into());
+    // From outside: dropped, neither refused nor answered.
+    assert_eq!(
+        tcp(&ext, node_port, short).0,
+        Seen::TimedOut,
+        "ext → nodePort"
+    );
+    assert_eq!(
+        tcp(&ext, external_ip, short).0,
+        Seen::TimedOut,
+        "ext → externalIP"
+    );
+    // From the host: short-circuited to the (remote) endpoint.
+    assert_eq!(tcp(&node, node_port, t).0, answer, "node → nodePort");
+    assert_eq!(tcp(&node, external_ip, t).0, answer, "node → externalIP");
+    // From a pod of this node (source in --cluster-cidr): the same.
+    let pod_node_port: SocketAddr = "10.236.1.1:30090".parse().unwrap();
+    assert_eq!(tcp(&pod, pod_node_port, t).0, answer, "pod → nodePort");
+    assert_eq!(tcp(&pod, external_ip, t).0, answer, "pod → externalIP");
+    // ClusterIP traffic (REDIRECTed to the listener, i.e. to the nodePort)
+    // is not external: served, from the pod and the host.
+    let vip: SocketAddr = "10.96.0.60:80".parse().unwrap();
+    assert_eq!(tcp(&pod, vip, t).0, answer, "pod → ClusterIP");
+    assert_eq!(tcp(&node, vip, t).0, answer, "node → ClusterIP");
+    // The outside clients were dropped by our rules.
+    assert!(packets(&node, "--dport 30090 ") >= 1);
+    assert!(packets(&node, "-d 198.18.0.9/32") >= 1);
+
+    proxy.stop();
+    let (nat, filter) = (node.nat(), node.filter());
+    assert!(
+        !nat.contains("KUSP") && !filter.contains("KUSP"),
+        "left:\n{nat}{filter}"
+    );
+}
+
+#[test]
+fn every_disposition_is_accepted_by_both_families_and_cleaned_up() {
+    use kube_userspace_proxy::detect_local::Detector;
+    use kube_userspace_proxy::iptables::exec::Tool;
+    use kube_userspace_proxy::iptables::render::{
+        find_jumps, render, render_cleanup, Disposition, NodePort, Portal, PortalKind, Rules,
+    };
+    use kube_userspace_proxy::model::Protocol;
+
+    require_root_and_tools("every_disposition_is_accepted_by_both_families_and_cleaned_up");
+    require_tools(
+        "every_disposition_is_accepted_by_both_families_and_cleaned_up",
+        &["ip6tables-save", "ip6tables-restore"],
+        "iptables",
+    );
+    let mut portals = Vec::new();
+    let mut node_ports = Vec::new();
+    let dispositions = [
+        Disposition::Redirect,
+        Disposition::RedirectLocalOnly,
+        Disposition::Drop,
+        Disposition::Reject,
+    ];
+    for (i, d) in dispositions.into_iter().enumerate() {
+        let i = i as u16;
+        for (ip, kind) in [
+            (format!("10.96.0.{}", 10 + i), PortalKind::ClusterIp),
+            (format!("198.18.0.{}", 10 + i), PortalKind::ExternalIp),
+            (format!("fd00::{}", 10 + i), PortalKind::LoadBalancerIp),
+        ] {
+            for protocol in [Protocol::Tcp, Protocol::Udp] {
+                portals.push(Portal {
+                    ip: ip.parse().unwrap(),
+                    port: 80,
+                    protocol,
+                    listener_port: 31000 + i,
+                    kind,
+                    comment: format!("ns/svc{i}:p"),
+                    disposition: d,
+                });
+            }
+        }
+        node_ports.push(NodePort {
+            port: 30000 + i,
+            protocol: Protocol::Tcp,
+            comment: format!("ns/svc{i}:p"),
+            disposition: d,
+        });
+    }
+    let rules = Rules {
+        portals,
+        node_ports,
+    };
+    let detectors = [
+        Detector::Cidrs(vec![
+            "10.244.0.0/16".parse().unwrap(),
+            "fd00:10::/48".parse().unwrap(),
+        ]),
+        Detector::Bridge("cbr0".into()),
+        Detector::Prefix("veth".into()),
+        Detector::default(),
+    ];
+    let node = Netns::new("syntax");
+    let failures = node
+        .spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let mut failures = Vec::new();
+                for v6 in [false, true] {
+                    let (base, bind) = if v6 {
+                        ("ip6tables", "::")
+                    } else {
+                        ("iptables", "0.0.0.0")
+                    };
+                    let tool = Tool {
+                        restore: format!("{base}-restore"),
+                        save: format!("{base}-save"),
+                    };
+                    for d in &detectors {
+                        let saved = tool.save_ours().await.unwrap();
+                        let payload =
+                            render(&rules, v6, bind.parse().unwrap(), d, &find_jumps(&saved));
+                        if let Err(e) = tool.restore(&payload).await {
+                            failures.push(format!("{base} {d:?}: {e}"));
+                            continue;
+                        }
+                        let saved = tool.save_ours().await.unwrap();
+                        let jumps = find_jumps(&saved);
+                        if jumps.found.iter().any(|f| f.len() != 1) {
+                            failures.push(format!("{base} {d:?}: jumps {jumps:?}"));
+                        }
+                        // One rule per rendered rule line.
+                        let want = payload.lines().filter(|l| l.starts_with("-A ")).count();
+                        let have = saved.lines().filter(|l| l.starts_with("-A KUSP-")).count();
+                        if want != have {
+                            failures.push(format!("{base} {d:?}: {have} rules, want {want}"));
+                        }
+                    }
+                    let saved = tool.save_ours().await.unwrap();
+                    if let Some(cleanup) = render_cleanup(&saved) {
+                        if let Err(e) = tool.restore(&cleanup).await {
+                            failures.push(format!("{base} cleanup: {e}"));
+                        }
+                    }
+                    let left = tool.save_ours().await.unwrap();
+                    if left.contains("KUSP") {
+                        failures.push(format!("{base}: left after cleanup:\n{left}"));
+                    }
+                }
+                failures
+            })
+        })
+        .join()
+        .unwrap();
+    assert!(failures.is_empty(), "{failures:#?}");
+}
