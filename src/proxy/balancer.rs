@@ -275,12 +275,26 @@ impl Balancer {
     /// ones. Open connections are not touched; the live state of addresses
     /// that stay is kept.
     pub fn update(&self, endpoints: &[Endpoint], affinity: Option<Affinity>) -> bool {
-        let all = Self::with_backends(endpoints, &self.backends());
         let mut usable: Vec<Endpoint> = endpoints.iter().filter(|e| e.ready).cloned().collect();
         if usable.is_empty() {
             usable = endpoints.iter().filter(|e| e.serving).cloned().collect();
         }
-        self.install(&all, &usable, affinity)
+        self.set_affinity(affinity);
+        if self.holds(endpoints, &usable) {
+            return false;
+        }
+        self.install(&Self::with_backends(endpoints, &self.backends()), &usable);
+        true
+    }
+
+    /// Whether the set in force is exactly `endpoints`, of which `usable`
+    /// take new connections (nothing to install).
+    pub fn holds(&self, endpoints: &[Endpoint], usable: &[Endpoint]) -> bool {
+        let cur = self.set.load();
+        cur.all.len() == endpoints.len()
+            && cur.all.iter().zip(endpoints).all(|((e, _), n)| e == n)
+            && cur.usable.len() == usable.len()
+            && cur.usable.iter().zip(usable).all(|(b, u)| b.addr == u.addr)
     }
 
     /// The live state of every endpoint, by address (to carry it over to
@@ -313,27 +327,8 @@ impl Balancer {
 
     /// Installs `all` (every endpoint of the port, shown in status) of
     /// which `usable` are chosen for new connections (already decided:
-    /// `discovery::topology`), and the affinity setting; returns whether
-    /// the set changed.
-    pub fn install(
-        &self,
-        all: &[(Endpoint, Arc<Backend>)],
-        usable: &[Endpoint],
-        affinity: Option<Affinity>,
-    ) -> bool {
-        let cur = self.set.load();
-        self.set_affinity(affinity);
-        let same = cur.all.len() == all.len()
-            && cur
-                .all
-                .iter()
-                .zip(all)
-                .all(|((e, b), (n, nb))| e == n && Arc::ptr_eq(b, nb))
-            && cur.usable.len() == usable.len()
-            && cur.usable.iter().zip(usable).all(|(b, u)| b.addr == u.addr);
-        if same {
-            return false;
-        }
+    /// `discovery::topology`). Callers skip it when [`Self::holds`].
+    pub fn install(&self, all: &[(Endpoint, Arc<Backend>)], usable: &[Endpoint]) {
         let by_addr: HashMap<SocketAddr, &Arc<Backend>> =
             all.iter().map(|(e, b)| (e.addr, b)).collect();
         let usable: Vec<Arc<Backend>> = usable
@@ -354,7 +349,6 @@ impl Balancer {
             all: all.to_vec(),
             usable,
         }));
-        true
     }
 
     /// Switches the scheduler in place; returns whether it changed. Open
@@ -372,7 +366,8 @@ impl Balancer {
             .unwrap_or_default()
     }
 
-    fn set_affinity(&self, affinity: Option<Affinity>) {
+    /// Switches ClientIP affinity on (with its timeout) or off.
+    pub fn set_affinity(&self, affinity: Option<Affinity>) {
         self.has_affinity.store(affinity.is_some(), Relaxed);
         let mut table = self.affinity.lock().unwrap_or_else(|e| e.into_inner());
         match (affinity, table.as_mut()) {

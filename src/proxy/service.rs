@@ -134,6 +134,14 @@ pub struct Routing {
     pub reason: String,
 }
 
+impl Routing {
+    /// Whether every kind of traffic uses the cluster set (no `Local`
+    /// policy in force): nothing about a client needs asking.
+    pub fn one_set(&self) -> bool {
+        !self.internal_local && !self.external_local
+    }
+}
+
 /// The kinds of traffic a port tells apart to choose its endpoint set.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Traffic {
@@ -188,7 +196,11 @@ impl Service {
 
     /// The balancer for `traffic`.
     pub fn balancer_of(&self, traffic: Traffic) -> &Balancer {
-        let r = self.routing.load();
+        self.balancer_in(&self.routing.load(), traffic)
+    }
+
+    /// The balancer for `traffic` under routing `r`.
+    fn balancer_in(&self, r: &Routing, traffic: Traffic) -> &Balancer {
         let local = match traffic {
             Traffic::Internal => r.internal_local,
             Traffic::External => r.external_local,
@@ -212,7 +224,7 @@ impl Service {
         origin: &Origin,
     ) -> &Balancer {
         let r = self.routing.load();
-        if !r.internal_local && !r.external_local {
+        if r.one_set() {
             return &self.balancer;
         }
         let internal = !r.externally_accessible
@@ -225,22 +237,26 @@ impl Service {
         } else {
             Traffic::External
         };
-        self.balancer_of(traffic)
+        self.balancer_in(&r, traffic)
     }
 
     /// Swaps in the endpoints of `entry` (both sets, sharing each
     /// endpoint's live state) and its routing: whether the sets changed,
     /// and whether what the rules do with the port's traffic changed.
     pub(super) fn update_endpoints(&self, entry: &ServiceEntry) -> (bool, bool) {
-        let affinity = entry.port.affinity;
-        let mut backends = self.balancer.backends();
-        backends.extend(self.local.backends());
-        let all = Balancer::with_backends(&entry.endpoints, &backends);
-        let changed = self
-            .balancer
-            .install(&all, entry.choice.cluster(), affinity);
-        let local_changed = self.local.install(&all, entry.choice.local(), affinity);
         let (port, choice) = (&entry.port, &entry.choice);
+        let (endpoints, cluster, local) = (&entry.endpoints, choice.cluster(), choice.local());
+        self.balancer.set_affinity(port.affinity);
+        self.local.set_affinity(port.affinity);
+        let sets_changed =
+            !(self.balancer.holds(endpoints, cluster) && self.local.holds(endpoints, local));
+        if sets_changed {
+            // Both balancers hold every endpoint with the same live state,
+            // so either one's is all there is to carry over.
+            let all = Balancer::with_backends(endpoints, &self.balancer.backends());
+            self.balancer.install(&all, cluster);
+            self.local.install(&all, local);
+        }
         let routing = Routing {
             internal_local: port.internal_local,
             externally_accessible: port.externally_accessible(),
@@ -261,7 +277,7 @@ impl Service {
         if routing_changed {
             self.routing.store(Arc::new(routing));
         }
-        (changed || local_changed || routing_changed, rules_changed)
+        (sets_changed || routing_changed, rules_changed)
     }
 
     /// Applies the annotation settings of `spec` in place (`default`: the

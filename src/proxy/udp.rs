@@ -366,9 +366,8 @@ async fn receive_loop(s: Arc<Shared>, stop: CancellationToken) {
 /// external traffic from the node, or ClusterIPs are routed from outside.
 /// The interface modes of `--detect-local-mode` are not asked here.
 fn traffic_of(service: &Service, client: IpAddr, origin: &Origin) -> Traffic {
-    let r = service.routing();
-    if !r.internal_local && !r.external_local {
-        return Traffic::Internal; // one set for all
+    if service.routing().one_set() {
+        return Traffic::Internal;
     }
     if origin.is_local(client, || None) {
         Traffic::Internal
