@@ -502,11 +502,11 @@ fn resume(
         return;
     };
     let service = Arc::clone(&service.service);
+    // Both balancers list every endpoint, with the same live state.
     let endpoint = service
         .balancer
         .endpoints()
         .into_iter()
-        .chain(service.local.endpoints())
         .map(|(_, b)| b)
         .find(|b| b.addr == d.endpoint)
         .unwrap_or_else(|| Arc::new(Backend::detached(d.endpoint)));

@@ -212,9 +212,7 @@ impl TcpListenerHandle {
             .map(|(s, _)| Arc::clone(s) as SharedFd)
             .collect()
     }
-}
 
-impl TcpListenerHandle {
     /// Stops listening while the port has no endpoints (clients are
     /// refused), or listens again.
     pub fn set_paused(&self, paused: bool) {

@@ -385,13 +385,11 @@ impl Proxier {
         }
         report.connection_limit = self.ctx.fds.rebalance(0);
         for s in self.served.values() {
-            if let Some(l) = &s.listener {
-                l.set_refusing(!s.service.routing().has_any_endpoints);
-            }
-        }
-        for s in self.served.values() {
             match (&s.listener, &s.unserved) {
-                (Some(_), _) => report.listening += 1,
+                (Some(l), _) => {
+                    l.set_refusing(!s.service.routing().has_any_endpoints);
+                    report.listening += 1;
+                }
                 (None, Some(u)) if u.reason == UnservedReason::FdLimit => {
                     report.pending += 1;
                     report.fd_limited += 1;
