@@ -108,6 +108,7 @@ pub fn record_interface(socket: &impl AsRawFd, v6: bool) -> std::io::Result<()> 
 /// [`record_interface`].
 pub fn incoming_interface(socket: &impl AsRawFd) -> Option<String> {
     const IPV6_2292PKTOPTIONS: libc::c_int = 6;
+    // Aligned for `cmsghdr`, room for one packet info message.
     let mut buf = [0u64; 16];
     for (level, opt) in [
         (libc::IPPROTO_IP, libc::IP_PKTOPTIONS),
@@ -128,7 +129,7 @@ pub fn incoming_interface(socket: &impl AsRawFd) -> Option<String> {
         if r != 0 || len == 0 {
             continue;
         }
-        if let Some(index) = ifindex_in_cmsgs(&buf, len as usize) {
+        if let Some(index) = ifindex_in_cmsgs(&mut buf, len) {
             return interface_name(index);
         }
     }
@@ -136,44 +137,34 @@ pub fn incoming_interface(socket: &impl AsRawFd) -> Option<String> {
 }
 
 /// The interface index of the first `IP_PKTINFO` / `IPV6_PKTINFO` control
-/// message among the `len` bytes of `buf`.
-fn ifindex_in_cmsgs(buf: &[u64; 16], len: usize) -> Option<u32> {
-    let bytes: &[u8] = bytemuck_bytes(buf);
-    let bytes = bytes.get(..len)?;
-    let hdr = std::mem::size_of::<libc::cmsghdr>();
-    let mut at = 0;
-    while at + hdr <= bytes.len() {
-        let field = |off: usize, n: usize| bytes.get(at + off..at + off + n);
-        let cmsg_len = usize::from_ne_bytes(field(0, 8)?.try_into().ok()?);
-        let level = i32::from_ne_bytes(field(8, 4)?.try_into().ok()?);
-        let kind = i32::from_ne_bytes(field(12, 4)?.try_into().ok()?);
-        if cmsg_len < hdr {
-            return None;
-        }
-        let data = bytes.get(at + hdr..at + cmsg_len)?;
-        match (level, kind) {
-            // struct in_pktinfo { int ipi_ifindex; ... }
-            (libc::IPPROTO_IP, libc::IP_PKTINFO) => {
-                return Some(i32::from_ne_bytes(data.get(..4)?.try_into().ok()?) as u32)
-            }
-            // struct in6_pktinfo { struct in6_addr; unsigned ipi6_ifindex; }
-            (libc::IPPROTO_IPV6, libc::IPV6_PKTINFO) => {
-                return Some(u32::from_ne_bytes(data.get(16..20)?.try_into().ok()?))
-            }
-            _ => {}
-        }
-        at += (cmsg_len + 7) & !7;
-    }
-    None
-}
-
-/// The bytes of `buf`.
-fn bytemuck_bytes(buf: &[u64; 16]) -> &[u8] {
-    // SAFETY: u64s are plain bytes; the slice covers exactly `buf`.
+/// message among the first `len` bytes of `buf`, walked with libc's
+/// `CMSG_*` as `recvmsg`'s control data.
+fn ifindex_in_cmsgs(buf: &mut [u64; 16], len: libc::socklen_t) -> Option<u32> {
+    // SAFETY: a zeroed msghdr is valid; only its control fields are set,
+    // to `buf` and the `len` bytes the kernel wrote there, and the CMSG_*
+    // walk stays within them. Payloads are read unaligned.
     #[allow(unsafe_code)]
     unsafe {
-        std::slice::from_raw_parts(buf.as_ptr().cast::<u8>(), std::mem::size_of_val(buf))
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_control = buf.as_mut_ptr().cast();
+        msg.msg_controllen = (len as usize).min(std::mem::size_of_val(buf)) as _;
+        let mut c = libc::CMSG_FIRSTHDR(&msg);
+        while !c.is_null() {
+            let data = libc::CMSG_DATA(c);
+            match ((*c).cmsg_level, (*c).cmsg_type) {
+                (libc::IPPROTO_IP, libc::IP_PKTINFO) => {
+                    let info = std::ptr::read_unaligned(data.cast::<libc::in_pktinfo>());
+                    return u32::try_from(info.ipi_ifindex).ok();
+                }
+                (libc::IPPROTO_IPV6, libc::IPV6_PKTINFO) => {
+                    let info = std::ptr::read_unaligned(data.cast::<libc::in6_pktinfo>());
+                    return Some(info.ipi6_ifindex);
+                }
+                _ => c = libc::CMSG_NXTHDR(&msg, c),
+            }
+        }
     }
+    None
 }
 
 /// The name of interface `index` (`if_indextoname`).
