@@ -11,7 +11,7 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
@@ -20,6 +20,8 @@ use common::netns::{require_root, veth, wait_for, Netns};
 
 const BIN: &str = env!("CARGO_BIN_EXE_kube-userspace-proxy");
 const NODE_PORT: u16 = 30_080;
+/// The proxy's metrics address, inside the node namespace.
+const METRICS: &str = "127.0.0.1:10249";
 
 /// A NodePort Service with `externalTrafficPolicy: policy` and the given
 /// endpoints (address, nodeName).
@@ -47,12 +49,12 @@ fn manifest(policy: &str, endpoints: &[(&str, &str)]) -> String {
 struct Proxy(Child);
 
 impl Proxy {
-    fn start(ns: &Netns, dir: &Path, metrics: SocketAddr, extra: &[&str]) -> Self {
+    fn start(ns: &Netns, dir: &Path, extra: &[&str]) -> Self {
         let mut cmd = ns.command(&[BIN, "--manifests"]);
         cmd.arg(dir)
             .args(["--iptables", "off", "--log-level", "warn"])
             .args(["--hostname-override", "node-1"])
-            .args(["--metrics-bind-address", &metrics.to_string()])
+            .args(["--metrics-bind-address", METRICS])
             .args(["--healthz-bind-address", "127.0.0.1:0"])
             .arg("--handover-socket")
             .arg(dir.join("handover.sock"))
@@ -69,22 +71,8 @@ impl Drop for Proxy {
     }
 }
 
-/// A backend in `ns` on `addr` answering its name to every connection.
-fn backend(ns: &Netns, addr: SocketAddr, name: &'static str) {
-    let (tx, rx) = std::sync::mpsc::channel();
-    ns.spawn(move || {
-        let l = TcpListener::bind(addr).unwrap();
-        tx.send(()).unwrap();
-        for s in l.incoming().take(2000) {
-            let Ok(mut s) = s else { continue };
-            let _ = s.write_all(name.as_bytes());
-        }
-    });
-    rx.recv_timeout(Duration::from_secs(5)).unwrap();
-}
-
-/// The names answered to `n` connections from inside `ns` to `to`
-/// (errors as `error: ...`).
+/// The names answered to `n` connections from inside `ns` to `to`, each
+/// without its newline (errors as `error: ...`).
 fn names(ns: &Netns, to: SocketAddr, n: usize) -> std::collections::BTreeSet<String> {
     ns.spawn(move || {
         (0..n)
@@ -94,7 +82,7 @@ fn names(ns: &Netns, to: SocketAddr, n: usize) -> std::collections::BTreeSet<Str
                         s.set_read_timeout(Some(Duration::from_secs(2)))?;
                         let mut out = String::new();
                         s.read_to_string(&mut out)?;
-                        Ok(out)
+                        Ok(out.trim_end_matches('\n').to_string())
                     });
                 r.unwrap_or_else(|e| format!("error: {e}"))
             })
@@ -119,8 +107,9 @@ fn refused_in(ns: &Netns, to: SocketAddr) -> Result<Duration, String> {
     .unwrap()
 }
 
-/// `/debug/services` from inside `ns`.
-fn debug_services(ns: &Netns, metrics: SocketAddr) -> serde_json::Value {
+/// `/debug/services` of the proxy in `ns`.
+fn debug_services(ns: &Netns) -> serde_json::Value {
+    let metrics: SocketAddr = METRICS.parse().unwrap();
     let body = ns
         .spawn(move || -> std::io::Result<String> {
             let mut s = TcpStream::connect_timeout(&metrics, Duration::from_secs(2))?;
@@ -156,8 +145,8 @@ fn lab(tag: &str) -> Lab {
     veth(&node, "10.236.2.1/24", &ext, "10.236.2.2/24");
     pod.run(&["ip", "route", "add", "default", "via", "10.236.1.1"]);
     ext.run(&["ip", "route", "add", "default", "via", "10.236.2.1"]);
-    backend(&node, "10.236.2.1:9001".parse().unwrap(), "here");
-    backend(&pod, "10.236.1.2:9001".parse().unwrap(), "away");
+    node.name_backend("10.236.2.1:9001".parse().unwrap(), "here");
+    pod.name_backend("10.236.1.2:9001".parse().unwrap(), "away");
     Lab {
         node,
         pod,
@@ -172,35 +161,45 @@ fn set(names: &[&str]) -> std::collections::BTreeSet<String> {
 
 const ENDPOINTS: [(&str, &str); 2] = [("10.236.2.1", "node-1"), ("10.236.1.2", "node-2")];
 
+/// The nodePort at `ip` (the node's address towards a client).
+fn node_port(ip: &str) -> SocketAddr {
+    format!("{ip}:{NODE_PORT}").parse().unwrap()
+}
+
+/// Starts the proxy in the lab's node on `manifest` with `extra` flags;
+/// returns it with its manifests directory (keep both alive).
+fn serve(lab: &Lab, manifest: &str, extra: &[&str]) -> (Proxy, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("svc.yaml"), manifest).unwrap();
+    (Proxy::start(&lab.node, dir.path(), extra), dir)
+}
+
+/// `externalTrafficPolicy: Local` as upstream: the external client reaches
+/// this node's endpoint only, a pod of this node every endpoint.
+fn assert_external_local(lab: &Lab) {
+    let (from_ext, from_pod) = (node_port("10.236.2.1"), node_port("10.236.1.1"));
+    wait_for("the nodePort serves", Duration::from_secs(10), || {
+        names(&lab.ext, from_ext, 1) == set(&["here"])
+    });
+    assert_eq!(names(&lab.ext, from_ext, 12), set(&["here"]));
+    assert_eq!(names(&lab.pod, from_pod, 12), set(&["here", "away"]));
+}
+
 #[test]
 fn external_policy_local_short_circuits_pods_and_host_and_shows_the_choice() {
     if !require_root("external_policy_local_short_circuits_pods_and_host_and_shows_the_choice") {
         return;
     }
     let lab = lab("etp");
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("svc.yaml"), manifest("Local", &ENDPOINTS)).unwrap();
-    let metrics: SocketAddr = "127.0.0.1:10249".parse().unwrap();
-    let _proxy = Proxy::start(
-        &lab.node,
-        dir.path(),
-        metrics,
-        &["--cluster-cidr", "10.236.1.0/24"],
-    );
-    let from_ext: SocketAddr = format!("10.236.2.1:{NODE_PORT}").parse().unwrap();
-    let from_pod: SocketAddr = format!("10.236.1.1:{NODE_PORT}").parse().unwrap();
-    let from_host: SocketAddr = format!("127.0.0.1:{NODE_PORT}").parse().unwrap();
-    wait_for("the nodePort serves", Duration::from_secs(10), || {
-        names(&lab.ext, from_ext, 1) == set(&["here"])
-    });
-
-    // Outside the node: this node's endpoints only.
-    assert_eq!(names(&lab.ext, from_ext, 12), set(&["here"]));
-    // A pod of this node (source in --cluster-cidr) and the host: all.
-    assert_eq!(names(&lab.pod, from_pod, 12), set(&["here", "away"]));
+    let extra = ["--cluster-cidr", "10.236.1.0/24"];
+    let _proxy = serve(&lab, &manifest("Local", &ENDPOINTS), &extra);
+    // Outside the node: this node's endpoints only; a pod of this node
+    // (source in --cluster-cidr) and the host: all.
+    assert_external_local(&lab);
+    let from_host = node_port("127.0.0.1");
     assert_eq!(names(&lab.node, from_host, 12), set(&["here", "away"]));
 
-    let doc = debug_services(&lab.node, metrics);
+    let doc = debug_services(&lab.node);
     let svc = &doc["services"][0];
     assert_eq!(
         svc["internal_endpoints"],
@@ -222,27 +221,14 @@ fn pods_are_told_by_their_interface_in_bridge_mode() {
         return;
     }
     let lab = lab("brg");
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("svc.yaml"), manifest("Local", &ENDPOINTS)).unwrap();
-    let metrics: SocketAddr = "127.0.0.1:10249".parse().unwrap();
-    let _proxy = Proxy::start(
-        &lab.node,
-        dir.path(),
-        metrics,
-        &[
-            "--detect-local-mode",
-            "BridgeInterface",
-            "--pod-bridge-interface",
-            &lab.pod_if,
-        ],
-    );
-    let from_ext: SocketAddr = format!("10.236.2.1:{NODE_PORT}").parse().unwrap();
-    let from_pod: SocketAddr = format!("10.236.1.1:{NODE_PORT}").parse().unwrap();
-    wait_for("the nodePort serves", Duration::from_secs(10), || {
-        names(&lab.ext, from_ext, 1) == set(&["here"])
-    });
-    assert_eq!(names(&lab.ext, from_ext, 12), set(&["here"]));
-    assert_eq!(names(&lab.pod, from_pod, 12), set(&["here", "away"]));
+    let extra = [
+        "--detect-local-mode",
+        "BridgeInterface",
+        "--pod-bridge-interface",
+        &lab.pod_if,
+    ];
+    let _proxy = serve(&lab, &manifest("Local", &ENDPOINTS), &extra);
+    assert_external_local(&lab);
 }
 
 #[test]
@@ -251,14 +237,11 @@ fn no_endpoints_refuses_at_once_and_serves_when_they_come_back() {
         return;
     }
     let lab = lab("none");
-    let dir = tempfile::tempdir().unwrap();
+    let (_proxy, dir) = serve(&lab, &manifest("Cluster", &[]), &[]);
     let file = dir.path().join("svc.yaml");
-    std::fs::write(&file, manifest("Cluster", &[])).unwrap();
-    let metrics: SocketAddr = "127.0.0.1:10249".parse().unwrap();
-    let _proxy = Proxy::start(&lab.node, dir.path(), metrics, &[]);
-    let to: SocketAddr = format!("10.236.2.1:{NODE_PORT}").parse().unwrap();
+    let to = node_port("10.236.2.1");
     wait_for("the service is known", Duration::from_secs(10), || {
-        debug_services(&lab.node, metrics)["services"][0]["endpoint_choice"] == "no endpoints"
+        debug_services(&lab.node)["services"][0]["endpoint_choice"] == "no endpoints"
     });
     for _ in 0..5 {
         let took = refused_in(&lab.ext, to).expect("refused");

@@ -79,20 +79,6 @@ impl Drop for Proxy {
     }
 }
 
-/// A backend answering "NAME\n" to every connection, in `ns` on `addr`.
-fn backend(ns: &Netns, addr: SocketAddr, name: &'static str) {
-    let (tx, rx) = std::sync::mpsc::channel();
-    ns.spawn(move || {
-        let l = TcpListener::bind(addr).unwrap();
-        tx.send(()).unwrap();
-        for s in l.incoming().take(1000) {
-            let Ok(mut s) = s else { continue };
-            let _ = s.write_all(format!("{name}\n").as_bytes());
-        }
-    });
-    rx.recv_timeout(Duration::from_secs(5)).unwrap();
-}
-
 /// A UDP backend in `ns` answering "udp-backend:" + the datagram.
 fn udp_backend(ns: &Netns, addr: SocketAddr) {
     let (tx, rx) = std::sync::mpsc::channel();
@@ -161,7 +147,7 @@ fn cluster_ip_is_reached_from_a_pod_and_from_the_node_and_follows_the_service() 
     }
     let (node, pod, _) = node_and_pod("", "10.234.1");
     let backend_addr: SocketAddr = "10.234.1.2:8080".parse().unwrap();
-    backend(&pod, backend_addr, "pod-backend");
+    pod.name_backend(backend_addr, "pod-backend");
     udp_backend(
         &pod,
         SocketAddr::new(backend_addr.ip(), backend_addr.port() + 1),

@@ -8,8 +8,8 @@
 
 mod common;
 
-use std::io::{ErrorKind, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::io::{ErrorKind, Read};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::path::Path;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
@@ -171,19 +171,11 @@ fn assert_refused_fast(what: &str, seen: (Seen, Duration)) {
 /// A TCP backend answering "NAME\n" and a UDP one answering
 /// "udp:" + the datagram, in `ns`.
 fn backends(ns: &Netns, tcp_addr: SocketAddr, udp_addr: SocketAddr, name: &'static str) {
+    ns.name_backend(tcp_addr, name);
     let (tx, rx) = std::sync::mpsc::channel();
-    let tx2 = tx.clone();
-    ns.spawn(move || {
-        let l = TcpListener::bind(tcp_addr).unwrap();
-        tx.send(()).unwrap();
-        for s in l.incoming().take(1000) {
-            let Ok(mut s) = s else { continue };
-            let _ = s.write_all(format!("{name}\n").as_bytes());
-        }
-    });
     ns.spawn(move || {
         let s = UdpSocket::bind(udp_addr).unwrap();
-        tx2.send(()).unwrap();
+        tx.send(()).unwrap();
         let mut buf = [0u8; 2048];
         for _ in 0..1000 {
             let Ok((n, from)) = s.recv_from(&mut buf) else {
@@ -194,9 +186,7 @@ fn backends(ns: &Netns, tcp_addr: SocketAddr, udp_addr: SocketAddr, name: &'stat
             let _ = s.send_to(&out, from);
         }
     });
-    for _ in 0..2 {
-        rx.recv_timeout(Duration::from_secs(5)).unwrap();
-    }
+    rx.recv_timeout(Duration::from_secs(5)).unwrap();
 }
 
 /// `iptables-save -c -t filter` inside `ns`: the packet count of the one

@@ -12,7 +12,6 @@ mod common;
 #[path = "common/fake_api.rs"]
 mod fake_api;
 
-use std::io::Write;
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -1360,20 +1359,6 @@ async fn read_echo(addr: SocketAddr) -> String {
 
 // === end to end, in network namespaces ===
 
-/// A backend answering "NAME\n" to every connection, in `ns` on `addr`.
-fn ns_backend(ns: &Netns, addr: SocketAddr, name: &'static str) {
-    let (tx, rx) = std::sync::mpsc::channel();
-    ns.spawn(move || {
-        let l = std::net::TcpListener::bind(addr).unwrap();
-        tx.send(()).unwrap();
-        for s in l.incoming().take(1000) {
-            let Ok(mut s) = s else { continue };
-            let _ = s.write_all(format!("{name}\n").as_bytes());
-        }
-    });
-    rx.recv_timeout(Duration::from_secs(5)).unwrap();
-}
-
 /// The fake API server running on its own runtime inside `ns` (its
 /// 127.0.0.1 is the namespace's); stops when dropped.
 struct NsApi {
@@ -1425,8 +1410,8 @@ fn backends_on_veth_addresses_in_another_namespace_are_reached_through_the_proxy
     pods.run(&["ip", "addr", "add", "10.252.7.3/24", "dev", &pods_if]);
     let a: SocketAddr = "10.252.7.2:8080".parse().unwrap();
     let b: SocketAddr = "10.252.7.3:8080".parse().unwrap();
-    ns_backend(&pods, a, "pod-a");
-    ns_backend(&pods, b, "pod-b");
+    pods.name_backend(a, "pod-a");
+    pods.name_backend(b, "pod-b");
 
     let api = NsApi::start(&node);
     let node_port = 30777;

@@ -121,6 +121,22 @@ impl Netns {
         self.run(&["iptables-save", "-t", "filter"])
     }
 
+    /// A TCP backend in this namespace on `addr`, answering "NAME\n" to
+    /// each of its first 2,000 connections; returns once it listens.
+    pub fn name_backend(&self, addr: std::net::SocketAddr, name: &'static str) {
+        use std::io::Write;
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.spawn(move || {
+            let l = std::net::TcpListener::bind(addr).unwrap();
+            tx.send(()).unwrap();
+            for s in l.incoming().take(2000) {
+                let Ok(mut s) = s else { continue };
+                let _ = s.write_all(format!("{name}\n").as_bytes());
+            }
+        });
+        rx.recv_timeout(std::time::Duration::from_secs(5)).unwrap();
+    }
+
     /// Runs `f` on a thread that has entered this namespace: sockets it
     /// creates live here.
     pub fn spawn<T: Send + 'static>(
