@@ -79,25 +79,6 @@ impl Drop for Proxy {
     }
 }
 
-/// A UDP backend in `ns` answering "udp-backend:" + the datagram.
-fn udp_backend(ns: &Netns, addr: SocketAddr) {
-    let (tx, rx) = std::sync::mpsc::channel();
-    ns.spawn(move || {
-        let s = std::net::UdpSocket::bind(addr).unwrap();
-        tx.send(()).unwrap();
-        let mut buf = [0u8; 2048];
-        for _ in 0..1000 {
-            let Ok((n, from)) = s.recv_from(&mut buf) else {
-                continue;
-            };
-            let mut out = b"udp-backend:".to_vec();
-            out.extend_from_slice(&buf[..n]);
-            let _ = s.send_to(&out, from);
-        }
-    });
-    rx.recv_timeout(Duration::from_secs(5)).unwrap();
-}
-
 /// Sends "query" over UDP from inside `ns`; the answer must come back from
 /// the address asked (conntrack reverses the REDIRECT).
 fn ask_udp(ns: &Netns, addr: SocketAddr) -> std::io::Result<String> {
@@ -148,9 +129,9 @@ fn cluster_ip_is_reached_from_a_pod_and_from_the_node_and_follows_the_service() 
     let (node, pod, _) = node_and_pod("", "10.234.1");
     let backend_addr: SocketAddr = "10.234.1.2:8080".parse().unwrap();
     pod.name_backend(backend_addr, "pod-backend");
-    udp_backend(
-        &pod,
+    pod.udp_backend(
         SocketAddr::new(backend_addr.ip(), backend_addr.port() + 1),
+        "udp-backend:",
     );
 
     let dir = tempfile::tempdir().unwrap();

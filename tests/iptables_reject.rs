@@ -172,21 +172,7 @@ fn assert_refused_fast(what: &str, seen: (Seen, Duration)) {
 /// "udp:" + the datagram, in `ns`.
 fn backends(ns: &Netns, tcp_addr: SocketAddr, udp_addr: SocketAddr, name: &'static str) {
     ns.name_backend(tcp_addr, name);
-    let (tx, rx) = std::sync::mpsc::channel();
-    ns.spawn(move || {
-        let s = UdpSocket::bind(udp_addr).unwrap();
-        tx.send(()).unwrap();
-        let mut buf = [0u8; 2048];
-        for _ in 0..1000 {
-            let Ok((n, from)) = s.recv_from(&mut buf) else {
-                continue;
-            };
-            let mut out = b"udp:".to_vec();
-            out.extend_from_slice(&buf[..n]);
-            let _ = s.send_to(&out, from);
-        }
-    });
-    rx.recv_timeout(Duration::from_secs(5)).unwrap();
+    ns.udp_backend(udp_addr, "udp:");
 }
 
 /// `iptables-save -c -t filter` inside `ns`: the packet count of the one

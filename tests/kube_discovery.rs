@@ -566,18 +566,7 @@ async fn nodes_forbidden_is_one_clear_warning_and_the_proxy_gets_ready() {
         .unwrap();
     let stderr = child.stderr.take().unwrap();
     let _proxy = Proxy(child);
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            if tx.send(line).is_err() {
-                return;
-            }
-        }
-    });
+    let rx = lines_of(stderr);
     let mut ready = false;
     for _ in 0..200 {
         if try_get(healthz, "/readyz").await == Some(200) {
@@ -1224,18 +1213,7 @@ async fn an_undecodable_object_is_logged_by_kind_name_and_field_and_counted() {
         .unwrap();
     let stderr = child.stderr.take().unwrap();
     let _proxy = Proxy(child);
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            if tx.send(line).is_err() {
-                return;
-            }
-        }
-    });
+    let rx = lines_of(stderr);
     let end = Instant::now() + Duration::from_secs(10);
     let mut logged = None;
     while logged.is_none() && Instant::now() < end {
@@ -1355,6 +1333,23 @@ async fn read_echo(addr: SocketAddr) -> String {
     let mut out = String::new();
     s.read_to_string(&mut out).await.unwrap();
     out
+}
+
+/// The lines `stderr` prints, as they come, read on a thread of their own.
+fn lines_of(stderr: std::process::ChildStderr) -> std::sync::mpsc::Receiver<String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    rx
 }
 
 // === end to end, in network namespaces ===

@@ -137,6 +137,26 @@ impl Netns {
         rx.recv_timeout(std::time::Duration::from_secs(5)).unwrap();
     }
 
+    /// A UDP backend in this namespace on `addr`, answering `prefix` + the
+    /// datagram to each of its first 1,000 datagrams; returns once bound.
+    pub fn udp_backend(&self, addr: std::net::SocketAddr, prefix: &'static str) {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.spawn(move || {
+            let s = std::net::UdpSocket::bind(addr).unwrap();
+            tx.send(()).unwrap();
+            let mut buf = [0u8; 2048];
+            for _ in 0..1000 {
+                let Ok((n, from)) = s.recv_from(&mut buf) else {
+                    continue;
+                };
+                let mut out = prefix.as_bytes().to_vec();
+                out.extend_from_slice(&buf[..n]);
+                let _ = s.send_to(&out, from);
+            }
+        });
+        rx.recv_timeout(std::time::Duration::from_secs(5)).unwrap();
+    }
+
     /// Runs `f` on a thread that has entered this namespace: sockets it
     /// creates live here.
     pub fn spawn<T: Send + 'static>(
