@@ -327,9 +327,6 @@ pub struct EndpointChoice {
     /// Usable endpoints on this node (upstream's `localEndpoints`); `None`
     /// when no traffic of this port uses `Local` policy.
     pub local: Option<Vec<Endpoint>>,
-    /// The union of `cluster` and `local` (upstream's
-    /// `allReachableEndpoints`).
-    pub all_reachable: Vec<Endpoint>,
     /// Whether any endpoint anywhere in the cluster is usable, even if none
     /// is reachable from here (upstream's `hasAnyEndpoints`): without one,
     /// every address of the port refuses (REJECT).
@@ -345,6 +342,17 @@ impl EndpointChoice {
     /// The cluster set, empty when not computed.
     pub fn cluster(&self) -> &[Endpoint] {
         self.cluster.as_deref().unwrap_or(&[])
+    }
+
+    /// The union of the cluster and local sets by address, a local copy
+    /// replacing a cluster one (upstream's `allReachableEndpoints`), sorted
+    /// by address. Derived on demand: the data path never needs it.
+    pub fn all_reachable(&self) -> Vec<Endpoint> {
+        let mut by_addr = BTreeMap::new();
+        for ep in self.cluster().iter().chain(self.local()) {
+            by_addr.insert(ep.addr, ep.clone());
+        }
+        by_addr.into_values().collect()
     }
 
     /// The node-local set, empty when not computed.

@@ -104,16 +104,6 @@ pub fn categorize(port: &ServicePort, endpoints: &[Endpoint], node: &NodeInfo) -
         }
     });
 
-    let all_reachable = match (&cluster, &local) {
-        (Some(c), None) => c.clone(),
-        (None, Some(l)) => l.clone(),
-        (None, None) => Vec::new(),
-        // Every ready endpoint in `cluster`, only ready ones in `local`:
-        // `cluster` already holds `local`.
-        (Some(c), Some(_)) if topology == Topology::None && !local_fallback => c.clone(),
-        (Some(c), Some(l)) => merge(c, l),
-    };
-
     let internal_source = if port.internal_local {
         Source::Local
     } else {
@@ -171,7 +161,6 @@ pub fn categorize(port: &ServicePort, endpoints: &[Endpoint], node: &NodeInfo) -
     EndpointChoice {
         cluster,
         local,
-        all_reachable,
         has_any_endpoints,
         topology,
         reason,
@@ -260,16 +249,6 @@ fn available_for_topology(ep: &Endpoint, topology: &Topology) -> bool {
 /// Upstream's `filterEndpoints`: the endpoints `keep` accepts, in order.
 fn filter_endpoints(endpoints: &[Endpoint], keep: impl Fn(&Endpoint) -> bool) -> Vec<Endpoint> {
     endpoints.iter().filter(|e| keep(e)).cloned().collect()
-}
-
-/// The union of two sets keyed by address, a `local` copy replacing a
-/// `cluster` one as upstream's map does; sorted by address.
-fn merge(cluster: &[Endpoint], local: &[Endpoint]) -> Vec<Endpoint> {
-    let mut by_addr = std::collections::BTreeMap::new();
-    for ep in cluster.iter().chain(local) {
-        by_addr.insert(ep.addr, ep.clone());
-    }
-    by_addr.into_values().collect()
 }
 
 #[cfg(test)]
@@ -416,7 +395,7 @@ mod tests {
                 .all
                 .unwrap_or_else(|| panic!("{name}: allEndpoints needed")),
         };
-        assert_eq!(addrs(&got.all_reachable), want(all), "{name}: all");
+        assert_eq!(addrs(&got.all_reachable()), want(all), "{name}: all");
         assert_eq!(
             got.has_any_endpoints,
             !all.is_empty() || c.only_remote,
