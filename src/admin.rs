@@ -14,9 +14,8 @@ pub use serve::{
 };
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering::Relaxed};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use axum::extract::State;
 use axum::http::{header, StatusCode};
@@ -30,141 +29,7 @@ use tokio_util::sync::CancellationToken;
 use crate::proxy::{Context, Published, UnservedReason};
 use crate::{stats_page, status};
 
-/// State of the iptables redirect, for status and health.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[repr(u8)]
-pub enum RulesState {
-    /// Not managed.
-    Off = 0,
-    /// Managed, not applied yet.
-    Pending = 1,
-    /// Last apply succeeded.
-    Synced = 2,
-    /// Last apply failed (previous rules stay).
-    Failed = 3,
-}
-
-impl RulesState {
-    fn as_str(self) -> &'static str {
-        match self {
-            Self::Off => "off",
-            Self::Pending => "pending",
-            Self::Synced => "synced",
-            Self::Failed => "failed",
-        }
-    }
-
-    fn from_u8(v: u8) -> Self {
-        match v {
-            1 => Self::Pending,
-            2 => Self::Synced,
-            3 => Self::Failed,
-            _ => Self::Off,
-        }
-    }
-}
-
-fn unix_ms(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
-/// Liveness of the sync loop and readiness of the proxy, as kube-proxy's
-/// healthz server reports them.
-#[derive(Debug)]
-pub struct Health {
-    /// Start-up, or the last moment we were still legitimately starting
-    /// (waiting for the first list): the liveness reference before any sync.
-    started_ms: AtomicU64,
-    last_sync_ms: AtomicU64,
-    ready: AtomicBool,
-    rules: AtomicU8,
-    period: Duration,
-}
-
-impl Health {
-    /// Health for a loop that syncs at least every `period`.
-    pub fn new(period: Duration) -> Self {
-        Self {
-            started_ms: AtomicU64::new(unix_ms(SystemTime::now())),
-            last_sync_ms: AtomicU64::new(0),
-            ready: AtomicBool::new(false),
-            rules: AtomicU8::new(RulesState::Off as u8),
-            period,
-        }
-    }
-
-    /// Records a completed sync at `at`; the first one makes us ready.
-    pub fn synced_at(&self, at: SystemTime) {
-        self.last_sync_ms.store(unix_ms(at), Relaxed);
-        self.ready.store(true, Relaxed);
-    }
-
-    /// Records that the proxy is still waiting for its first snapshot (the
-    /// API server is unreachable, say) at `at`: nothing is stale yet, so
-    /// `/healthz` stays healthy, as kube-proxy's does while starting;
-    /// `/readyz` stays 503.
-    pub fn starting_at(&self, at: SystemTime) {
-        self.started_ms.store(unix_ms(at), Relaxed);
-    }
-
-    /// Records a completed sync now.
-    pub fn synced(&self) {
-        self.synced_at(SystemTime::now());
-    }
-
-    /// When the last sync completed (Unix milliseconds; 0 = none yet).
-    pub fn last_sync_ms(&self) -> u64 {
-        self.last_sync_ms.load(Relaxed)
-    }
-
-    /// Whether the first snapshot has been applied.
-    pub fn is_ready(&self) -> bool {
-        self.ready.load(Relaxed)
-    }
-
-    /// Records the iptables state.
-    pub fn set_rules(&self, s: RulesState) {
-        self.rules.store(s as u8, Relaxed);
-    }
-
-    /// The iptables state.
-    pub fn rules(&self) -> RulesState {
-        RulesState::from_u8(self.rules.load(Relaxed))
-    }
-
-    /// `/healthz` at `now`: healthy while the last sync (or start-up, before
-    /// the first) is fresher than twice the sync period. Returns the verdict
-    /// and kube-proxy's JSON body.
-    pub fn check(&self, now: SystemTime) -> (bool, String) {
-        self.check_with(now, &Unserved::default())
-    }
-
-    /// As [`Self::check`], the body also counting the service ports that
-    /// have no listener, by reason (the verdict does not change: the
-    /// other Service ports are served).
-    pub fn check_with(&self, now: SystemTime, unserved: &Unserved) -> (bool, String) {
-        let last = self.last_sync_ms.load(Relaxed);
-        let reference = if last == 0 {
-            self.started_ms.load(Relaxed)
-        } else {
-            last
-        };
-        let now_ms = unix_ms(now);
-        let healthy = now_ms.saturating_sub(reference) < 2 * self.period.as_millis() as u64;
-        let fmt = |ms: u64| {
-            humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
-        };
-        let updated = if last == 0 { "".to_string() } else { fmt(last) };
-        let body = format!(
-            "{{\"lastUpdated\": \"{updated}\",\"currentTime\": \"{}\",\"unservedServicePorts\": {{\"fd_limit\": {},\"bind\": {}}}}}",
-            fmt(now_ms),
-            unserved.fd_limit,
-            unserved.bind,
-        );
-        (healthy, body)
-    }
-}
+pub use crate::health::{Health, RulesState};
 
 /// Service ports without a listener, by reason, as `/healthz` reports them.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -212,19 +77,45 @@ async fn metrics(State(s): State<AdminState>) -> Response {
 
 async fn debug_services(State(s): State<AdminState>) -> Json<status::StatusDoc> {
     let mut doc = status::collect(&s.services.load(), s.health.rules().as_str());
-    doc.last_sync_ms = s.health.last_sync_ms();
+    doc.last_sync_ms = s.health.last_updated_ms();
     Json(doc)
 }
 
+/// `/healthz`, as upstream's `healthzHandler`: 200 while the proxy is
+/// healthy and the node eligible, else 503; counted by code.
 async fn healthz(State(s): State<AdminState>) -> Response {
     let unserved = Unserved::of(&s.services.load());
-    let (ok, body) = s.health.check_with(SystemTime::now(), &unserved);
+    let mut extra = serde_json::Map::new();
+    extra.insert(
+        "unservedServicePorts".into(),
+        serde_json::json!({"fd_limit": unserved.fd_limit, "bind": unserved.bind}),
+    );
+    let (ok, body) = s.health.healthz_at(SystemTime::now(), extra);
+    health_answer(crate::metrics::PROXY_HEALTHZ, ok, body)
+}
+
+/// `/livez`, as upstream's `livezHandler`: the proxy's health only.
+async fn livez(State(s): State<AdminState>) -> Response {
+    let (ok, body) = s.health.livez_at(SystemTime::now());
+    health_answer(crate::metrics::PROXY_LIVEZ, ok, body)
+}
+
+fn health_answer(counter: &'static str, ok: bool, body: String) -> Response {
     let code = if ok {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    (code, [(header::CONTENT_TYPE, "application/json")], body).into_response()
+    ::metrics::counter!(counter, "code" => code.as_str().to_owned()).increment(1);
+    (
+        code,
+        [
+            (header::CONTENT_TYPE, "application/json"),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        ],
+        body,
+    )
+        .into_response()
 }
 
 async fn readyz(State(s): State<AdminState>) -> (StatusCode, &'static str) {
@@ -251,7 +142,7 @@ pub fn healthz_router(state: AdminState) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .route("/livez", get(|| async { "ok\n" }))
+        .route("/livez", get(livez))
         .with_state(state)
 }
 
@@ -271,33 +162,4 @@ pub async fn spawn_on(
     socket.set_nonblocking(true)?;
     let socket = tokio::net::TcpListener::from_std(socket)?;
     serve::spawn_on(socket, listener, router, stop).await
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn healthz_turns_503_when_syncs_stop_and_200_again_after() {
-        let h = Health::new(Duration::from_secs(30));
-        let t0 = SystemTime::now();
-        assert!(h.check(t0).0, "healthy during start-up");
-        h.synced_at(t0);
-        assert!(h.check(t0 + Duration::from_secs(59)).0);
-        let (ok, body) = h.check(t0 + Duration::from_secs(61));
-        assert!(!ok, "stale sync");
-        assert!(body.contains("\"lastUpdated\"") && body.contains("\"currentTime\""));
-        h.synced_at(t0 + Duration::from_secs(62));
-        assert!(h.check(t0 + Duration::from_secs(63)).0, "healthy again");
-    }
-
-    #[test]
-    fn waiting_for_the_first_snapshot_is_healthy_but_not_ready() {
-        let h = Health::new(Duration::from_secs(30));
-        let t0 = SystemTime::now();
-        assert!(!h.check(t0 + Duration::from_secs(61)).0, "stuck start-up");
-        h.starting_at(t0 + Duration::from_secs(60));
-        assert!(h.check(t0 + Duration::from_secs(61)).0);
-        assert!(!h.is_ready());
-    }
 }

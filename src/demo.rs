@@ -194,7 +194,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         health: Arc::new(crate::admin::Health::new(Duration::from_secs(30))),
         ctx: Arc::clone(proxier.context()),
     };
-    state.health.synced();
+    state.health.updated();
     let metrics_at = crate::admin::spawn(
         args.metrics_bind_address,
         crate::admin::AdminListener::Metrics,

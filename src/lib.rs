@@ -21,6 +21,7 @@ pub mod demo;
 pub mod detect_local;
 pub mod discovery;
 pub mod handover;
+pub mod health;
 pub mod iptables;
 pub mod metrics;
 pub mod model;

@@ -39,6 +39,10 @@ pub const SERVICE_CHANGES: &str = "kubeproxy_sync_proxy_rules_service_changes_to
 pub const ENDPOINT_CHANGES: &str = "kubeproxy_sync_proxy_rules_endpoint_changes_total";
 /// Failed `iptables-restore` runs (kube-proxy's name).
 pub const RESTORE_FAILURES: &str = "kubeproxy_sync_proxy_rules_iptables_restore_failures_total";
+/// `/healthz` answers, by `code` (kube-proxy's name).
+pub const PROXY_HEALTHZ: &str = "kubeproxy_proxy_healthz_total";
+/// `/livez` answers, by `code` (kube-proxy's name).
+pub const PROXY_LIVEZ: &str = "kubeproxy_proxy_livez_total";
 /// Failed lists and watches of the Kubernetes source, by `kind`.
 pub const DISCOVERY_WATCH_ERRORS: &str = "kusp_discovery_watch_errors_total";
 /// API objects skipped because they did not decode, by `kind`.
@@ -121,6 +125,8 @@ fn describe() {
         RESTORE_FAILURES,
         "Cumulative proxy iptables restore failures"
     );
+    describe_counter!(PROXY_HEALTHZ, "Cumulative proxy healthz HTTP status");
+    describe_counter!(PROXY_LIVEZ, "Cumulative proxy livez HTTP status");
     describe_counter!(
         DISCOVERY_WATCH_ERRORS,
         "Failed lists and watches of the Kubernetes API, by kind (each is retried with back-off)"

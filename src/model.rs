@@ -291,9 +291,52 @@ pub struct NodeInfo {
     /// `--detect-local-mode NodeCIDR`), as written there.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pod_cidrs: Vec<String>,
+    /// Whether the Node object was seen, and whether it is still there.
+    pub object: NodeObject,
+    /// `metadata.deletionTimestamp`, when the Node is being deleted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deletion_timestamp: Option<String>,
+    /// The keys of `spec.taints`, sorted.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub taints: Vec<String>,
+}
+
+/// The taint the cluster autoscaler puts on a node it is about to delete
+/// (upstream's `healthcheck.ToBeDeletedTaint`).
+pub const TAINT_TO_BE_DELETED: &str = "ToBeDeletedByClusterAutoscaler";
+
+/// What discovery knows of this node's Node object.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeObject {
+    /// Never seen (not listed yet, not readable, or no such document).
+    #[default]
+    Unknown,
+    /// Seen, and there now.
+    Present,
+    /// Seen once, and gone since: the node was deleted.
+    Deleted,
 }
 
 impl NodeInfo {
+    /// Why load balancers should stop sending traffic to this node
+    /// (upstream's `ProxyHealthServer.NodeEligible`): it is being deleted
+    /// (`deletionTimestamp`, or its Node object is gone) or carries the
+    /// [`TAINT_TO_BE_DELETED`] taint. `None`: eligible, as a node whose
+    /// object was never seen is (upstream, while it starts).
+    pub fn ineligible(&self) -> Option<String> {
+        if self.object == NodeObject::Deleted {
+            return Some("the Node object was deleted".into());
+        }
+        if let Some(t) = &self.deletion_timestamp {
+            return Some(format!("the Node is being deleted (deletionTimestamp {t})"));
+        }
+        self.taints
+            .iter()
+            .any(|t| t == TAINT_TO_BE_DELETED)
+            .then(|| format!("the Node has the {TAINT_TO_BE_DELETED} taint"))
+    }
+
     /// The node's zone: label [`LABEL_TOPOLOGY_ZONE`], `None` when absent or empty.
     pub fn zone(&self) -> Option<&str> {
         self.labels

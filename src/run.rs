@@ -262,32 +262,27 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             // The admin servers already answer: /readyz is 503 until the
             // first complete list is applied.
             let first = discovery::kube::spawn(*client, options, stop_discovery.clone());
-            let stop = shutdown_signal();
-            tokio::pin!(first, stop);
-            // While waiting, /healthz stays healthy (nothing is stale yet).
-            let mut alive = tokio::time::interval(
-                (args.iptables_sync_period / 2).max(Duration::from_millis(100)),
-            );
-            loop {
-                tokio::select! {
-                    r = &mut first => break r?,
-                    _ = alive.tick() => health.starting_at(std::time::SystemTime::now()),
-                    _ = &mut stop => {
-                        tracing::info!("stopped before the first list");
-                        stop_discovery.cancel();
-                        // Mid hand-over the predecessor still serves with these rules.
-                        if let Some(r) = rules.filter(|_| takeover.is_none()) {
-                            if let Err(e) = r.iptables.cleanup().await {
-                                tracing::error!(error = %e, "cannot remove iptables rules; run --cleanup");
-                            }
+            // While waiting, /healthz stays healthy: nothing is queued yet.
+            tokio::select! {
+                r = first => r?,
+                _ = shutdown_signal() => {
+                    tracing::info!("stopped before the first list");
+                    stop_discovery.cancel();
+                    // Mid hand-over the predecessor still serves with these rules.
+                    if let Some(r) = rules.filter(|_| takeover.is_none()) {
+                        if let Err(e) = r.iptables.cleanup().await {
+                            tracing::error!(error = %e, "cannot remove iptables rules; run --cleanup");
                         }
-                        stop_admin.cancel();
-                        return Ok(());
                     }
+                    stop_admin.cancel();
+                    return Ok(());
                 }
             }
         }
     };
+    // A snapshot published is an update queued until the run loop has
+    // applied it (upstream's QueuedUpdate), even if the loop is stuck.
+    crate::runloop::mark_queued(snapshots.clone(), Arc::clone(&health));
     if let Some(t) = takeover.take() {
         // Serve the handed-over sockets before the predecessor stops accepting.
         let snapshot = Arc::clone(&snapshots.borrow());

@@ -52,11 +52,22 @@ impl Loop {
         let mut resync = true;
         let mut rules_dirty = true;
         let mut rules_last: Option<Instant> = None;
+        // After a failed apply: the wait before the next try, doubling from
+        // the min period up to the period.
+        let mut rules_backoff: Option<Duration> = None;
         let mut next_repair = Instant::now() + self.sync_period;
         let mut unserved_logged = (0, 0);
         loop {
             if resync {
                 let started = Instant::now();
+                if let Some(why) = self.health.set_node(&current.node) {
+                    match why {
+                        Some(why) => {
+                            tracing::warn!(reason = %why, "this node should get no traffic: /healthz answers 503")
+                        }
+                        None => tracing::info!("this node is eligible for traffic again"),
+                    }
+                }
                 let r = self.proxier.sync(&current);
                 tracing::info!(
                     services = current.services.len(),
@@ -101,7 +112,8 @@ impl Loop {
             }
             if let Some(r) = self.rules.as_mut() {
                 let now = Instant::now();
-                let due = rules_last.is_none_or(|t| now >= t + r.min_period);
+                let wait = rules_backoff.unwrap_or(r.min_period);
+                let due = rules_last.is_none_or(|t| now >= t + wait);
                 let repair = now >= next_repair;
                 if (rules_dirty && due) || repair {
                     let portals = iptables::portals(&self.proxier);
@@ -114,23 +126,38 @@ impl Loop {
                             ::metrics::gauge!(metrics::SYNC_LAST_TIMESTAMP).set(unix_now());
                             self.health.set_rules(RulesState::Synced);
                             tracing::info!(portals = portals.len(), repair, took = ?took, "iptables synced");
+                            rules_dirty = false;
+                            rules_backoff = None;
                         }
                         Err(e) => {
+                            // Unhealthy until an apply succeeds; retried
+                            // with back-off (upstream retries after its
+                            // sync period).
                             ::metrics::counter!(metrics::RESTORE_FAILURES).increment(1);
                             self.health.set_rules(RulesState::Failed);
-                            tracing::error!(error = %e, "iptables sync failed; previous rules stay");
+                            let next = rules_backoff
+                                .map_or(r.min_period, |b| b * 2)
+                                .clamp(RETRY_INTERVAL.min(r.period), r.period);
+                            rules_backoff = Some(next);
+                            tracing::error!(error = %e, retry_in = ?next, "iptables sync failed; previous rules stay");
+                            rules_dirty = true;
                         }
                     }
-                    rules_dirty = false;
                     rules_last = Some(Instant::now());
                 }
             }
             if Instant::now() >= next_repair {
                 next_repair = Instant::now() + self.sync_period;
             }
-            self.health.synced();
+            // Everything queued is applied, unless rules wait for their
+            // min period or failed (upstream's Updated).
+            if !rules_dirty || self.rules.is_none() {
+                self.health.updated();
+            }
             let wake = match (&self.rules, rules_dirty, rules_last) {
-                (Some(r), true, Some(t)) => (t + r.min_period).min(next_repair),
+                (Some(r), true, Some(t)) => {
+                    (t + rules_backoff.unwrap_or(r.min_period)).min(next_repair)
+                }
                 _ => next_repair,
             };
             let retry = self.proxier.has_pending();
@@ -162,6 +189,20 @@ impl Loop {
             }
         }
     }
+}
+
+/// Marks an update queued in `health` whenever discovery publishes a
+/// snapshot (upstream's `QueuedUpdate` from its event handlers), on a task
+/// of its own: a stuck run loop cannot hide a change it never applied.
+pub fn mark_queued(
+    mut snapshots: tokio::sync::watch::Receiver<Arc<Snapshot>>,
+    health: Arc<Health>,
+) {
+    tokio::spawn(async move {
+        while snapshots.changed().await.is_ok() {
+            health.queued_update();
+        }
+    });
 }
 
 fn unix_now() -> f64 {

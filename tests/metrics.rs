@@ -139,19 +139,22 @@ async fn healthz_and_readyz_follow_the_sync_loop() {
         "not ready before a snapshot"
     );
     assert_eq!(http(addr, "GET", "/livez").await.0, 200);
-    health.synced();
+    health.updated();
     assert_eq!(http(addr, "GET", "/readyz").await.0, 200);
     let (code, body) = http(addr, "GET", "/healthz").await;
     assert_eq!(code, 200);
-    assert!(
-        body.contains("\"lastUpdated\"") && body.contains("\"currentTime\""),
-        "{body}"
-    );
-    // Syncs stall: the last one is older than twice the period.
-    health.synced_at(SystemTime::now() - Duration::from_secs(3));
+    let doc: serde_json::Value = serde_json::from_str(&body).unwrap();
+    for key in ["lastUpdated", "currentTime", "nodeEligible", "healthy"] {
+        assert!(doc.get(key).is_some(), "{key} in {body}");
+    }
+    // A change queued and not applied within twice the period: 503, on
+    // /livez too; applied: 200 again.
+    health.queued_update_at(SystemTime::now() - Duration::from_secs(3));
     assert_eq!(http(addr, "GET", "/healthz").await.0, 503);
-    health.synced();
+    assert_eq!(http(addr, "GET", "/livez").await.0, 503);
+    health.updated();
     assert_eq!(http(addr, "GET", "/healthz").await.0, 200);
+    assert_eq!(http(addr, "GET", "/livez").await.0, 200);
     assert_eq!(http(addr, "PUT", "/healthz").await.0, 405);
     stop.cancel();
 }

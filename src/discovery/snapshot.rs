@@ -19,8 +19,9 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 use super::topology;
 use crate::model::{
-    Affinity, Endpoint, NodeInfo, Protocol, ProxyProtocol, Scheduler, ServicePort, ServicePortName,
-    Setting, Snapshot, ANNOTATION_PROXY_PROTOCOL, ANNOTATION_SCHEDULER, DEFAULT_AFFINITY_TIMEOUT,
+    Affinity, Endpoint, NodeInfo, NodeObject, Protocol, ProxyProtocol, Scheduler, ServicePort,
+    ServicePortName, Setting, Snapshot, ANNOTATION_PROXY_PROTOCOL, ANNOTATION_SCHEDULER,
+    DEFAULT_AFFINITY_TIMEOUT,
 };
 
 /// Label joining an EndpointSlice to its Service.
@@ -121,7 +122,7 @@ pub fn build_snapshot_with(
     previous: &Snapshot,
     options: &Options,
 ) -> (Snapshot, Vec<Problem>) {
-    let node = node_info(options.node_name.as_deref(), nodes);
+    let node = node_info(options.node_name.as_deref(), nodes, &previous.node);
     let services: Vec<&Sourced<Service>> = services
         .iter()
         .filter(|s| options.is_ours(s.object.metadata.labels.as_ref()))
@@ -285,17 +286,25 @@ fn resolve_node_port_conflicts(
     }
 }
 
-/// This node as endpoint choice sees it: `name`, and the labels and pod
-/// CIDRs of the Node object of that name among `nodes` (none: no labels).
-pub fn node_info(name: Option<&str>, nodes: &[Sourced<Node>]) -> NodeInfo {
+/// This node as endpoint choice and health see it: `name`, and the labels,
+/// pod CIDRs, deletion and taints of the Node object of that name among
+/// `nodes`. No such object: unknown, unless `previous` had seen it (then it
+/// was deleted, and stays so until it comes back).
+pub fn node_info(name: Option<&str>, nodes: &[Sourced<Node>], previous: &NodeInfo) -> NodeInfo {
     let object = name.and_then(|n| {
         nodes
             .iter()
             .find(|o| o.object.metadata.name.as_deref() == Some(n))
     });
     let Some(object) = object.map(|o| &o.object) else {
+        let seen = previous.name.as_deref() == name && previous.object != NodeObject::Unknown;
         return NodeInfo {
             name: name.map(String::from),
+            object: if seen {
+                NodeObject::Deleted
+            } else {
+                NodeObject::Unknown
+            },
             ..NodeInfo::default()
         };
     };
@@ -305,10 +314,25 @@ pub fn node_info(name: Option<&str>, nodes: &[Sourced<Node>]) -> NodeInfo {
         .filter(|c| !c.is_empty())
         .or_else(|| spec.and_then(|s| s.pod_cidr.clone()).map(|c| vec![c]))
         .unwrap_or_default();
+    let mut taints: Vec<String> = spec
+        .and_then(|s| s.taints.as_ref())
+        .into_iter()
+        .flatten()
+        .map(|t| t.key.clone())
+        .collect();
+    taints.sort();
+    taints.dedup();
     NodeInfo {
         name: name.map(String::from),
         labels: object.metadata.labels.clone().unwrap_or_default(),
         pod_cidrs,
+        object: NodeObject::Present,
+        deletion_timestamp: object
+            .metadata
+            .deletion_timestamp
+            .as_ref()
+            .map(|t| t.0.to_string()),
+        taints,
     }
 }
 
@@ -816,10 +840,58 @@ mod tests {
             origin: "t".into(),
             object,
         });
-        let info = node_info(Some("n1"), &nodes);
+        let info = node_info(Some("n1"), &nodes, &NodeInfo::default());
         assert_eq!(info.zone(), Some("z1"));
         assert_eq!(info.pod_cidrs, ["10.244.1.0/24", "fd00:1::/64"]);
-        assert_eq!(node_info(Some("n3"), &nodes).zone(), None);
-        assert_eq!(node_info(None, &nodes).zone(), None);
+        assert_eq!(
+            node_info(Some("n3"), &nodes, &NodeInfo::default()).zone(),
+            None
+        );
+        assert_eq!(node_info(None, &nodes, &NodeInfo::default()).zone(), None);
+    }
+
+    /// Upstream's `NodeEligible`: a deletion timestamp or the autoscaler's
+    /// taint makes the node ineligible; so does its Node object going away
+    /// once seen; a node never seen stays eligible.
+    #[test]
+    fn node_eligibility_follows_deletion_and_the_autoscaler_taint() {
+        let node = |yaml: &str| {
+            [Sourced {
+                origin: "t".into(),
+                object: serde_saphyr::from_str::<Node>(yaml).unwrap(),
+            }]
+        };
+        let plain = node_info(
+            Some("n1"),
+            &node("metadata: {name: n1}\n"),
+            &NodeInfo::default(),
+        );
+        assert_eq!(plain.object, NodeObject::Present);
+        assert_eq!(plain.ineligible(), None);
+        let tainted = node("metadata: {name: n1}\nspec: {taints: [{key: ToBeDeletedByClusterAutoscaler, value: \"1700000000\", effect: NoSchedule}, {key: other, effect: NoExecute}]}\n");
+        let tainted = node_info(Some("n1"), &tainted, &plain);
+        assert_eq!(tainted.taints, ["ToBeDeletedByClusterAutoscaler", "other"]);
+        assert!(tainted
+            .ineligible()
+            .unwrap()
+            .contains("ToBeDeletedByClusterAutoscaler"));
+        let deleting = node("metadata: {name: n1, deletionTimestamp: \"2026-12-01T00:00:00Z\"}\n");
+        let deleting = node_info(Some("n1"), &deleting, &plain);
+        assert!(deleting.ineligible().unwrap().contains("deletionTimestamp"));
+        // Gone after being seen: deleted, until it comes back.
+        let gone = node_info(Some("n1"), &[], &plain);
+        assert_eq!(gone.object, NodeObject::Deleted);
+        assert!(gone.ineligible().is_some());
+        assert_eq!(
+            node_info(Some("n1"), &[], &gone).object,
+            NodeObject::Deleted
+        );
+        let back = node_info(Some("n1"), &node("metadata: {name: n1}\n"), &gone);
+        assert_eq!(back.ineligible(), None);
+        // Never seen: eligible.
+        assert_eq!(
+            node_info(Some("n1"), &[], &NodeInfo::default()).ineligible(),
+            None
+        );
     }
 }
