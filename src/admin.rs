@@ -7,6 +7,7 @@
 //! [`serve`]'s part.
 
 pub mod serve;
+pub mod service_health;
 
 pub use serve::{
     spawn, AdminListener, HEADER_READ_TIMEOUT, IDLE_TIMEOUT, MAX_BODY_BYTES, MAX_CONNECTIONS,
@@ -59,6 +60,8 @@ pub struct AdminState {
     pub health: Arc<Health>,
     /// Data-path context (pipe pool figures).
     pub ctx: Arc<Context>,
+    /// The health-check node ports, as last synced.
+    pub health_checks: Arc<arc_swap::ArcSwap<service_health::HealthChecks>>,
 }
 
 async fn metrics(State(s): State<AdminState>) -> Response {
@@ -78,6 +81,7 @@ async fn metrics(State(s): State<AdminState>) -> Response {
 async fn debug_services(State(s): State<AdminState>) -> Json<status::StatusDoc> {
     let mut doc = status::collect(&s.services.load(), s.health.rules().as_str());
     doc.last_sync_ms = s.health.last_updated_ms();
+    doc.attach_health_checks(&s.health_checks.load());
     Json(doc)
 }
 

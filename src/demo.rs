@@ -193,6 +193,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         services: proxier.published(),
         health: Arc::new(crate::admin::Health::new(Duration::from_secs(30))),
         ctx: Arc::clone(proxier.context()),
+        health_checks: Default::default(),
     };
     state.health.updated();
     let metrics_at = crate::admin::spawn(

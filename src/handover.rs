@@ -11,8 +11,9 @@
 //! 1. new → old: `hello {version, pid}`;
 //! 2. old → new: `welcome {version, pid}` or `refuse {reason}`;
 //! 3. old → new: one `listener` per listening socket (a TCP service port
-//!    with all its `SO_REUSEPORT` sockets, a UDP service port, the metrics
-//!    and healthz listeners), its fds attached, with the service port's
+//!    with all its `SO_REUSEPORT` sockets, a UDP service port, a Service's
+//!    health-check node port, the metrics and healthz listeners), its fds
+//!    attached, with the service port's
 //!    counters so the new metrics go on from the old totals; then `done`;
 //! 4. the new process adopts those sockets for the same service ports
 //!    (same ports, so the iptables rules stay valid and are never
@@ -399,6 +400,13 @@ fn adopt(inherited: &mut Inherited, desc: ListenerDesc, fds: Vec<OwnedFd>) -> Re
             inherited
                 .udp
                 .insert(name, (desc.port, s.into(), (desc.counters, desc.backends)));
+        }
+        (Kind::HealthCheck, Some(name)) => {
+            let Some(fd) = fds.first() else {
+                return Err(Error::Protocol(format!("{name}: no health-check socket")));
+            };
+            let s = check(fd, socket2::Type::STREAM)?;
+            inherited.health_checks.insert(name, (desc.port, s.into()));
         }
         (kind @ (Kind::Metrics | Kind::Healthz), None) => {
             let Some(fd) = fds.first() else {

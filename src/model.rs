@@ -117,6 +117,11 @@ pub struct ServicePort {
     pub internal_local: bool,
     /// `externalTrafficPolicy: Local`.
     pub external_local: bool,
+    /// `spec.healthCheckNodePort` of a `type: LoadBalancer` Service with
+    /// `externalTrafficPolicy: Local` (upstream's `NeedsHealthCheck`),
+    /// where load balancers ask whether this node has local endpoints.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub health_check_node_port: Option<u16>,
     /// Annotation [`ANNOTATION_SCHEDULER`]: how endpoints are chosen.
     pub scheduler: Setting<Scheduler>,
     /// Annotation [`ANNOTATION_PROXY_PROTOCOL`]: PROXY header to backends.

@@ -201,12 +201,19 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     let mut proxier = Proxier::with_fds(config, budget);
     proxier.adopt(&mut inherited);
+    let service_health = admin::service_health::Server::new(
+        args.bind_address,
+        Arc::clone(&proxier.context().fds),
+        Arc::clone(&health),
+        std::mem::take(&mut inherited.health_checks),
+    );
     let stop_admin = CancellationToken::new();
     let state = AdminState {
         handle,
         services: proxier.published(),
         health: Arc::clone(&health),
         ctx: Arc::clone(proxier.context()),
+        health_checks: service_health.published(),
     };
     // Our admin listeners, duplicated, for a hand-over to our successor.
     let mut admin_fds: Vec<(handover::Kind, u16, std::os::fd::OwnedFd)> = Vec::new();
@@ -367,13 +374,20 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let run_loop = Loop {
         proxier,
         rules,
+        service_health,
         health,
         sync_period: args.iptables_sync_period,
         exports,
     };
     let Loop {
-        mut proxier, rules, ..
+        mut proxier,
+        rules,
+        mut service_health,
+        ..
     } = run_loop.serve(snapshots, stop).await;
+    // Handed over or stopping: the successor answers the probes, or
+    // nobody should.
+    service_health.close();
     stop_discovery.cancel();
     let new_pid = successor.load(std::sync::atomic::Ordering::Relaxed);
     if new_pid != 0 {

@@ -29,6 +29,8 @@ pub struct Loop {
     pub proxier: Proxier,
     /// The iptables redirect, when managed.
     pub rules: Option<RuleSync>,
+    /// The health-check node ports.
+    pub service_health: crate::admin::service_health::Server,
     /// Updated after every sync pass.
     pub health: Arc<Health>,
     /// A sync pass runs at least this often, even with no change.
@@ -69,6 +71,7 @@ impl Loop {
                     }
                 }
                 let r = self.proxier.sync(&current);
+                self.service_health.sync(&current);
                 tracing::info!(
                     services = current.services.len(),
                     listening = r.listening,
@@ -160,13 +163,15 @@ impl Loop {
                 }
                 _ => next_repair,
             };
-            let retry = self.proxier.has_pending();
+            let retry = self.proxier.has_pending() || self.service_health.has_pending();
             tokio::select! {
                 _ = &mut stop => return self,
                 req = async { self.exports.as_mut()?.recv().await }, if self.exports.is_some() => {
                     match req {
                         Some(reply) => {
-                            let _ = reply.send(self.proxier.export());
+                            let mut exported = self.proxier.export();
+                            exported.extend(self.service_health.export());
+                            let _ = reply.send(exported);
                         }
                         None => self.exports = None,
                     }

@@ -120,6 +120,34 @@ pub struct ServiceStatus {
     /// `terminating fallback`, `hints ignored: …`, `no endpoints`, …).
     #[serde(default)]
     pub endpoint_choice: String,
+    /// The Service's health-check node port, when it has one (the same on
+    /// each of its ports).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_check: Option<HealthCheckState>,
+}
+
+/// What one health-check node port reports.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthCheckState {
+    /// `spec.healthCheckNodePort`.
+    pub port: u16,
+    /// This node's ready endpoints of the Service (distinct IPs): the
+    /// answer is 200 when there is one and the proxy is healthy.
+    pub local_endpoints: usize,
+    /// Whether the port is listening.
+    pub listening: bool,
+    /// Why it is not, when it is not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl StatusDoc {
+    /// Shows each Service's health-check node port on its ports.
+    pub fn attach_health_checks(&mut self, checks: &BTreeMap<(String, String), HealthCheckState>) {
+        for s in &mut self.services {
+            s.health_check = checks.get(&(s.namespace.clone(), s.name.clone())).cloned();
+        }
+    }
 }
 
 /// One backend of a service port.
@@ -255,6 +283,7 @@ pub fn collect(services: &[ServiceView], iptables: &str) -> StatusDoc {
                     Vec::new()
                 },
                 endpoint_choice: routing.reason.clone(),
+                health_check: None,
             }
         })
         .collect();

@@ -10,13 +10,11 @@ mod common;
 
 use std::io::{ErrorKind, Read};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
-use std::path::Path;
-use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use common::netns::{node_and_pod, require_tools, veth, wait_for, Netns};
-
-const BIN: &str = env!("CARGO_BIN_EXE_kube-userspace-proxy");
+use common::netns::{
+    external_client, node_and_pod, require_tools, veth, wait_for, Netns, NsProxy as Proxy,
+};
 
 /// Panics unless we are root with the tools: these tests must run.
 fn require_root_and_tools(test: &str) {
@@ -35,55 +33,6 @@ fn require_root_and_tools(test: &str) {
         ],
         "iproute2, iptables and procps",
     );
-}
-
-/// The proxy binary running inside `ns` on the manifests in `dir`;
-/// SIGKILLed on drop if still alive.
-struct Proxy(Child);
-
-impl Proxy {
-    fn start(ns: &Netns, dir: &Path, extra: &[&str]) -> Self {
-        let mut cmd = ns.command(&[BIN, "--manifests"]);
-        cmd.arg(dir)
-            .args([
-                "--iptables",
-                "on",
-                "--iptables-min-sync-period",
-                "100ms",
-                "--log-level",
-                "warn",
-                "--metrics-bind-address",
-                "127.0.0.1:0",
-                "--healthz-bind-address",
-                "127.0.0.1:0",
-            ])
-            .args(extra)
-            .arg("--handover-socket")
-            .arg(dir.join("handover.sock"))
-            .stdout(Stdio::null());
-        Proxy(cmd.spawn().unwrap())
-    }
-
-    fn stop(mut self) {
-        let pid = nix::unistd::Pid::from_raw(self.0.id() as i32);
-        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
-        let end = Instant::now() + Duration::from_secs(15);
-        while Instant::now() < end {
-            if let Some(status) = self.0.try_wait().unwrap() {
-                assert_eq!(status.code(), Some(0), "proxy exit status");
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        panic!("the proxy did not stop within 15 s of SIGTERM");
-    }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// What a client saw.
@@ -190,27 +139,6 @@ fn packets(ns: &Netns, needle: &str) -> u64 {
 
 fn count(haystack: &str, needle: &str) -> usize {
     haystack.lines().filter(|l| l.contains(needle)).count()
-}
-
-/// An "ext" namespace linked to `node` on `subnet`: node `.1`, ext `.2`;
-/// returns it and the node's address on the link.
-fn external_client(node: &Netns, subnet: &str) -> (Netns, String) {
-    let ext = Netns::new("ext");
-    veth(
-        node,
-        &format!("{subnet}.1/24"),
-        &ext,
-        &format!("{subnet}.2/24"),
-    );
-    ext.run(&[
-        "ip",
-        "route",
-        "add",
-        "default",
-        "via",
-        &format!("{subnet}.1"),
-    ]);
-    (ext, format!("{subnet}.1"))
 }
 
 const SERVICE: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: ns}\n\

@@ -79,10 +79,17 @@ pub const MAX_BODY_BYTES: usize = 4 * 1024;
 /// a burst would wait for its 1 s SYN retransmit. Twice tokio's 1024.
 pub const BACKLOG: i32 = 4096;
 
-/// Fds the two admin listeners may hold: for each, its cap, the connection
-/// being admitted and the listening socket. Kept out of the default
+/// Connections all health-check node ports together hold at once (one
+/// pool: a load balancer probes every node port of every Service from a
+/// few sources, each probe a short request). Their listening sockets, and
+/// the connection each admits, are taken from the fd budget per port.
+pub const SERVICE_HEALTH_CONNECTIONS: usize = 64;
+
+/// Fds the admin listeners may hold: for the two admin addresses, each
+/// one's cap, the connection being admitted and the listening socket; the
+/// health-check node ports' shared cap. Kept out of the default
 /// `--max-connections`.
-pub const RESERVED_FDS: u64 = 2 * (MAX_CONNECTIONS as u64 + 2);
+pub const RESERVED_FDS: u64 = 2 * (MAX_CONNECTIONS as u64 + 2) + SERVICE_HEALTH_CONNECTIONS as u64;
 
 /// Which admin listener, as its metrics label says.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -91,6 +98,9 @@ pub enum AdminListener {
     Metrics,
     /// `--healthz-bind-address`: `/healthz`, `/readyz`, `/livez`.
     Healthz,
+    /// The health-check node ports of `externalTrafficPolicy: Local`
+    /// LoadBalancer Services.
+    ServiceHealth,
 }
 
 impl AdminListener {
@@ -99,6 +109,7 @@ impl AdminListener {
         match self {
             Self::Metrics => "metrics",
             Self::Healthz => "healthz",
+            Self::ServiceHealth => "service-health",
         }
     }
 }
@@ -282,24 +293,61 @@ pub async fn spawn_on(
     router: Router,
     stop: CancellationToken,
 ) -> std::io::Result<SocketAddr> {
-    let bound = socket.local_addr()?;
-    let label = listener.as_str();
-    for phase in [Phase::Head, Phase::Busy, Phase::Idle] {
-        metrics::counter!(m::ADMIN_TIMED_OUT, "listener" => label, "phase" => phase.as_str())
-            .absolute(0);
+    serve_in(
+        Arc::new(socket),
+        &Pool::new(listener, MAX_CONNECTIONS),
+        router,
+        stop,
+    )
+}
+
+/// Connection slots, with their cap, shedding and deadlines, shared by
+/// the listeners served in it (one per admin address; one for every
+/// health-check node port).
+#[derive(Clone)]
+pub struct Pool {
+    registry: Arc<Registry>,
+    permits: Arc<Semaphore>,
+}
+
+impl Pool {
+    /// A pool of `cap` connections for listeners of `listener`'s kind (its
+    /// metrics label).
+    pub fn new(listener: AdminListener, cap: usize) -> Self {
+        let label = listener.as_str();
+        for phase in [Phase::Head, Phase::Busy, Phase::Idle] {
+            metrics::counter!(m::ADMIN_TIMED_OUT, "listener" => label, "phase" => phase.as_str())
+                .absolute(0);
+        }
+        metrics::counter!(m::ADMIN_SHED, "listener" => label).absolute(0);
+        metrics::counter!(m::ADMIN_WAITS, "listener" => label).absolute(0);
+        metrics::counter!(m::ADMIN_ACCEPTED, "listener" => label).absolute(0);
+        metrics::gauge!(m::ADMIN_ACTIVE, "listener" => label).set(0.0);
+        Self {
+            registry: Arc::new(Registry {
+                listener,
+                epoch: Instant::now(),
+                slots: Mutex::new(Vec::new()),
+            }),
+            permits: Arc::new(Semaphore::new(cap)),
+        }
     }
-    metrics::counter!(m::ADMIN_SHED, "listener" => label).absolute(0);
-    metrics::counter!(m::ADMIN_WAITS, "listener" => label).absolute(0);
-    metrics::counter!(m::ADMIN_ACCEPTED, "listener" => label).absolute(0);
-    metrics::gauge!(m::ADMIN_ACTIVE, "listener" => label).set(0.0);
-    let registry = Arc::new(Registry {
-        listener,
-        epoch: Instant::now(),
-        slots: Mutex::new(Vec::new()),
-    });
+}
+
+/// Serves `router` on `socket` within `pool` until `stop` (which also
+/// closes the connections it accepted); returns the bound address. The
+/// socket is shared so that a hand-over can send it meanwhile.
+pub fn serve_in(
+    socket: Arc<tokio::net::TcpListener>,
+    pool: &Pool,
+    router: Router,
+    stop: CancellationToken,
+) -> std::io::Result<SocketAddr> {
+    let bound = socket.local_addr()?;
+    let pool = pool.clone();
     tokio::spawn(async move {
         tokio::select! {
-            _ = accept_loop(socket, registry, router, stop.clone()) => {}
+            _ = accept_loop(socket, pool, router, stop.clone()) => {}
             _ = stop.cancelled() => {}
         }
     });
@@ -328,13 +376,13 @@ pub fn bind_std(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
 /// unanswered connection when all are taken), and serves it. Only the one
 /// connection being admitted holds an fd outside the slots.
 async fn accept_loop(
-    socket: tokio::net::TcpListener,
-    registry: Arc<Registry>,
+    socket: Arc<tokio::net::TcpListener>,
+    pool: Pool,
     router: Router,
     stop: CancellationToken,
 ) {
+    let Pool { registry, permits } = pool;
     let label = registry.listener.as_str();
-    let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let mut backoff = Duration::from_millis(5);
     loop {
         let stream = match socket.accept().await {

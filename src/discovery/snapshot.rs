@@ -463,6 +463,13 @@ fn service_ports(svc: &Service) -> Result<Option<Vec<(ServicePortName, ServicePo
             )?);
         }
     }
+    let external_local = spec.external_traffic_policy.as_deref() == Some("Local");
+    // Upstream's NeedsHealthCheck: LoadBalancer with eTP=Local.
+    let health_check_node_port = match spec.health_check_node_port.filter(|_| external_local) {
+        _ if spec.type_.as_deref() != Some("LoadBalancer") => None,
+        None | Some(0) => None,
+        Some(n) => Some(port_u16(n, "spec.healthCheckNodePort".into())?),
+    };
     let affinity = match spec.session_affinity.as_deref() {
         None | Some("None") | Some("") => None,
         Some("ClientIP") => {
@@ -540,7 +547,8 @@ fn service_ports(svc: &Service) -> Result<Option<Vec<(ServicePortName, ServicePo
                 load_balancer_ips: load_balancer_ips.clone(),
                 affinity,
                 internal_local: spec.internal_traffic_policy.as_deref() == Some("Local"),
-                external_local: spec.external_traffic_policy.as_deref() == Some("Local"),
+                external_local,
+                health_check_node_port,
                 scheduler: scheduler.clone(),
                 proxy_protocol: proxy_protocol.clone(),
             },

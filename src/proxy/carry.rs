@@ -59,6 +59,9 @@ pub enum Kind {
     Metrics,
     /// The `--healthz-bind-address` listener.
     Healthz,
+    /// A Service's health-check node port (its service port name has an
+    /// empty port name).
+    HealthCheck,
 }
 
 /// The description of one handed-over listener (its fds travel beside it).
@@ -66,7 +69,7 @@ pub enum Kind {
 pub struct ListenerDesc {
     /// What it is.
     pub kind: Kind,
-    /// The service port, for `Tcp` and `Udp`.
+    /// The service port, for `Tcp` and `Udp`; the Service, for `HealthCheck`.
     pub service: Option<ServicePortName>,
     /// The port it is bound to.
     pub port: u16,
@@ -112,6 +115,8 @@ pub struct Inherited {
     pub udp: BTreeMap<ServicePortName, (u16, std::net::UdpSocket, Carried)>,
     /// The admin listeners, by kind.
     pub admin: Vec<(Kind, std::net::TcpListener)>,
+    /// Health-check node ports, by Service (empty port name): port, socket.
+    pub health_checks: BTreeMap<ServicePortName, (u16, std::net::TcpListener)>,
 }
 
 impl Inherited {

@@ -192,7 +192,14 @@ impl FdBudget {
     /// Takes one fd for a listening socket, if it fits and leaves the
     /// headroom to pipes and UDP sessions.
     pub fn try_take_listener(self: &Arc<Self>) -> Option<FdLease> {
-        self.take_within(1, headroom(self.limit))
+        self.try_take_listener_fds(1)
+    }
+
+    /// Takes `n` fds for a listening socket and what it holds beside it
+    /// (a health-check port's admitted connection), as
+    /// [`Self::try_take_listener`].
+    pub fn try_take_listener_fds(self: &Arc<Self>, n: usize) -> Option<FdLease> {
+        self.take_within(n, headroom(self.limit))
     }
 
     fn take_within(self: &Arc<Self>, n: usize, keep: usize) -> Option<FdLease> {

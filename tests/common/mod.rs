@@ -261,14 +261,8 @@ pub fn snapshot(name: &str, endpoints: &[SocketAddr], affinity: Option<Affinity>
             port: ServicePort {
                 cluster_ips: vec![IpAddr::from([10, 96, 0, 1])],
                 port: 80,
-                node_port: None,
-                external_ips: vec![],
-                load_balancer_ips: vec![],
                 affinity,
-                internal_local: false,
-                external_local: false,
-                scheduler: Default::default(),
-                proxy_protocol: Default::default(),
+                ..ServicePort::default()
             },
             endpoints: endpoints.iter().copied().map(endpoint).collect(),
             choice: Default::default(),
@@ -361,6 +355,7 @@ pub fn admin_state(p: &Proxier, health: Arc<Health>) -> AdminState {
         services: p.published(),
         health,
         ctx: Arc::clone(p.context()),
+        health_checks: Default::default(),
     }
 }
 
@@ -368,7 +363,7 @@ pub fn admin_state(p: &Proxier, health: Arc<Health>) -> AdminState {
 /// free 127.0.0.1 port; cancel the token to stop it.
 pub async fn serve_metrics(p: &Proxier) -> (SocketAddr, CancellationToken) {
     let state = admin_state(p, Arc::new(Health::new(Duration::from_secs(30))));
-    state.health.synced();
+    state.health.updated();
     let stop = CancellationToken::new();
     let addr = admin::spawn(
         localhost(0),

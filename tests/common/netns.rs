@@ -221,3 +221,82 @@ pub fn node_and_pod(tag: &str, subnet: &str) -> (Netns, Netns, String) {
     node.run(&["ip", "route", "add", "10.96.0.0/16", "dev", &node_if]);
     (node, pod, pod_if)
 }
+
+/// The proxy binary running inside a namespace on a directory of
+/// manifests, with the rules on and quick rule syncs; SIGKILLed on drop if
+/// still alive.
+pub struct NsProxy(pub std::process::Child);
+
+impl NsProxy {
+    /// The command, not yet started: the common flags (admin listeners on
+    /// loopback unless `extra` names them), then `extra`.
+    pub fn command(ns: &Netns, dir: &std::path::Path, extra: &[&str]) -> Command {
+        let mut cmd = ns.command(&[env!("CARGO_BIN_EXE_kube-userspace-proxy"), "--manifests"]);
+        cmd.arg(dir).args([
+            "--iptables",
+            "on",
+            "--iptables-min-sync-period",
+            "100ms",
+            "--log-level",
+            "warn",
+        ]);
+        for flag in ["--metrics-bind-address", "--healthz-bind-address"] {
+            if !extra.contains(&flag) {
+                cmd.args([flag, "127.0.0.1:0"]);
+            }
+        }
+        cmd.args(extra)
+            .arg("--handover-socket")
+            .arg(dir.join("handover.sock"))
+            .stdout(std::process::Stdio::null());
+        cmd
+    }
+
+    /// Starts [`Self::command`].
+    pub fn start(ns: &Netns, dir: &std::path::Path, extra: &[&str]) -> Self {
+        Self(Self::command(ns, dir, extra).spawn().unwrap())
+    }
+
+    /// SIGTERM, then a clean exit within 15 s.
+    pub fn stop(mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.0.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(15);
+        while std::time::Instant::now() < end {
+            if let Some(status) = self.0.try_wait().unwrap() {
+                assert_eq!(status.code(), Some(0), "proxy exit status");
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        panic!("the proxy did not stop within 15 s of SIGTERM");
+    }
+}
+
+impl Drop for NsProxy {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// An "ext" namespace linked to `node` on `subnet`: node `.1`, ext `.2`,
+/// routed through the node; returns it and the node's address on the link.
+pub fn external_client(node: &Netns, subnet: &str) -> (Netns, String) {
+    let ext = Netns::new("ext");
+    veth(
+        node,
+        &format!("{subnet}.1/24"),
+        &ext,
+        &format!("{subnet}.2/24"),
+    );
+    ext.run(&[
+        "ip",
+        "route",
+        "add",
+        "default",
+        "via",
+        &format!("{subnet}.1"),
+    ]);
+    (ext, format!("{subnet}.1"))
+}
