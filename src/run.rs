@@ -387,7 +387,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     } = run_loop.serve(snapshots, stop).await;
     // Handed over or stopping: the successor answers the probes, or
     // nobody should.
-    service_health.close();
+    service_health.close().await;
     stop_discovery.cancel();
     let new_pid = successor.load(std::sync::atomic::Ordering::Relaxed);
     if new_pid != 0 {

@@ -448,6 +448,14 @@ pub fn render_table(doc: &StatusDoc, prev: Option<(&StatusDoc, Duration)>) -> St
         if !s.endpoint_choice.is_empty() {
             let _ = writeln!(out, "{:5}   endpoint choice: {}", "", s.endpoint_choice);
         }
+        if let Some(h) = &s.health_check {
+            let state = match (&h.error, h.local_endpoints) {
+                (Some(e), _) => format!("not listening: {e}"),
+                (None, 0) => "no local ready endpoint: 503".into(),
+                (None, n) => format!("{n} local ready endpoints"),
+            };
+            let _ = writeln!(out, "{:5}   health check :{}: {state}", "", h.port);
+        }
         for e in &s.endpoints {
             let eb = before.and_then(|b| b.endpoints.iter().find(|o| o.address == e.address));
             let state = if e.ejected_for_ms > 0 {

@@ -197,8 +197,11 @@ fn the_health_check_port_follows_this_nodes_ready_endpoints() {
     let a = wait_code(&ext, hc, "/any/path", 200);
     assert_eq!(a.body, upstream_body(1, true));
     assert_eq!(a.header("x-load-balancing-endpoint-weight"), Some("1"));
-    // Traffic through the node port reaches it (eTP=Local, local endpoint).
-    assert_eq!(ext.fetch(at(&node_ip, 30080)).unwrap(), "b1\n");
+    // Traffic through the node port reaches it (eTP=Local, local endpoint)
+    // once the rules caught up (they no longer REJECT: endpoints exist).
+    wait_for("the node port served", Duration::from_secs(10), || {
+        ext.fetch(at(&node_ip, 30080)).is_ok_and(|a| a == "b1\n")
+    });
 
     // Two here, one elsewhere: the weight counts this node's.
     write(
@@ -429,4 +432,57 @@ fn healthz_fails_on_failed_rules_and_on_a_node_being_removed() {
     wait_code(&ext, hc, "/", 200);
     assert!(node.nat().contains("10.96.0.61"), "rules applied");
     proxy.stop();
+}
+
+#[test]
+fn the_health_check_port_goes_over_with_a_hand_over() {
+    require_root_and_tools("the_health_check_port_goes_over_with_a_hand_over");
+    let (node, ext, node_ip) = lab("hcho", "10.237.5");
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "svc.yaml", &service(32400, "Local"));
+    write(
+        dir.path(),
+        "slice.yaml",
+        &slice(&[Ep("127.0.0.1", "n1", Cond::Ready)]),
+    );
+    let args = ["--hostname-override", "n1"];
+    let mut old = NsProxy::start(&node, dir.path(), &args);
+    let hc = at(&node_ip, 32400);
+    wait_code(&ext, hc, "/", 200);
+    // The load balancer probes all along: not one probe may fail.
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (ok, failed, new) = std::thread::scope(|scope| {
+        let prober = scope.spawn(|| {
+            let (mut ok, mut failed) = (0, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && ok + failed.len() < 5_000 {
+                match get(&ext, hc, "/") {
+                    Some(a) if a.code == 200 => ok += 1,
+                    other => failed.push(format!("{other:?}")),
+                }
+            }
+            (ok, failed)
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        let new = NsProxy::start(&node, dir.path(), &args);
+        let mut exited = None;
+        wait_for(
+            "the old process exits after the hand-over",
+            Duration::from_secs(15),
+            || {
+                exited = old.0.try_wait().unwrap();
+                exited.is_some()
+            },
+        );
+        assert_eq!(exited.and_then(|s| s.code()), Some(0));
+        std::thread::sleep(Duration::from_millis(500));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let (ok, failed) = prober.join().unwrap();
+        (ok, failed, new)
+    });
+    assert!(
+        ok > 0 && failed.is_empty(),
+        "{ok} probes ok, failed: {failed:?}"
+    );
+    assert_eq!(get(&ext, hc, "/").unwrap().code, 200);
+    new.stop();
 }

@@ -334,6 +334,16 @@ impl Pool {
     }
 }
 
+impl Pool {
+    /// Waits until no connection of the pool is open, at most `within`.
+    pub async fn drained(&self, within: Duration) {
+        let end = Instant::now() + within;
+        while !self.registry.slots().is_empty() && Instant::now() < end {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
 /// Serves `router` on `socket` within `pool` until `stop` (which also
 /// closes the connections it accepted); returns the bound address. The
 /// socket is shared so that a hand-over can send it meanwhile.
@@ -400,10 +410,11 @@ async fn accept_loop(
         };
         metrics::counter!(m::ADMIN_ACCEPTED, "listener" => label).increment(1);
         let permit = take_slot(&registry, &permits).await;
-        let slot = registry.add(stop.child_token());
+        let slot = registry.add(CancellationToken::new());
+        let stop = stop.clone();
         let (registry, router) = (Arc::clone(&registry), router.clone());
         tokio::spawn(async move {
-            serve_connection(stream, &registry, &slot, router).await;
+            serve_connection(stream, &registry, &slot, router, &stop).await;
             registry.remove(&slot);
             drop(permit);
         });
@@ -450,11 +461,15 @@ async fn take_slot(registry: &Registry, permits: &Arc<Semaphore>) -> OwnedSemaph
 }
 
 /// Serves one connection until it ends, is shed, or misses its deadline.
+/// Once `stop` (the listener stops: a hand-over, a Service gone), it ends
+/// gracefully: a request being answered still gets its response, an idle
+/// connection closes.
 async fn serve_connection(
     stream: TcpStream,
     registry: &Registry,
     slot: &Arc<Slot>,
     router: Router,
+    stop: &CancellationToken,
 ) {
     let label = registry.listener.as_str();
     let gauge = metrics::gauge!(m::ADMIN_ACTIVE, "listener" => label);
@@ -482,6 +497,7 @@ async fn serve_connection(
             .keep_alive(true)
             .serve_connection(TokioIo::new(stream), service);
         tokio::pin!(conn);
+        let mut stopping = false;
         loop {
             let (phase, deadline) = registry.deadline(slot);
             let first_read = std::future::poll_fn(|cx| {
@@ -499,6 +515,10 @@ async fn serve_connection(
                     break;
                 }
                 _ = slot.close.cancelled() => break,
+                _ = stop.cancelled(), if !stopping => {
+                    conn.as_mut().graceful_shutdown();
+                    stopping = true;
+                }
                 _ = tokio::time::sleep_until(deadline) => {
                     // The phase may have moved on meanwhile: re-check.
                     let (now_phase, now_deadline) = registry.deadline(slot);

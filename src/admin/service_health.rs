@@ -37,6 +37,9 @@ use crate::status::HealthCheckState;
 /// pool's connections are in [`super::RESERVED_FDS`]).
 const FDS_PER_PORT: usize = 2;
 
+/// How long [`Server::close`] waits for the probes being answered.
+const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// A Service: namespace and name.
 pub type ServiceName = (String, String);
 
@@ -179,7 +182,10 @@ impl Server {
             .iter()
             .filter(|(k, (port, _))| {
                 self.instances.get(*k).is_none_or(|i| i.socket.is_none())
-                    && self.inherited.get(&service_key(k)).is_none_or(|(p, _)| p != port)
+                    && self
+                        .inherited
+                        .get(&service_key(k))
+                        .is_none_or(|(p, _)| p != port)
             })
             .count();
         if to_open > 0 {
@@ -240,11 +246,13 @@ impl Server {
             .collect()
     }
 
-    /// Stops every port and closes its connections.
-    pub fn close(&mut self) {
+    /// Stops every port; the probes being answered get their answer
+    /// (waited for, at most [`CLOSE_GRACE`]).
+    pub async fn close(&mut self) {
         self.stop.cancel();
         self.instances.clear();
         self.publish();
+        self.pool.drained(CLOSE_GRACE).await;
     }
 
     fn publish(&self) {
