@@ -269,6 +269,7 @@ pub fn snapshot(name: &str, endpoints: &[SocketAddr], affinity: Option<Affinity>
                 external_local: false,
                 scheduler: Default::default(),
                 proxy_protocol: Default::default(),
+                ..ServicePort::default()
             },
             endpoints: endpoints.iter().copied().map(endpoint).collect(),
             choice: Default::default(),
