@@ -492,6 +492,15 @@ fn every_disposition_is_accepted_by_both_families_and_cleaned_up() {
     );
     let mut portals = Vec::new();
     let mut node_ports = Vec::new();
+    let source_ranges: Vec<ipnet::IpNet> = [
+        "10.244.1.0/24",
+        "203.0.113.0/24",
+        "fd00:10:0:1::/64",
+        "2001:db8::/32",
+    ]
+    .iter()
+    .map(|r| r.parse().unwrap())
+    .collect();
     let dispositions = [
         Disposition::Redirect,
         Disposition::RedirectLocalOnly,
@@ -503,6 +512,7 @@ fn every_disposition_is_accepted_by_both_families_and_cleaned_up() {
         for (ip, kind) in [
             (format!("10.96.0.{}", 10 + i), PortalKind::ClusterIp),
             (format!("198.18.0.{}", 10 + i), PortalKind::ExternalIp),
+            (format!("192.0.2.{}", 10 + i), PortalKind::LoadBalancerIp),
             (format!("fd00::{}", 10 + i), PortalKind::LoadBalancerIp),
         ] {
             for protocol in [Protocol::Tcp, Protocol::Udp] {
@@ -514,6 +524,11 @@ fn every_disposition_is_accepted_by_both_families_and_cleaned_up() {
                     kind,
                     comment: format!("ns/svc{i}:p"),
                     disposition: d,
+                    source_ranges: if kind == PortalKind::LoadBalancerIp {
+                        source_ranges.clone()
+                    } else {
+                        Vec::new()
+                    },
                 });
             }
         }
@@ -524,9 +539,16 @@ fn every_disposition_is_accepted_by_both_families_and_cleaned_up() {
             disposition: d,
         });
     }
+    // LB IPs of both families behind source ranges of both (one inside
+    // the detector's pod CIDR, one outside), the node in a range of each
+    // (allowFromNode): the firewall rules of both payloads are applied too.
     let rules = Rules {
         portals,
         node_ports,
+        node_ips: vec![
+            "203.0.113.1".parse().unwrap(),
+            "2001:db8::1".parse().unwrap(),
+        ],
     };
     let detectors = [
         Detector::Cidrs(vec![
