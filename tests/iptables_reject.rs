@@ -8,125 +8,13 @@
 
 mod common;
 
-use std::io::{ErrorKind, Read};
-use std::net::{SocketAddr, TcpStream, UdpSocket};
-use std::path::Path;
-use std::process::{Child, Stdio};
+use std::net::{SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
+use common::lab::{
+    count, external_client, packets, require_root_and_tools, seen_error, tcp, Proxy, Seen,
+};
 use common::netns::{node_and_pod, require_tools, veth, wait_for, Netns};
-
-const BIN: &str = env!("CARGO_BIN_EXE_kube-userspace-proxy");
-
-/// Panics unless we are root with the tools: these tests must run.
-fn require_root_and_tools(test: &str) {
-    assert!(
-        nix::unistd::Uid::effective().is_root(),
-        "{test}: needs root (network namespaces, iptables); run it as root"
-    );
-    require_tools(
-        test,
-        &[
-            "ip",
-            "iptables",
-            "iptables-save",
-            "iptables-restore",
-            "sysctl",
-        ],
-        "iproute2, iptables and procps",
-    );
-}
-
-/// The proxy binary running inside `ns` on the manifests in `dir`;
-/// SIGKILLed on drop if still alive.
-struct Proxy(Child);
-
-impl Proxy {
-    fn start(ns: &Netns, dir: &Path, extra: &[&str]) -> Self {
-        let mut cmd = ns.command(&[BIN, "--manifests"]);
-        cmd.arg(dir)
-            .args([
-                "--iptables",
-                "on",
-                "--iptables-min-sync-period",
-                "100ms",
-                "--log-level",
-                "warn",
-                "--metrics-bind-address",
-                "127.0.0.1:0",
-                "--healthz-bind-address",
-                "127.0.0.1:0",
-            ])
-            .args(extra)
-            .arg("--handover-socket")
-            .arg(dir.join("handover.sock"))
-            .stdout(Stdio::null());
-        Proxy(cmd.spawn().unwrap())
-    }
-
-    fn stop(mut self) {
-        let pid = nix::unistd::Pid::from_raw(self.0.id() as i32);
-        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
-        let end = Instant::now() + Duration::from_secs(15);
-        while Instant::now() < end {
-            if let Some(status) = self.0.try_wait().unwrap() {
-                assert_eq!(status.code(), Some(0), "proxy exit status");
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        panic!("the proxy did not stop within 15 s of SIGTERM");
-    }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// What a client saw.
-#[derive(Debug, PartialEq, Eq)]
-enum Seen {
-    /// The answer (TCP: everything until EOF).
-    Answer(String),
-    /// ECONNREFUSED (RST or ICMP port unreachable).
-    Refused,
-    /// Nothing within the timeout.
-    TimedOut,
-    /// Anything else.
-    Other(String),
-}
-
-fn seen_error(e: &std::io::Error) -> Seen {
-    match e.kind() {
-        ErrorKind::ConnectionRefused => Seen::Refused,
-        ErrorKind::TimedOut | ErrorKind::WouldBlock => Seen::TimedOut,
-        _ => Seen::Other(e.to_string()),
-    }
-}
-
-/// Connects over TCP from inside `ns` and reads until EOF; how long the
-/// connect took.
-fn tcp(ns: &Netns, addr: SocketAddr, timeout: Duration) -> (Seen, Duration) {
-    ns.spawn(move || {
-        let t0 = Instant::now();
-        let mut s = match TcpStream::connect_timeout(&addr, timeout) {
-            Ok(s) => s,
-            Err(e) => return (seen_error(&e), t0.elapsed()),
-        };
-        let took = t0.elapsed();
-        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
-        let mut out = String::new();
-        match s.read_to_string(&mut out) {
-            Ok(_) => (Seen::Answer(out), took),
-            Err(e) => (Seen::Other(format!("read: {e}")), took),
-        }
-    })
-    .join()
-    .unwrap()
-}
 
 /// Sends "query" from a connected UDP socket inside `ns` and waits for
 /// the answer (an ICMP port unreachable shows as ECONNREFUSED); how long
@@ -175,44 +63,6 @@ fn backends(ns: &Netns, tcp_addr: SocketAddr, udp_addr: SocketAddr, name: &'stat
     ns.udp_backend(udp_addr, "udp:");
 }
 
-/// `iptables-save -c -t filter` inside `ns`: the packet count of the one
-/// rule containing `needle`.
-fn packets(ns: &Netns, needle: &str) -> u64 {
-    let saved = ns.run(&["iptables-save", "-c", "-t", "filter"]);
-    let lines: Vec<&str> = saved.lines().filter(|l| l.contains(needle)).collect();
-    assert_eq!(lines.len(), 1, "one rule with {needle:?}:\n{saved}");
-    lines[0]
-        .strip_prefix('[')
-        .and_then(|l| l.split(':').next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no counters in {:?}", lines[0]))
-}
-
-fn count(haystack: &str, needle: &str) -> usize {
-    haystack.lines().filter(|l| l.contains(needle)).count()
-}
-
-/// An "ext" namespace linked to `node` on `subnet`: node `.1`, ext `.2`;
-/// returns it and the node's address on the link.
-fn external_client(node: &Netns, subnet: &str) -> (Netns, String) {
-    let ext = Netns::new("ext");
-    veth(
-        node,
-        &format!("{subnet}.1/24"),
-        &ext,
-        &format!("{subnet}.2/24"),
-    );
-    ext.run(&[
-        "ip",
-        "route",
-        "add",
-        "default",
-        "via",
-        &format!("{subnet}.1"),
-    ]);
-    (ext, format!("{subnet}.1"))
-}
-
 const SERVICE: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: ns}\n\
     spec:\n  type: NodePort\n  clusterIP: 10.96.0.50\n  ports:\n\
     \x20 - {name: http, port: 80, nodePort: 30080}\n\
@@ -244,7 +94,7 @@ fn no_endpoints_is_refused_everywhere_until_endpoints_appear() {
     node.run(&["ip", "link", "set", "uplink0", "up"]);
     node.run(&["ip", "link", "set", "uplink1", "up"]);
     node.run(&["ip", "route", "replace", "10.96.0.0/16", "dev", "uplink0"]);
-    let (ext, node_ip) = external_client(&node, "10.235.2");
+    let (ext, node_ip) = external_client(&node, "10.235.2", None);
     backends(
         &pod,
         "10.235.1.2:8080".parse().unwrap(),
@@ -374,7 +224,7 @@ fn external_policy_local_case(tag: &str, bridge: bool) {
     pod.run(&["ip", "route", "add", "default", "via", "10.236.1.1"]);
     // The service range is routed, as a real node's default route would.
     node.run(&["ip", "route", "add", "10.96.0.0/16", "dev", &node_if]);
-    let (ext, node_ip) = external_client(&node, "10.236.2");
+    let (ext, node_ip) = external_client(&node, "10.236.2", None);
     // The external IP is one of the node's addresses (as with an L2 LB).
     node.run(&["ip", "addr", "add", "198.18.0.9/32", "dev", "lo"]);
     // The endpoint runs on another node (it is reached from the pod
