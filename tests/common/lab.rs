@@ -40,6 +40,8 @@ pub fn require_root_and_tools(test: &str) {
 pub struct Proxy(Child);
 
 impl Proxy {
+    /// Starts it with `extra` flags (`--iptables on`, a 100 ms min sync
+    /// period, warnings only).
     pub fn start(ns: &Netns, dir: &Path, extra: &[&str]) -> Self {
         let mut cmd = ns.command(&[BIN, "--manifests"]);
         cmd.arg(dir)
@@ -62,6 +64,7 @@ impl Proxy {
         Proxy(cmd.spawn().unwrap())
     }
 
+    /// SIGTERM, then asserts a clean exit (status 0) within 15 s.
     pub fn stop(mut self) {
         let pid = nix::unistd::Pid::from_raw(self.0.id() as i32);
         nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
