@@ -20,6 +20,7 @@ fn portals(n: usize) -> Rules {
             kind: PortalKind::ClusterIp,
             comment: format!("ns-{}/svc-{i}:http", i % 50),
             disposition: Disposition::Redirect,
+            source_ranges: Vec::new(),
         })
         .collect::<Vec<_>>()
         .into()

@@ -157,12 +157,18 @@ impl Detector {
     /// not implemented for it.
     pub fn if_local(&self, v6: bool) -> Option<String> {
         match self {
-            Self::Cidrs(c) => c
-                .iter()
-                .find(|n| n.addr().is_ipv6() == v6)
-                .map(|n| format!("-s {n}")),
+            Self::Cidrs(_) => self.local_cidr(v6).map(|n| format!("-s {n}")),
             Self::Bridge(name) => Some(format!("-i {name}")),
             Self::Prefix(prefix) => Some(format!("-i {prefix}+")),
+        }
+    }
+
+    /// The source CIDR [`Self::if_local`] matches for the family, when
+    /// pods are told by source (ClusterCIDR, NodeCIDR).
+    pub fn local_cidr(&self, v6: bool) -> Option<IpNet> {
+        match self {
+            Self::Cidrs(c) => c.iter().find(|n| n.addr().is_ipv6() == v6).copied(),
+            Self::Bridge(_) | Self::Prefix(_) => None,
         }
     }
 

@@ -109,8 +109,18 @@ pub struct ServicePort {
     pub node_port: Option<u16>,
     /// `spec.externalIPs`.
     pub external_ips: Vec<IpAddr>,
-    /// `status.loadBalancer.ingress[].ip`.
+    /// `status.loadBalancer.ingress[].ip` of the VIP-mode ingresses
+    /// (`ipMode` absent or `VIP`; upstream's `LoadBalancerVIPs`).
     pub load_balancer_ips: Vec<IpAddr>,
+    /// `spec.loadBalancerSourceRanges` that parse (both families, host bits
+    /// cleared): the only sources that may reach the LB IPs (upstream's
+    /// `LoadBalancerSourceRanges`); empty: every source.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub load_balancer_source_ranges: Vec<ipnet::IpNet>,
+    /// The entries of `spec.loadBalancerSourceRanges` that do not parse,
+    /// verbatim: ignored (each reported as a discovery problem).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub invalid_load_balancer_source_ranges: Vec<String>,
     /// ClientIP affinity, when `sessionAffinity: ClientIP`.
     pub affinity: Option<Affinity>,
     /// `internalTrafficPolicy: Local`.

@@ -51,6 +51,14 @@ pub struct ServiceStatus {
     pub node_port: Option<u16>,
     /// External and load-balancer IPs.
     pub external_ips: Vec<String>,
+    /// `spec.loadBalancerSourceRanges` in force (CIDRs): the only sources
+    /// the LB IPs take; empty: every source.
+    #[serde(default)]
+    pub load_balancer_source_ranges: Vec<String>,
+    /// Entries of `spec.loadBalancerSourceRanges` that do not parse,
+    /// verbatim: ignored.
+    #[serde(default)]
+    pub invalid_load_balancer_source_ranges: Vec<String>,
     /// Our listener's port, once bound.
     pub listener_port: Option<u16>,
     /// Listening sockets of the port: 1, or one per worker once busy.
@@ -225,6 +233,14 @@ pub fn collect(services: &[ServiceView], iptables: &str) -> StatusDoc {
                     && v.listener_port.is_some()
                     && !(spec.cluster_ips.is_empty() && external.is_empty()),
                 external_ips: external,
+                load_balancer_source_ranges: spec
+                    .load_balancer_source_ranges
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect(),
+                invalid_load_balancer_source_ranges: spec
+                    .invalid_load_balancer_source_ranges
+                    .clone(),
                 listener_port: v.listener_port,
                 listener_sockets: s.sockets.load(Relaxed) as usize,
                 unserved: v

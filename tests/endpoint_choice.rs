@@ -10,18 +10,17 @@
 
 mod common;
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
+use common::lab::{debug_services, METRICS};
 use common::netns::{require_root, veth, wait_for, Netns};
 
 const BIN: &str = env!("CARGO_BIN_EXE_kube-userspace-proxy");
 const NODE_PORT: u16 = 30_080;
-/// The proxy's metrics address, inside the node namespace.
-const METRICS: &str = "127.0.0.1:10249";
 
 /// A NodePort Service with `externalTrafficPolicy: policy` and the given
 /// endpoints (address, nodeName).
@@ -105,25 +104,6 @@ fn refused_in(ns: &Netns, to: SocketAddr) -> Result<Duration, String> {
     })
     .join()
     .unwrap()
-}
-
-/// `/debug/services` of the proxy in `ns`.
-fn debug_services(ns: &Netns) -> serde_json::Value {
-    let metrics: SocketAddr = METRICS.parse().unwrap();
-    let body = ns
-        .spawn(move || -> std::io::Result<String> {
-            let mut s = TcpStream::connect_timeout(&metrics, Duration::from_secs(2))?;
-            s.set_read_timeout(Some(Duration::from_secs(2)))?;
-            s.write_all(b"GET /debug/services HTTP/1.0\r\nHost: x\r\n\r\n")?;
-            let mut out = String::new();
-            s.read_to_string(&mut out)?;
-            Ok(out)
-        })
-        .join()
-        .unwrap()
-        .unwrap_or_default();
-    let json = body.split_once("\r\n\r\n").map_or("", |(_, b)| b);
-    serde_json::from_str(json).unwrap_or(serde_json::Value::Null)
 }
 
 struct Lab {

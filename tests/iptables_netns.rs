@@ -353,6 +353,7 @@ fn a_failed_restore_names_the_line_and_keeps_the_previous_rules() {
                         kind: PortalKind::ClusterIp,
                         comment: "ns/good:http".into(),
                         disposition: Disposition::Redirect,
+                        source_ranges: Vec::new(),
                     }]
                     .into(),
                     false,

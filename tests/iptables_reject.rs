@@ -8,74 +8,13 @@
 
 mod common;
 
-use std::io::{ErrorKind, Read};
-use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::net::{SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
-use common::netns::{
-    external_client, node_and_pod, require_tools, veth, wait_for, Netns, NsProxy as Proxy,
+use common::lab::{
+    count, external_client, packets, require_root_and_tools, seen_error, tcp, Proxy, Seen,
 };
-
-/// Panics unless we are root with the tools: these tests must run.
-fn require_root_and_tools(test: &str) {
-    assert!(
-        nix::unistd::Uid::effective().is_root(),
-        "{test}: needs root (network namespaces, iptables); run it as root"
-    );
-    require_tools(
-        test,
-        &[
-            "ip",
-            "iptables",
-            "iptables-save",
-            "iptables-restore",
-            "sysctl",
-        ],
-        "iproute2, iptables and procps",
-    );
-}
-
-/// What a client saw.
-#[derive(Debug, PartialEq, Eq)]
-enum Seen {
-    /// The answer (TCP: everything until EOF).
-    Answer(String),
-    /// ECONNREFUSED (RST or ICMP port unreachable).
-    Refused,
-    /// Nothing within the timeout.
-    TimedOut,
-    /// Anything else.
-    Other(String),
-}
-
-fn seen_error(e: &std::io::Error) -> Seen {
-    match e.kind() {
-        ErrorKind::ConnectionRefused => Seen::Refused,
-        ErrorKind::TimedOut | ErrorKind::WouldBlock => Seen::TimedOut,
-        _ => Seen::Other(e.to_string()),
-    }
-}
-
-/// Connects over TCP from inside `ns` and reads until EOF; how long the
-/// connect took.
-fn tcp(ns: &Netns, addr: SocketAddr, timeout: Duration) -> (Seen, Duration) {
-    ns.spawn(move || {
-        let t0 = Instant::now();
-        let mut s = match TcpStream::connect_timeout(&addr, timeout) {
-            Ok(s) => s,
-            Err(e) => return (seen_error(&e), t0.elapsed()),
-        };
-        let took = t0.elapsed();
-        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
-        let mut out = String::new();
-        match s.read_to_string(&mut out) {
-            Ok(_) => (Seen::Answer(out), took),
-            Err(e) => (Seen::Other(format!("read: {e}")), took),
-        }
-    })
-    .join()
-    .unwrap()
-}
+use common::netns::{node_and_pod, require_tools, veth, wait_for, Netns};
 
 /// Sends "query" from a connected UDP socket inside `ns` and waits for
 /// the answer (an ICMP port unreachable shows as ECONNREFUSED); how long
@@ -124,23 +63,6 @@ fn backends(ns: &Netns, tcp_addr: SocketAddr, udp_addr: SocketAddr, name: &'stat
     ns.udp_backend(udp_addr, "udp:");
 }
 
-/// `iptables-save -c -t filter` inside `ns`: the packet count of the one
-/// rule containing `needle`.
-fn packets(ns: &Netns, needle: &str) -> u64 {
-    let saved = ns.run(&["iptables-save", "-c", "-t", "filter"]);
-    let lines: Vec<&str> = saved.lines().filter(|l| l.contains(needle)).collect();
-    assert_eq!(lines.len(), 1, "one rule with {needle:?}:\n{saved}");
-    lines[0]
-        .strip_prefix('[')
-        .and_then(|l| l.split(':').next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no counters in {:?}", lines[0]))
-}
-
-fn count(haystack: &str, needle: &str) -> usize {
-    haystack.lines().filter(|l| l.contains(needle)).count()
-}
-
 const SERVICE: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: ns}\n\
     spec:\n  type: NodePort\n  clusterIP: 10.96.0.50\n  ports:\n\
     \x20 - {name: http, port: 80, nodePort: 30080}\n\
@@ -172,7 +94,7 @@ fn no_endpoints_is_refused_everywhere_until_endpoints_appear() {
     node.run(&["ip", "link", "set", "uplink0", "up"]);
     node.run(&["ip", "link", "set", "uplink1", "up"]);
     node.run(&["ip", "route", "replace", "10.96.0.0/16", "dev", "uplink0"]);
-    let (ext, node_ip) = external_client(&node, "10.235.2");
+    let (ext, node_ip) = external_client(&node, "10.235.2", None);
     backends(
         &pod,
         "10.235.1.2:8080".parse().unwrap(),
@@ -302,7 +224,7 @@ fn external_policy_local_case(tag: &str, bridge: bool) {
     pod.run(&["ip", "route", "add", "default", "via", "10.236.1.1"]);
     // The service range is routed, as a real node's default route would.
     node.run(&["ip", "route", "add", "10.96.0.0/16", "dev", &node_if]);
-    let (ext, node_ip) = external_client(&node, "10.236.2");
+    let (ext, node_ip) = external_client(&node, "10.236.2", None);
     // The external IP is one of the node's addresses (as with an L2 LB).
     node.run(&["ip", "addr", "add", "198.18.0.9/32", "dev", "lo"]);
     // The endpoint runs on another node (it is reached from the pod
@@ -420,6 +342,15 @@ fn every_disposition_is_accepted_by_both_families_and_cleaned_up() {
     );
     let mut portals = Vec::new();
     let mut node_ports = Vec::new();
+    let source_ranges: Vec<ipnet::IpNet> = [
+        "10.244.1.0/24",
+        "203.0.113.0/24",
+        "fd00:10:0:1::/64",
+        "2001:db8::/32",
+    ]
+    .iter()
+    .map(|r| r.parse().unwrap())
+    .collect();
     let dispositions = [
         Disposition::Redirect,
         Disposition::RedirectLocalOnly,
@@ -431,6 +362,7 @@ fn every_disposition_is_accepted_by_both_families_and_cleaned_up() {
         for (ip, kind) in [
             (format!("10.96.0.{}", 10 + i), PortalKind::ClusterIp),
             (format!("198.18.0.{}", 10 + i), PortalKind::ExternalIp),
+            (format!("192.0.2.{}", 10 + i), PortalKind::LoadBalancerIp),
             (format!("fd00::{}", 10 + i), PortalKind::LoadBalancerIp),
         ] {
             for protocol in [Protocol::Tcp, Protocol::Udp] {
@@ -442,6 +374,11 @@ fn every_disposition_is_accepted_by_both_families_and_cleaned_up() {
                     kind,
                     comment: format!("ns/svc{i}:p"),
                     disposition: d,
+                    source_ranges: if kind == PortalKind::LoadBalancerIp {
+                        source_ranges.clone()
+                    } else {
+                        Vec::new()
+                    },
                 });
             }
         }
@@ -452,9 +389,16 @@ fn every_disposition_is_accepted_by_both_families_and_cleaned_up() {
             disposition: d,
         });
     }
+    // LB IPs of both families behind source ranges of both (one inside
+    // the detector's pod CIDR, one outside), the node in a range of each
+    // (allowFromNode): the firewall rules of both payloads are applied too.
     let rules = Rules {
         portals,
         node_ports,
+        node_ips: vec![
+            "203.0.113.1".parse().unwrap(),
+            "2001:db8::1".parse().unwrap(),
+        ],
     };
     let detectors = [
         Detector::Cidrs(vec![

@@ -14,20 +14,8 @@ use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::time::Duration;
 
-use common::netns::{external_client, require_tools, wait_for, Netns, NsProxy};
-
-/// Panics unless we are root with the tools: these tests must run.
-fn require_root_and_tools(test: &str) {
-    assert!(
-        nix::unistd::Uid::effective().is_root(),
-        "{test}: needs root (network namespaces, iptables); run it as root"
-    );
-    require_tools(
-        test,
-        &["ip", "iptables", "iptables-save", "iptables-restore"],
-        "iproute2 and iptables",
-    );
-}
+use common::lab::{debug_services, external_client, require_root_and_tools, Proxy, METRICS};
+use common::netns::{wait_for, Netns};
 
 /// A response: status, headers (lowercased names), body.
 #[derive(Debug)]
@@ -156,7 +144,7 @@ fn write(dir: &Path, file: &str, text: &str) {
 /// external prober; the node's address as the prober sees it.
 fn lab(tag: &str, subnet: &str) -> (Netns, Netns, String) {
     let node = Netns::new(&format!("{tag}node"));
-    let (ext, node_ip) = external_client(&node, subnet);
+    let (ext, node_ip) = external_client(&node, subnet, None);
     node.name_backend("127.0.0.1:8080".parse().unwrap(), "b1");
     (node, ext, node_ip)
 }
@@ -178,7 +166,7 @@ fn the_health_check_port_follows_this_nodes_ready_endpoints() {
     write(dir.path(), "node.yaml", &node_object(""));
     write(dir.path(), "svc.yaml", &service(32100, "Local"));
     write(dir.path(), "slice.yaml", &slice(&[]));
-    let proxy = NsProxy::start(&node, dir.path(), &["--hostname-override", "n1"]);
+    let proxy = Proxy::start(&node, dir.path(), &["--hostname-override", "n1"]);
     let hc = at(&node_ip, 32100);
 
     // No endpoint: 503, as upstream words it.
@@ -276,18 +264,9 @@ fn a_taken_health_check_port_is_reported_and_the_service_still_served() {
         &slice(&[Ep("127.0.0.1", "n1", Cond::Ready)]),
     );
     let log = dir.path().join("proxy.log");
-    let mut cmd = NsProxy::command(
-        &node,
-        dir.path(),
-        &[
-            "--hostname-override",
-            "n1",
-            "--metrics-bind-address",
-            "127.0.0.1:10249",
-        ],
-    );
+    let mut cmd = Proxy::command(&node, dir.path(), &["--hostname-override", "n1"]);
     cmd.stderr(std::fs::File::create(&log).unwrap());
-    let proxy = NsProxy(cmd.spawn().unwrap());
+    let proxy = Proxy(cmd.spawn().unwrap());
 
     wait_for(
         "the log names the Service and the port",
@@ -301,10 +280,10 @@ fn a_taken_health_check_port_is_reported_and_the_service_still_served() {
         },
     );
     // The Service is served all the same.
-    assert_eq!(ext.fetch(at(&node_ip, 30080)).unwrap(), "b1\n");
-    let doc = get(&node, at("127.0.0.1", 10249), "/debug/services")
-        .unwrap()
-        .json();
+    wait_for("the node port served", Duration::from_secs(10), || {
+        ext.fetch(at(&node_ip, 30080)).is_ok_and(|a| a == "b1\n")
+    });
+    let doc = debug_services(&node);
     let check = &doc["services"][0]["health_check"];
     assert_eq!(check["port"], 32200, "{doc}");
     assert_eq!(check["listening"], false, "{doc}");
@@ -356,7 +335,7 @@ fn healthz_fails_on_failed_rules_and_on_a_node_being_removed() {
         "slice.yaml",
         &slice(&[Ep("127.0.0.1", "n1", Cond::Ready)]),
     );
-    let mut cmd = NsProxy::command(
+    let mut cmd = Proxy::command(
         &node,
         &manifests,
         &[
@@ -364,12 +343,10 @@ fn healthz_fails_on_failed_rules_and_on_a_node_being_removed() {
             "n1",
             "--healthz-bind-address",
             "0.0.0.0:10256",
-            "--metrics-bind-address",
-            "127.0.0.1:10249",
         ],
     );
     cmd.env("PATH", path);
-    let proxy = NsProxy(cmd.spawn().unwrap());
+    let proxy = Proxy(cmd.spawn().unwrap());
     let healthz = at(&node_ip, 10256);
     let hc = at(&node_ip, 32300);
 
@@ -420,7 +397,9 @@ fn healthz_fails_on_failed_rules_and_on_a_node_being_removed() {
     assert_eq!(doc["healthy"], false, "{doc}");
     assert_eq!(get(&ext, healthz, "/livez").unwrap().code, 503);
     assert_eq!(wait_code(&ext, hc, "/", 503).body, upstream_body(1, false));
-    let metrics = get(&node, at("127.0.0.1", 10249), "/metrics").unwrap().body;
+    let metrics = get(&node, METRICS.parse().unwrap(), "/metrics")
+        .unwrap()
+        .body;
     assert!(
         metrics
             .lines()
@@ -446,7 +425,7 @@ fn the_health_check_port_goes_over_with_a_hand_over() {
         &slice(&[Ep("127.0.0.1", "n1", Cond::Ready)]),
     );
     let args = ["--hostname-override", "n1"];
-    let mut old = NsProxy::start(&node, dir.path(), &args);
+    let mut old = Proxy::start(&node, dir.path(), &args);
     let hc = at(&node_ip, 32400);
     wait_code(&ext, hc, "/", 200);
     // The load balancer probes all along: not one probe may fail.
@@ -463,7 +442,7 @@ fn the_health_check_port_goes_over_with_a_hand_over() {
             (ok, failed)
         });
         std::thread::sleep(Duration::from_millis(300));
-        let new = NsProxy::start(&node, dir.path(), &args);
+        let new = Proxy::start(&node, dir.path(), &args);
         let mut exited = None;
         wait_for(
             "the old process exits after the hand-over",

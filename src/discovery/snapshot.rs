@@ -14,6 +14,7 @@ use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
+use ipnet::{IpNet, Ipv4Net};
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
@@ -64,7 +65,9 @@ impl Options {
     }
 }
 
-/// An object that was skipped, and why: what an operator needs to fix it.
+/// An object that was skipped, or a value of a served object that was
+/// ignored (an invalid source range, a nodePort taken by another
+/// Service), and why: what an operator needs to fix it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Problem {
     /// Where the object came from: a file (with document number) or `api`.
@@ -183,7 +186,8 @@ pub fn build_snapshot_with(
     broken.retain(|k| present.contains(k) && in_previous(k));
     for s in services.iter().copied() {
         let object = describe("Service", &s.object.metadata);
-        let ports = match service_ports(&s.object) {
+        let mut ignored = Vec::new();
+        let ports = match service_ports(&s.object, &mut ignored) {
             Ok(p) => p,
             Err((field, message)) => {
                 problems.push(Problem {
@@ -199,6 +203,15 @@ pub fn build_snapshot_with(
                 continue;
             }
         };
+        // Values left out of a valid Service: reported, the Service served.
+        for (field, message) in ignored {
+            problems.push(Problem {
+                origin: s.origin.clone(),
+                object: object.clone(),
+                field,
+                message,
+            });
+        }
         let Some(ports) = ports else { continue };
         let key = key_of(&s.object.metadata);
         if broken.contains(&key) {
@@ -414,9 +427,14 @@ fn parse_protocol(p: Option<&str>, field: String) -> Result<Protocol, FieldError
 }
 
 /// The service's ports, `Ok(None)` when it is not ours to serve (headless,
-/// ExternalName), or the first invalid field.
+/// ExternalName), or the first invalid field. Values that are left out
+/// without making the Service invalid (a malformed source range, an
+/// unknown `ipMode`) are added to `ignored`.
 #[allow(clippy::type_complexity)]
-fn service_ports(svc: &Service) -> Result<Option<Vec<(ServicePortName, ServicePort)>>, FieldError> {
+fn service_ports(
+    svc: &Service,
+    ignored: &mut Vec<FieldError>,
+) -> Result<Option<Vec<(ServicePortName, ServicePort)>>, FieldError> {
     let meta = &svc.metadata;
     let name = match meta.name.as_deref() {
         Some(n) if !n.is_empty() => n.to_string(),
@@ -456,12 +474,14 @@ fn service_ports(svc: &Service) -> Result<Option<Vec<(ServicePortName, ServicePo
         .and_then(|s| s.load_balancer.as_ref())
         .and_then(|lb| lb.ingress.as_ref());
     for (i, ing) in ingress.into_iter().flatten().enumerate() {
-        if let Some(ip) = &ing.ip {
-            load_balancer_ips.push(parse_ip(
-                ip,
-                format!("status.loadBalancer.ingress[{i}].ip"),
-            )?);
+        let Some(ip) = &ing.ip else { continue };
+        if !is_vip_mode(ing.ip_mode.as_deref(), i, ignored) {
+            continue;
         }
+        load_balancer_ips.push(parse_ip(
+            ip,
+            format!("status.loadBalancer.ingress[{i}].ip"),
+        )?);
     }
     let external_local = spec.external_traffic_policy.as_deref() == Some("Local");
     // Upstream's NeedsHealthCheck: LoadBalancer with eTP=Local.
@@ -470,6 +490,8 @@ fn service_ports(svc: &Service) -> Result<Option<Vec<(ServicePortName, ServicePo
         None | Some(0) => None,
         Some(n) => Some(port_u16(n, "spec.healthCheckNodePort".into())?),
     };
+    let (source_ranges, invalid_source_ranges) =
+        source_ranges(spec.load_balancer_source_ranges.as_deref(), ignored);
     let affinity = match spec.session_affinity.as_deref() {
         None | Some("None") | Some("") => None,
         Some("ClientIP") => {
@@ -545,6 +567,8 @@ fn service_ports(svc: &Service) -> Result<Option<Vec<(ServicePortName, ServicePo
                 node_port,
                 external_ips: external_ips.clone(),
                 load_balancer_ips: load_balancer_ips.clone(),
+                load_balancer_source_ranges: source_ranges.clone(),
+                invalid_load_balancer_source_ranges: invalid_source_ranges.clone(),
                 affinity,
                 internal_local: spec.internal_traffic_policy.as_deref() == Some("Local"),
                 external_local,
@@ -555,6 +579,74 @@ fn service_ports(svc: &Service) -> Result<Option<Vec<(ServicePortName, ServicePo
         ));
     }
     Ok(Some(out))
+}
+
+/// Whether an LB ingress is captured (upstream's `IsVIPMode`): `ipMode`
+/// absent or `VIP`. `Proxy` (the load balancer proxies, so its IP is not
+/// the destination of the packets we see) is not; neither is an unknown
+/// value (upstream compares with `VIP` only; the API server allows no
+/// other), which is also added to `ignored` for ingress `i`.
+fn is_vip_mode(ip_mode: Option<&str>, i: usize, ignored: &mut Vec<FieldError>) -> bool {
+    match ip_mode {
+        None | Some("VIP") => true,
+        Some("Proxy") => false,
+        Some(other) => {
+            ignored.push((
+                format!("status.loadBalancer.ingress[{i}].ipMode"),
+                format!("unknown ipMode {other:?} (want VIP or Proxy): the IP is not captured"),
+            ));
+            false
+        }
+    }
+}
+
+/// `spec.loadBalancerSourceRanges` as upstream's `newBaseServiceInfo` and
+/// `MapCIDRsByIPFamily` read them: each entry trimmed, empty ones skipped,
+/// parsed as `ParseCIDRSloppy` does with the host bits cleared; the valid
+/// ranges (both families, in order) and the invalid entries, each of which
+/// is also added to `ignored` (the other ranges still apply).
+fn source_ranges(
+    ranges: Option<&[String]>,
+    ignored: &mut Vec<FieldError>,
+) -> (Vec<IpNet>, Vec<String>) {
+    let (mut valid, mut invalid) = (Vec::new(), Vec::new());
+    for (i, raw) in ranges.unwrap_or(&[]).iter().enumerate() {
+        let range = raw.trim();
+        if range.is_empty() {
+            continue;
+        }
+        match parse_cidr_sloppy(range) {
+            Some(net) => valid.push(net),
+            None => {
+                ignored.push((
+                    format!("spec.loadBalancerSourceRanges[{i}]"),
+                    format!("{raw:?} is not a CIDR: this range is ignored, the others apply"),
+                ));
+                invalid.push(raw.clone());
+            }
+        }
+    }
+    (valid, invalid)
+}
+
+/// A CIDR with its host bits cleared; as Go's (and so upstream's)
+/// `ParseCIDRSloppy`, IPv4 octets may have leading zeros (read as decimal).
+fn parse_cidr_sloppy(s: &str) -> Option<IpNet> {
+    if let Ok(net) = s.parse::<IpNet>() {
+        return Some(net.trunc());
+    }
+    let (addr, len) = s.split_once('/')?;
+    let digits = |t: &str| (1..=3).contains(&t.len()) && t.bytes().all(|b| b.is_ascii_digit());
+    if !digits(len) {
+        return None;
+    }
+    let octets: Vec<u8> = addr
+        .split('.')
+        .map(|o| digits(o).then(|| o.parse().ok()).flatten())
+        .collect::<Option<_>>()?;
+    let octets: [u8; 4] = octets.try_into().ok()?;
+    let net = Ipv4Net::new(octets.into(), len.parse().ok()?).ok()?;
+    Some(IpNet::V4(net.trunc()))
 }
 
 /// A per-Service annotation: absent or empty is the default, a value
@@ -834,6 +926,89 @@ mod tests {
         assert_eq!(
             choose("externalTrafficPolicy: Local", None),
             (all, Vec::new())
+        );
+    }
+
+    #[test]
+    fn only_vip_mode_ingresses_are_captured() {
+        // Upstream's newBaseServiceInfo keeps an ingress IP only when
+        // IsVIPMode: ipMode absent or VIP; Proxy and unknown values are not.
+        let s = svc("metadata: {name: web, namespace: ns}\nspec:\n  type: LoadBalancer\n  ports: [{name: http, port: 80, nodePort: 30080}]\n\
+            status:\n  loadBalancer:\n    ingress:\n    - {ip: 192.0.2.1}\n    - {ip: 192.0.2.2, ipMode: VIP}\n    - {ip: 192.0.2.3, ipMode: Proxy}\n    - {ip: 192.0.2.4, ipMode: Tunnel}\n    - {hostname: lb.example}\n");
+        let (snap, problems) = build_snapshot(&[s], &[], &Snapshot::default());
+        let port = &snap.services.values().next().unwrap().port;
+        let ips: Vec<String> = port
+            .load_balancer_ips
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(ips, ["192.0.2.1", "192.0.2.2"]);
+        // The unknown value is reported; the Service is served.
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(problems[0].object, "Service ns/web");
+        assert_eq!(problems[0].field, "status.loadBalancer.ingress[3].ipMode");
+        assert!(
+            problems[0].message.contains("\"Tunnel\""),
+            "{}",
+            problems[0]
+        );
+        // Only Proxy-mode ingresses: no LB IP, so only the nodePort is external.
+        let proxied = svc(
+            "metadata: {name: web, namespace: ns}\nspec:\n  ports: [{name: http, port: 80}]\n\
+            status: {loadBalancer: {ingress: [{ip: 192.0.2.3, ipMode: Proxy}]}}\n",
+        );
+        let (snap, problems) = build_snapshot(&[proxied], &[], &Snapshot::default());
+        assert!(problems.is_empty(), "{problems:?}");
+        let port = &snap.services.values().next().unwrap().port;
+        assert!(port.load_balancer_ips.is_empty() && !port.externally_accessible());
+    }
+
+    #[test]
+    fn malformed_source_ranges_are_reported_and_the_valid_ones_apply() {
+        // Upstream (newBaseServiceInfo, MapCIDRsByIPFamily): trimmed, empty
+        // ones ignored, ParseCIDRSloppy (host bits cleared, leading zeros).
+        let s = svc("metadata: {name: web, namespace: ns}\nspec:\n  type: LoadBalancer\n\
+            \x20 loadBalancerSourceRanges: [' 10.0.0.0/8 ', 10.0.0.0/33, bogus, '', 192.168.1.7/24, '2001:db8::/32', 010.001.0.0/16]\n\
+            \x20 ports: [{name: http, port: 80}, {name: https, port: 443}]\n\
+            status: {loadBalancer: {ingress: [{ip: 192.0.2.1}]}}\n");
+        let (snap, problems) = build_snapshot(&[s], &[], &Snapshot::default());
+        assert_eq!(snap.services.len(), 2, "the Service is still served");
+        for entry in snap.services.values() {
+            let ranges: Vec<String> = entry
+                .port
+                .load_balancer_source_ranges
+                .iter()
+                .map(ToString::to_string)
+                .collect();
+            assert_eq!(
+                ranges,
+                [
+                    "10.0.0.0/8",
+                    "192.168.1.0/24",
+                    "2001:db8::/32",
+                    "10.1.0.0/16"
+                ]
+            );
+            assert_eq!(
+                entry.port.invalid_load_balancer_source_ranges,
+                ["10.0.0.0/33", "bogus"]
+            );
+        }
+        let fields: Vec<(&str, &str)> = problems
+            .iter()
+            .map(|p| (p.object.as_str(), p.field.as_str()))
+            .collect();
+        assert_eq!(
+            fields,
+            [
+                ("Service ns/web", "spec.loadBalancerSourceRanges[1]"),
+                ("Service ns/web", "spec.loadBalancerSourceRanges[2]"),
+            ]
+        );
+        assert!(
+            problems[1].message.contains("\"bogus\" is not a CIDR"),
+            "{}",
+            problems[1]
         );
     }
 

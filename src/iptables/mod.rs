@@ -103,15 +103,30 @@ pub fn dispositions(routing: &Routing) -> (Disposition, Disposition) {
 }
 
 /// Every service address and nodePort of the served ports, with what the
-/// rules do with its traffic ([`dispositions`]). Addresses of a port with
-/// no listener yet are left out unless they are dropped or rejected
-/// (which needs no listener); a nodePort only while our listener holds it.
+/// rules do with its traffic ([`dispositions`]), the LB IPs with their
+/// source ranges, and the node's addresses (not loopback) for
+/// `allowFromNode`. Addresses of a port with no listener yet are left out
+/// unless they are dropped or rejected, or are LB IPs with source ranges
+/// (their `filter` DROP needs no listener); a nodePort only while our
+/// listener holds it.
 pub fn portals(proxier: &Proxier) -> Rules {
-    let mut out = Rules::default();
+    let mut out = Rules {
+        node_ips: proxier
+            .context()
+            .origin
+            .host_addresses()
+            .into_iter()
+            .filter(|ip| !ip.is_loopback())
+            .collect(),
+        ..Rules::default()
+    };
     for (service, spec, port) in proxier.services() {
         let (internal, external) = dispositions(&service.routing());
-        let needs_no_listener =
-            |d: Disposition| matches!(d, Disposition::Drop | Disposition::Reject);
+        let ranges = &spec.load_balancer_source_ranges;
+        let needs_no_listener = |d: Disposition, kind: PortalKind| {
+            matches!(d, Disposition::Drop | Disposition::Reject)
+                || (kind == PortalKind::LoadBalancerIp && !ranges.is_empty())
+        };
         let kinds = [
             (&spec.cluster_ips, PortalKind::ClusterIp, internal),
             (&spec.external_ips, PortalKind::ExternalIp, external),
@@ -122,7 +137,7 @@ pub fn portals(proxier: &Proxier) -> Rules {
             ),
         ];
         for (ips, kind, disposition) in kinds {
-            if port.is_none() && !needs_no_listener(disposition) {
+            if port.is_none() && !needs_no_listener(disposition, kind) {
                 continue;
             }
             for ip in ips {
@@ -134,6 +149,10 @@ pub fn portals(proxier: &Proxier) -> Rules {
                     kind,
                     comment: service.name.to_string(),
                     disposition,
+                    source_ranges: match kind {
+                        PortalKind::LoadBalancerIp => ranges.clone(),
+                        PortalKind::ClusterIp | PortalKind::ExternalIp => Vec::new(),
+                    },
                 });
             }
         }
@@ -368,6 +387,7 @@ mod tests {
             kind: PortalKind::ClusterIp,
             comment: "ns/a:b".into(),
             disposition: Disposition::Redirect,
+            source_ranges: Vec::new(),
         }]
         .into();
         let any4: IpAddr = "0.0.0.0".parse().unwrap();

@@ -1,6 +1,7 @@
 //! Pure rendering of the payload for `iptables-restore --noflush`: a `nat`
 //! section (service addresses → our listeners) and a `filter` section
-//! (upstream's REJECT and DROP for ports without endpoints). No I/O,
+//! (upstream's REJECT and DROP for ports without endpoints, and the DROP of
+//! LB-IP traffic from outside `loadBalancerSourceRanges`). No I/O,
 //! deterministic: an unchanged input renders byte-identical text.
 //!
 //! Declaring our chains (`:KUSP-… - [0:0]`) in a `--noflush` restore creates
@@ -15,6 +16,8 @@
 
 use std::fmt::Write as _;
 use std::net::IpAddr;
+
+use ipnet::IpNet;
 
 use crate::detect_local::Detector;
 use crate::model::Protocol;
@@ -31,12 +34,18 @@ pub const CHAIN_SERVICES: &str = "KUSP-SERVICES";
 /// `filter` chain for external IPs, LB IPs and nodePorts (upstream's
 /// `KUBE-EXTERNAL-SERVICES`), from `INPUT` and `FORWARD`.
 pub const CHAIN_EXTERNAL: &str = "KUSP-EXTERNAL-SERVICES";
+/// `filter` chain dropping LB-IP traffic the `nat` rules did not redirect
+/// for `loadBalancerSourceRanges` (upstream's `KUBE-PROXY-FIREWALL`), from
+/// `INPUT`, `OUTPUT` and `FORWARD`.
+pub const CHAIN_FIREWALL: &str = "KUSP-FIREWALL";
 /// Comment on our `nat` jump rules, so they can be found and counted.
 pub const JUMP_COMMENT: &str = "kube-userspace-proxy portals";
 /// Comment on the jumps to [`CHAIN_SERVICES`].
 pub const SERVICES_JUMP_COMMENT: &str = "kube-userspace-proxy service portals";
 /// Comment on the jumps to [`CHAIN_EXTERNAL`].
 pub const EXTERNAL_JUMP_COMMENT: &str = "kube-userspace-proxy externally-visible service portals";
+/// Comment on the jumps to [`CHAIN_FIREWALL`].
+pub const FIREWALL_JUMP_COMMENT: &str = "kube-userspace-proxy load balancer firewall";
 
 /// The tables we write, in payload order.
 pub const TABLES: [&str; 2] = ["nat", "filter"];
@@ -59,9 +68,10 @@ pub struct Jump {
 const NEW: &str = "-m conntrack --ctstate NEW";
 
 /// Every jump we install, kept at exactly one each: `nat` as before, and
-/// `filter` where upstream jumps to `KUBE-SERVICES` (`FORWARD`, `OUTPUT`)
-/// and `KUBE-EXTERNAL-SERVICES` (`INPUT`, `FORWARD`), new connections only.
-pub const JUMPS: [Jump; 6] = [
+/// `filter` where upstream jumps to `KUBE-SERVICES` (`FORWARD`, `OUTPUT`),
+/// `KUBE-EXTERNAL-SERVICES` (`INPUT`, `FORWARD`) and `KUBE-PROXY-FIREWALL`
+/// (`INPUT`, `OUTPUT`, `FORWARD`), new connections only.
+pub const JUMPS: [Jump; 9] = [
     Jump {
         table: "nat",
         builtin: "PREROUTING",
@@ -104,13 +114,34 @@ pub const JUMPS: [Jump; 6] = [
         matches: NEW,
         comment: SERVICES_JUMP_COMMENT,
     },
+    Jump {
+        table: "filter",
+        builtin: "INPUT",
+        chain: CHAIN_FIREWALL,
+        matches: NEW,
+        comment: FIREWALL_JUMP_COMMENT,
+    },
+    Jump {
+        table: "filter",
+        builtin: "OUTPUT",
+        chain: CHAIN_FIREWALL,
+        matches: NEW,
+        comment: FIREWALL_JUMP_COMMENT,
+    },
+    Jump {
+        table: "filter",
+        builtin: "FORWARD",
+        chain: CHAIN_FIREWALL,
+        matches: NEW,
+        comment: FIREWALL_JUMP_COMMENT,
+    },
 ];
 
 /// Our chains of `table`, in declaration order.
 fn chains_of(table: &str) -> &'static [&'static str] {
     match table {
         "nat" => &[CHAIN_CONTAINER, CHAIN_HOST],
-        _ => &[CHAIN_SERVICES, CHAIN_EXTERNAL],
+        _ => &[CHAIN_SERVICES, CHAIN_EXTERNAL, CHAIN_FIREWALL],
     }
 }
 
@@ -162,10 +193,33 @@ pub struct Portal {
     pub listener_port: u16,
     /// Which field of the Service the address came from.
     pub kind: PortalKind,
-    /// `namespace/name:port`, put in the rule's comment.
+    /// `namespace/name:port`, put in the rule's comment; with `protocol`
+    /// and `port`, it also tells which LB IPs belong to one service port.
     pub comment: String,
     /// What the rules do with its traffic.
     pub disposition: Disposition,
+    /// For an LB IP: the service port's `spec.loadBalancerSourceRanges`
+    /// (both families; the payload of a family uses its own, see
+    /// [`Portal::firewall`]); empty otherwise.
+    pub source_ranges: Vec<IpNet>,
+}
+
+impl Portal {
+    /// The source ranges of its own family when upstream's per-service
+    /// firewall applies to it (`usesFWChain`: an LB IP of a port with
+    /// endpoints and ranges of that family); empty: every source reaches
+    /// it. As upstream's proxier, one per family, a family without ranges
+    /// is not filtered even if the other has some.
+    pub fn firewall(&self) -> Vec<IpNet> {
+        if self.kind != PortalKind::LoadBalancerIp || self.disposition == Disposition::Reject {
+            return Vec::new();
+        }
+        self.source_ranges
+            .iter()
+            .filter(|r| r.addr().is_ipv6() == self.ip.is_ipv6())
+            .copied()
+            .collect()
+    }
 }
 
 /// A nodePort whose traffic `filter` drops or rejects (one not
@@ -191,6 +245,10 @@ pub struct Rules {
     pub portals: Vec<Portal>,
     /// NodePorts with a `filter` rule.
     pub node_ports: Vec<NodePort>,
+    /// This node's addresses (upstream's node IP): a source range holding
+    /// one of them also lets the port's LB IPs in as sources (upstream's
+    /// `allowFromNode`: the node reaching a VIP it holds itself).
+    pub node_ips: Vec<IpAddr>,
 }
 
 impl Rules {
@@ -215,7 +273,7 @@ impl From<Vec<Portal>> for Rules {
     fn from(portals: Vec<Portal>) -> Self {
         Self {
             portals,
-            node_ports: Vec::new(),
+            ..Self::default()
         }
     }
 }
@@ -313,14 +371,19 @@ fn proto_name(p: Protocol) -> Option<&'static str> {
 /// - `nat`: a REDIRECT (or DNAT, per `bind`) per served portal and chain;
 ///   a [`Disposition::RedirectLocalOnly`] portal only from this node's pods
 ///   in the container chain (none when `detector` is not implemented for
-///   the family) and from the host.
+///   the family) and from the host. An LB IP with source ranges
+///   ([`Portal::firewall`]) gets one such rule per allowed source (`-s`):
+///   each range, and the port's LB IPs when a range holds one of
+///   [`Rules::node_ips`]; other sources are not redirected.
 /// - `filter`: [`CHAIN_SERVICES`] drops or rejects ClusterIPs,
 ///   [`CHAIN_EXTERNAL`] external and LB IPs (`-d IP`), and nodePorts
 ///   (`--dst-type LOCAL`). NodePort rules skip NATed traffic
 ///   (`! --ctstate DNAT`: ClusterIP traffic REDIRECTed to the same listener
 ///   port), and a `RedirectLocalOnly` nodePort also skips this node's pods
 ///   and the host, since a userspace proxy cannot short-circuit them
-///   before `filter` as upstream's DNAT does.
+///   before `filter` as upstream's DNAT does. [`CHAIN_FIREWALL`] drops
+///   what still goes to an LB IP with source ranges: a REDIRECT rewrote the
+///   destination of every allowed connection.
 pub fn render(
     rules: &Rules,
     v6: bool,
@@ -339,7 +402,7 @@ pub fn render(
     node_ports.sort();
     node_ports.dedup_by(|a, b| a.port == b.port && a.protocol == b.protocol);
     let mask = if v6 { 128 } else { 32 };
-    let local = detector.if_local(v6);
+    let pods = Pods::of(detector, v6);
     let not_local = detector.if_not_local(v6);
 
     let mut out = String::new();
@@ -362,7 +425,7 @@ pub fn render(
             }
         }
         if table == "nat" {
-            render_nat(&mut out, &portals, mask, bind, local.as_deref());
+            render_nat(&mut out, &portals, mask, bind, &pods, &rules.node_ips);
         } else {
             render_filter(&mut out, &portals, &node_ports, mask, not_local.as_deref());
         }
@@ -371,23 +434,77 @@ pub fn render(
     out
 }
 
-fn render_nat(out: &mut String, portals: &[&Portal], mask: u8, bind: IpAddr, local: Option<&str>) {
+/// How the container chain tells this node's pods for a
+/// [`Disposition::RedirectLocalOnly`] portal (the detector's `if_local`).
+enum Pods {
+    /// By source: narrowed with a source range rather than a second `-s`.
+    Cidr(IpNet),
+    /// By interface: a match written after `-d`.
+    Interface(String),
+    /// Not implemented for the family: no rule.
+    Unknown,
+}
+
+impl Pods {
+    fn of(detector: &Detector, v6: bool) -> Self {
+        match (detector.local_cidr(v6), detector.if_local(v6)) {
+            (Some(cidr), _) => Self::Cidr(cidr),
+            (None, Some(m)) => Self::Interface(m),
+            (None, None) => Self::Unknown,
+        }
+    }
+}
+
+/// The part of two CIDRs both hold (CIDRs are nested or disjoint).
+fn narrow(a: IpNet, b: IpNet) -> Option<IpNet> {
+    if a.contains(&b) {
+        Some(b)
+    } else if b.contains(&a) {
+        Some(a)
+    } else {
+        None
+    }
+}
+
+/// The sources `p` may be reached from (upstream's per-service firewall
+/// chain): `None` for every source; else each of its ranges, then, when a
+/// range holds a node address (upstream's `allowFromNode`), each LB IP of
+/// the same service port: a node reaching a VIP it holds itself has that
+/// VIP as its source.
+fn allowed_sources(p: &Portal, portals: &[&Portal], node_ips: &[IpAddr]) -> Option<Vec<IpNet>> {
+    let mut ranges = p.firewall();
+    if ranges.is_empty() {
+        return None;
+    }
+    let allow_from_node = ranges
+        .iter()
+        .any(|r| node_ips.iter().any(|ip| r.contains(ip)));
+    if allow_from_node {
+        let vips = portals.iter().filter(|q| {
+            q.kind == PortalKind::LoadBalancerIp
+                && (&q.comment, q.protocol, q.port) == (&p.comment, p.protocol, p.port)
+        });
+        ranges.extend(vips.map(|q| IpNet::from(q.ip)));
+    }
+    Some(ranges)
+}
+
+fn render_nat(
+    out: &mut String,
+    portals: &[&Portal],
+    mask: u8,
+    bind: IpAddr,
+    pods: &Pods,
+    node_ips: &[IpAddr],
+) {
     for (chain, host) in [(CHAIN_CONTAINER, false), (CHAIN_HOST, true)] {
         for p in portals {
             let Some(proto) = proto_name(p.protocol) else {
                 continue;
             };
-            // Only pods of this node: the detector's match, or no rule.
-            // Written where `iptables-save` puts it (`-s` before `-d`,
-            // `-i` after), so the saved rule reads as rendered.
-            let (before, after) = match p.disposition {
-                Disposition::Redirect => (String::new(), String::new()),
-                Disposition::RedirectLocalOnly if host => (String::new(), String::new()),
-                Disposition::RedirectLocalOnly => match local {
-                    Some(m) if m.starts_with("-s ") => (format!(" {m}"), String::new()),
-                    Some(m) => (String::new(), format!(" {m}")),
-                    None => continue,
-                },
+            let pods_only = match p.disposition {
+                Disposition::Redirect => false,
+                Disposition::RedirectLocalOnly => !host,
                 Disposition::Drop | Disposition::Reject => continue,
             };
             if p.listener_port == 0 {
@@ -400,13 +517,36 @@ fn render_nat(out: &mut String, portals: &[&Portal], mask: u8, bind: IpAddr, loc
                 }
                 Target::Dnat(ip) => format!("DNAT --to-destination {ip}:{}", p.listener_port),
             };
-            let _ = writeln!(
-                out,
-                "-A {chain}{before} -d {}/{mask}{after} -p {proto} -m {proto} --dport {} -m comment --comment \"{}\" -j {target}",
-                p.ip,
-                p.port,
-                sanitize_comment(&p.comment),
-            );
+            let sources = match allowed_sources(p, portals, node_ips) {
+                None => vec![None],
+                Some(all) => all.into_iter().map(Some).collect(),
+            };
+            for source in sources {
+                // Only pods of this node: the detector's match, or no rule.
+                // Written where `iptables-save` puts it (`-s` before `-d`,
+                // `-i` after), so the saved rule reads as rendered.
+                let (source, iface) = match (pods_only, pods) {
+                    (false, _) => (source, None),
+                    (true, Pods::Cidr(cidr)) => match source {
+                        None => (Some(*cidr), None),
+                        Some(range) => match narrow(range, *cidr) {
+                            Some(both) => (Some(both), None),
+                            None => continue,
+                        },
+                    },
+                    (true, Pods::Interface(m)) => (source, Some(m.as_str())),
+                    (true, Pods::Unknown) => continue,
+                };
+                let before = source.map(|s| format!(" -s {s}")).unwrap_or_default();
+                let after = iface.map(|m| format!(" {m}")).unwrap_or_default();
+                let _ = writeln!(
+                    out,
+                    "-A {chain}{before} -d {}/{mask}{after} -p {proto} -m {proto} --dport {} -m comment --comment \"{}\" -j {target}",
+                    p.ip,
+                    p.port,
+                    sanitize_comment(&p.comment),
+                );
+            }
         }
     }
 }
@@ -470,6 +610,24 @@ fn render_filter(
             out,
             "-A {CHAIN_EXTERNAL}{pods} -p {proto} -m addrtype --dst-type LOCAL{host} -m {proto} --dport {} -m conntrack ! --ctstate DNAT -m comment --comment \"{comment}\" -j {target}",
             n.port,
+        );
+    }
+    // Upstream's KUBE-PROXY-FIREWALL: an allowed connection to an LB IP
+    // was REDIRECTed to a local address and our listener's port, so what
+    // still goes to the LB IP and port came from elsewhere.
+    for p in portals {
+        let Some(proto) = proto_name(p.protocol) else {
+            continue;
+        };
+        if p.firewall().is_empty() {
+            continue;
+        }
+        let _ = writeln!(
+            out,
+            "-A {CHAIN_FIREWALL} -d {}/{mask} -p {proto} -m {proto} --dport {} -m comment --comment \"{}\" -j DROP",
+            p.ip,
+            p.port,
+            comment_with(&p.comment, " traffic not accepted by loadBalancerSourceRanges"),
         );
     }
 }
@@ -566,6 +724,7 @@ mod tests {
             kind,
             comment: "ns/web:http".into(),
             disposition: Disposition::Redirect,
+            source_ranges: Vec::new(),
         }
     }
 
@@ -624,10 +783,14 @@ mod tests {
              *filter\n\
              :KUSP-SERVICES - [0:0]\n\
              :KUSP-EXTERNAL-SERVICES - [0:0]\n\
+             :KUSP-FIREWALL - [0:0]\n\
              -I INPUT 1 -m conntrack --ctstate NEW -m comment --comment \"kube-userspace-proxy externally-visible service portals\" -j KUSP-EXTERNAL-SERVICES\n\
              -I FORWARD 1 -m conntrack --ctstate NEW -m comment --comment \"kube-userspace-proxy externally-visible service portals\" -j KUSP-EXTERNAL-SERVICES\n\
              -I FORWARD 1 -m conntrack --ctstate NEW -m comment --comment \"kube-userspace-proxy service portals\" -j KUSP-SERVICES\n\
              -I OUTPUT 1 -m conntrack --ctstate NEW -m comment --comment \"kube-userspace-proxy service portals\" -j KUSP-SERVICES\n\
+             -I INPUT 1 -m conntrack --ctstate NEW -m comment --comment \"kube-userspace-proxy load balancer firewall\" -j KUSP-FIREWALL\n\
+             -I OUTPUT 1 -m conntrack --ctstate NEW -m comment --comment \"kube-userspace-proxy load balancer firewall\" -j KUSP-FIREWALL\n\
+             -I FORWARD 1 -m conntrack --ctstate NEW -m comment --comment \"kube-userspace-proxy load balancer firewall\" -j KUSP-FIREWALL\n\
              COMMIT\n"
         );
         let settled = render(
@@ -674,6 +837,7 @@ mod tests {
              *filter\n\
              :KUSP-SERVICES - [0:0]\n\
              :KUSP-EXTERNAL-SERVICES - [0:0]\n\
+             :KUSP-FIREWALL - [0:0]\n\
              COMMIT\n"
         );
     }
@@ -696,6 +860,7 @@ mod tests {
                 ),
             ],
             node_ports: vec![node_port(30080, Protocol::Udp, Disposition::Reject)],
+            ..Rules::default()
         };
         let out = render(&rules, false, ANY, &pods(), &JumpState::settled());
         assert!(rules_of(&out, "nat").is_empty(), "no nat rule: {out}");
@@ -764,6 +929,7 @@ mod tests {
                 Protocol::Tcp,
                 Disposition::RedirectLocalOnly,
             )],
+            ..Rules::default()
         };
         let v4 = render(&rules, false, ANY, &pods(), &JumpState::settled());
         assert_eq!(
@@ -850,6 +1016,7 @@ mod tests {
                 node_port(30081, Protocol::Tcp, Disposition::Redirect),
                 node_port(30082, Protocol::Sctp, Disposition::Reject),
             ],
+            ..Rules::default()
         };
         let out = render(&rules, false, ANY, &pods(), &JumpState::settled());
         assert!(rules_of(&out, "nat").is_empty(), "{out}");
@@ -860,6 +1027,249 @@ mod tests {
                 "-A KUSP-EXTERNAL-SERVICES -p tcp -m addrtype --dst-type LOCAL -m tcp --dport 30080 -m conntrack ! --ctstate DNAT -m comment --comment \"ns/web:http has no local endpoints\" -j DROP",
             ]
         );
+    }
+
+    fn ranged(p: Portal, ranges: &[&str]) -> Portal {
+        Portal {
+            source_ranges: ranges.iter().map(|r| r.parse().unwrap()).collect(),
+            ..p
+        }
+    }
+
+    const RANGES: [&str; 3] = ["203.0.113.0/24", "2001:db8::/32", "10.0.0.0/8"];
+
+    /// A LoadBalancer service port `ns/web:http` with two IPv4 LB IPs and
+    /// one IPv6, its ClusterIP, external IP and nodePort, and source ranges
+    /// of both families.
+    fn load_balancer(d: Disposition) -> Rules {
+        let lb = |ip| {
+            with(
+                ranged(portal(ip, 80, 30080, PortalKind::LoadBalancerIp), &RANGES),
+                d,
+            )
+        };
+        Rules {
+            portals: vec![
+                portal("10.96.0.10", 80, 30080, PortalKind::ClusterIp),
+                with(portal("198.51.100.7", 80, 30080, PortalKind::ExternalIp), d),
+                lb("192.0.2.10"),
+                lb("192.0.2.11"),
+                lb("fd00::7"),
+            ],
+            node_ports: vec![node_port(30080, Protocol::Tcp, d)],
+            node_ips: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn source_ranges_redirect_allowed_sources_and_drop_the_rest_per_family() {
+        // As upstream's syncProxyRules: the LB IPs go through the firewall
+        // (one rule per range of the family), KUSP-FIREWALL drops what was
+        // not redirected; ClusterIP, external IP and nodePort are untouched.
+        let rules = load_balancer(Disposition::Redirect);
+        let v4 = render(&rules, false, ANY, &none(), &JumpState::settled());
+        let redirect = |chain: &str, src: &str, lb: &str| {
+            format!("-A {chain}{src} -d {lb} -p tcp -m tcp --dport 80 -m comment --comment \"ns/web:http\" -j REDIRECT --to-ports 30080")
+        };
+        let v4_nat: Vec<String> = [CHAIN_CONTAINER, CHAIN_HOST]
+            .iter()
+            .flat_map(|c| {
+                [
+                    redirect(c, "", "10.96.0.10/32"),
+                    redirect(c, " -s 203.0.113.0/24", "192.0.2.10/32"),
+                    redirect(c, " -s 10.0.0.0/8", "192.0.2.10/32"),
+                    redirect(c, " -s 203.0.113.0/24", "192.0.2.11/32"),
+                    redirect(c, " -s 10.0.0.0/8", "192.0.2.11/32"),
+                    redirect(c, "", "198.51.100.7/32"),
+                ]
+            })
+            .collect();
+        assert_eq!(rules_of(&v4, "nat"), v4_nat);
+        assert_eq!(
+            rules_of(&v4, "filter"),
+            [
+                "-A KUSP-FIREWALL -d 192.0.2.10/32 -p tcp -m tcp --dport 80 -m comment --comment \"ns/web:http traffic not accepted by loadBalancerSourceRanges\" -j DROP",
+                "-A KUSP-FIREWALL -d 192.0.2.11/32 -p tcp -m tcp --dport 80 -m comment --comment \"ns/web:http traffic not accepted by loadBalancerSourceRanges\" -j DROP",
+            ]
+        );
+        assert!(!v4.contains("2001:db8"), "no IPv6 range in IPv4: {v4}");
+
+        let v6 = render(
+            &rules,
+            true,
+            "::".parse().unwrap(),
+            &none(),
+            &JumpState::settled(),
+        );
+        assert_eq!(
+            rules_of(&v6, "nat"),
+            [
+                redirect(CHAIN_CONTAINER, " -s 2001:db8::/32", "fd00::7/128"),
+                redirect(CHAIN_HOST, " -s 2001:db8::/32", "fd00::7/128"),
+            ]
+        );
+        assert_eq!(
+            rules_of(&v6, "filter"),
+            ["-A KUSP-FIREWALL -d fd00::7/128 -p tcp -m tcp --dport 80 -m comment --comment \"ns/web:http traffic not accepted by loadBalancerSourceRanges\" -j DROP"]
+        );
+        assert!(
+            !v6.contains("203.0.113") && !v6.contains("10.0.0.0"),
+            "{v6}"
+        );
+    }
+
+    #[test]
+    fn a_range_holding_the_node_lets_the_ports_lb_ips_in_as_sources() {
+        // Upstream's allowFromNode: every LB IP of the port, in its family.
+        let mut rules = load_balancer(Disposition::Redirect);
+        // Another port's LB IP is none of this port's.
+        rules.portals.push(ranged(
+            Portal {
+                comment: "ns/other:http".into(),
+                ..portal("192.0.2.99", 80, 30081, PortalKind::LoadBalancerIp)
+            },
+            &["198.18.0.0/15"],
+        ));
+        rules.node_ips = vec!["10.1.2.3".parse().unwrap(), "fe80::1".parse().unwrap()];
+        let v4 = render(&rules, false, ANY, &none(), &JumpState::settled());
+        let sources = |lb: &str| -> Vec<String> {
+            rules_of(&v4, "nat")
+                .into_iter()
+                .filter(|l| {
+                    l.starts_with("-A KUSP-PORTALS-HOST") && l.contains(&format!("-d {lb} "))
+                })
+                .map(|l| l.split(' ').nth(3).unwrap_or_default().to_string())
+                .collect()
+        };
+        let want = [
+            "203.0.113.0/24",
+            "10.0.0.0/8",
+            "192.0.2.10/32",
+            "192.0.2.11/32",
+        ];
+        assert_eq!(sources("192.0.2.10/32"), want);
+        assert_eq!(sources("192.0.2.11/32"), want);
+        // No range of ns/other holds a node address.
+        assert_eq!(sources("192.0.2.99/32"), ["198.18.0.0/15"]);
+        // The IPv6 range holds no node address: no allowFromNode there.
+        let v6 = render(
+            &rules,
+            true,
+            "::".parse().unwrap(),
+            &none(),
+            &JumpState::settled(),
+        );
+        assert!(!v6.contains("-s fd00::7/128"), "{v6}");
+        rules.node_ips.push("2001:db8::5".parse().unwrap());
+        let v6 = render(
+            &rules,
+            true,
+            "::".parse().unwrap(),
+            &none(),
+            &JumpState::settled(),
+        );
+        assert_eq!(
+            v6.matches("-s fd00::7/128 -d fd00::7/128").count(),
+            2,
+            "{v6}"
+        );
+    }
+
+    #[test]
+    fn source_ranges_need_endpoints_and_ranges_of_the_family() {
+        // No endpoints: upstream's usesFWChain is false, REJECT for all.
+        let rejected = load_balancer(Disposition::Reject);
+        let v4 = render(&rejected, false, ANY, &none(), &JumpState::settled());
+        assert!(!v4.contains("-A KUSP-FIREWALL"), "{v4}");
+        assert_eq!(
+            rules_of(&v4, "filter")
+                .iter()
+                .filter(
+                    |l| l.contains("-d 192.0.2.1") && l.ends_with("has no endpoints\" -j REJECT")
+                )
+                .count(),
+            2
+        );
+        // Ranges of the other family only: this family is not filtered.
+        let mut rules = load_balancer(Disposition::Redirect);
+        for p in &mut rules.portals {
+            p.source_ranges.retain(|r| r.addr().is_ipv4());
+        }
+        let v6 = render(
+            &rules,
+            true,
+            "::".parse().unwrap(),
+            &none(),
+            &JumpState::settled(),
+        );
+        assert!(
+            !v6.contains("-A KUSP-FIREWALL") && !v6.contains(" -s "),
+            "{v6}"
+        );
+        assert!(
+            v6.contains("-A KUSP-PORTALS-CONTAINER -d fd00::7/128 -p tcp"),
+            "{v6}"
+        );
+        // A port without a listener keeps the DROP (no nat rule).
+        let mut unbound = load_balancer(Disposition::Redirect);
+        unbound.portals.iter_mut().for_each(|p| p.listener_port = 0);
+        let v4 = render(&unbound, false, ANY, &none(), &JumpState::settled());
+        assert!(rules_of(&v4, "nat").is_empty(), "{v4}");
+        assert_eq!(rules_of(&v4, "filter").len(), 2, "{v4}");
+    }
+
+    #[test]
+    fn local_only_lb_ips_take_allowed_sources_that_are_pods_or_the_host() {
+        // eTP Local without a local endpoint: upstream's firewall chain
+        // jumps to the EXT chain, which takes pods and the host only.
+        let mut rules = load_balancer(Disposition::RedirectLocalOnly);
+        for p in &mut rules.portals {
+            if p.kind == PortalKind::LoadBalancerIp {
+                p.source_ranges = ["10.244.1.0/24", "203.0.113.0/24", "10.0.0.0/8"]
+                    .iter()
+                    .map(|r| r.parse().unwrap())
+                    .collect();
+            }
+        }
+        let v4 = render(&rules, false, ANY, &pods(), &JumpState::settled());
+        let on = |chain: &str, lb: &str| -> Vec<String> {
+            rules_of(&v4, "nat")
+                .into_iter()
+                .filter(|l| {
+                    l.starts_with(&format!("-A {chain} ")) && l.contains(&format!("-d {lb} "))
+                })
+                .collect()
+        };
+        // Pods: each range narrowed to the pod CIDR (none for a disjoint one).
+        assert_eq!(
+            on(CHAIN_CONTAINER, "192.0.2.10/32"),
+            [
+                "-A KUSP-PORTALS-CONTAINER -s 10.244.1.0/24 -d 192.0.2.10/32 -p tcp -m tcp --dport 80 -m comment --comment \"ns/web:http\" -j REDIRECT --to-ports 30080",
+                "-A KUSP-PORTALS-CONTAINER -s 10.244.0.0/16 -d 192.0.2.10/32 -p tcp -m tcp --dport 80 -m comment --comment \"ns/web:http\" -j REDIRECT --to-ports 30080",
+            ]
+        );
+        // The host: every range.
+        assert_eq!(on(CHAIN_HOST, "192.0.2.10/32").len(), 3);
+        let filter = rules_of(&v4, "filter");
+        assert!(filter.contains(&"-A KUSP-EXTERNAL-SERVICES -d 192.0.2.10/32 -p tcp -m tcp --dport 80 -m comment --comment \"ns/web:http has no local endpoints\" -j DROP".to_string()), "{filter:?}");
+        assert!(filter.contains(&"-A KUSP-FIREWALL -d 192.0.2.10/32 -p tcp -m tcp --dport 80 -m comment --comment \"ns/web:http traffic not accepted by loadBalancerSourceRanges\" -j DROP".to_string()), "{filter:?}");
+        // Pods told by interface: the range and the interface.
+        let bridge = render(
+            &rules,
+            false,
+            ANY,
+            &Detector::Bridge("cbr0".into()),
+            &JumpState::settled(),
+        );
+        assert!(
+            bridge.contains(
+                "-A KUSP-PORTALS-CONTAINER -s 203.0.113.0/24 -d 192.0.2.10/32 -i cbr0 -p tcp"
+            ),
+            "{bridge}"
+        );
+        // Pods not told apart: the host only.
+        let bare = render(&rules, false, ANY, &none(), &JumpState::settled());
+        assert!(!bare.contains("-A KUSP-PORTALS-CONTAINER -s"), "{bare}");
     }
 
     #[test]
@@ -950,17 +1360,19 @@ mod tests {
         let jumps = find_jumps(saved);
         let counts: Vec<usize> = jumps.found.iter().map(Vec::len).collect();
         // The filter OUTPUT rule jumps to a nat chain's name: not ours there.
-        assert_eq!(counts, [2, 0, 1, 1, 2, 0]);
+        assert_eq!(counts, [2, 0, 1, 1, 2, 0, 0, 0, 0]);
         let out = render(&Rules::default(), false, ANY, &none(), &jumps);
         assert!(out.contains("-D PREROUTING -m comment --comment \"kube-userspace-proxy portals\" -j KUSP-PORTALS-CONTAINER\n"));
         assert_eq!(out.matches("-I PREROUTING").count(), 0);
-        assert_eq!(out.matches("-I OUTPUT 1").count(), 2, "{out}");
+        assert_eq!(out.matches("-I OUTPUT 1").count(), 3, "{out}");
         assert!(out.contains("-D FORWARD -m conntrack --ctstate NEW -m comment --comment \"kube-userspace-proxy service portals\" -j KUSP-SERVICES\n"));
         assert!(out.contains("-I OUTPUT 1 -m conntrack --ctstate NEW -m comment --comment \"kube-userspace-proxy service portals\" -j KUSP-SERVICES\n"));
+        // Only the firewall's jumps were missing there.
         assert_eq!(
             out.matches("-I INPUT").count() + out.matches("-I FORWARD").count(),
-            0
+            2
         );
+        assert_eq!(out.matches("-j KUSP-FIREWALL\n").count(), 3, "{out}");
     }
 
     #[test]

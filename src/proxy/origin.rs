@@ -58,6 +58,14 @@ impl Origin {
         }
     }
 
+    /// The node's addresses as last read (loopback included), sorted: for
+    /// the rules' `allowFromNode` (`iptables::portals`).
+    pub fn host_addresses(&self) -> Vec<IpAddr> {
+        let mut all: Vec<IpAddr> = self.host.load().iter().copied().collect();
+        all.sort();
+        all
+    }
+
     /// Whether a client at `peer` is this host or one of its pods; `iface`
     /// names the interface it came in on, asked only by the interface modes.
     pub fn is_local(&self, peer: IpAddr, iface: impl FnOnce() -> Option<String>) -> bool {

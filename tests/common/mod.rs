@@ -2,6 +2,7 @@
 //! 127.0.0.1, every port is chosen by the kernel.
 #![allow(dead_code)]
 
+pub mod lab;
 pub mod netns;
 pub mod procs;
 
