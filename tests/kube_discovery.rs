@@ -22,7 +22,7 @@ use common::netns::{node_and_pod, require_root, wait_for, Netns};
 use common::*;
 use fake_api::{node, node_port_service, service, slice, FakeApi, Kind, TooLarge, Trust};
 use kube_userspace_proxy::discovery::{self, Options};
-use kube_userspace_proxy::model::{Protocol, ServicePortName, Snapshot, Topology};
+use kube_userspace_proxy::model::{NodeObject, Protocol, ServicePortName, Snapshot, Topology};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
@@ -469,6 +469,48 @@ async fn this_nodes_node_labels_reach_the_snapshot_and_drive_zone_hints() {
         cluster(&snap, &key("ns", "web")).0,
         ["10.5.0.1:8080", "10.5.0.2:8080"]
     );
+}
+
+/// Upstream's `NodeEligible` from a watched Node: the autoscaler's taint,
+/// a deletion timestamp and the object's deletion all reach the snapshot
+/// (and so `/healthz`).
+#[tokio::test]
+async fn this_nodes_taints_deletion_and_removal_reach_the_snapshot() {
+    let api = FakeApi::new().await;
+    api.apply(service("ns", "web", "10.96.0.10", 80));
+    api.apply(node("node-a", &[], &[]));
+    let mut src = source(&api, node_a()).await;
+    let snap = src.rx.borrow_and_update().clone();
+    assert_eq!(snap.node.object, NodeObject::Present);
+    assert_eq!(snap.node.ineligible(), None);
+
+    let mut tainted = node("node-a", &[], &[]);
+    tainted["spec"]["taints"] = json!([{"key": "ToBeDeletedByClusterAutoscaler", "value": "1764547200", "effect": "NoSchedule"}]);
+    api.apply(tainted);
+    wait_snapshot(&mut src.rx, Duration::from_secs(5), "tainted", |s| {
+        s.node
+            .ineligible()
+            .is_some_and(|w| w.contains("ToBeDeletedByClusterAutoscaler"))
+    })
+    .await;
+    let mut deleting = node("node-a", &[], &[]);
+    deleting["metadata"]["deletionTimestamp"] = json!("2026-12-01T00:00:00Z");
+    api.apply(deleting);
+    wait_snapshot(&mut src.rx, Duration::from_secs(5), "being deleted", |s| {
+        s.node.deletion_timestamp.is_some() && s.node.taints.is_empty()
+    })
+    .await;
+    assert!(api.delete(Kind::Node, "", "node-a"));
+    let snap = wait_snapshot(&mut src.rx, Duration::from_secs(5), "deleted", |s| {
+        s.node.object == NodeObject::Deleted
+    })
+    .await;
+    assert!(snap.node.ineligible().is_some());
+    api.apply(node("node-a", &[], &[]));
+    wait_snapshot(&mut src.rx, Duration::from_secs(5), "back", |s| {
+        s.node.object == NodeObject::Present && s.node.ineligible().is_none()
+    })
+    .await;
 }
 
 #[tokio::test]
