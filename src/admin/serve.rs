@@ -81,15 +81,14 @@ pub const BACKLOG: i32 = 4096;
 
 /// Connections all health-check node ports together hold at once (one
 /// pool: a load balancer probes every node port of every Service from a
-/// few sources, each probe a short request). Their listening sockets, and
-/// the connection each admits, are taken from the fd budget per port.
+/// few sources, each probe a short request). Taken from the fd budget while
+/// some port is open, with each port's socket and the connection it admits.
 pub const SERVICE_HEALTH_CONNECTIONS: usize = 64;
 
-/// Fds the admin listeners may hold: for the two admin addresses, each
-/// one's cap, the connection being admitted and the listening socket; the
-/// health-check node ports' shared cap. Kept out of the default
+/// Fds the two admin listeners may hold: for each, its cap, the connection
+/// being admitted and the listening socket. Kept out of the default
 /// `--max-connections`.
-pub const RESERVED_FDS: u64 = 2 * (MAX_CONNECTIONS as u64 + 2) + SERVICE_HEALTH_CONNECTIONS as u64;
+pub const RESERVED_FDS: u64 = 2 * (MAX_CONNECTIONS as u64 + 2);
 
 /// Which admin listener, as its metrics label says.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -34,7 +34,7 @@ use crate::proxy::fds::{FdBudget, FdLease};
 use crate::status::HealthCheckState;
 
 /// Fds a port holds: its socket and the connection it is admitting (the
-/// pool's connections are in [`super::RESERVED_FDS`]).
+/// pool's connections are leased once, while some port is open).
 const FDS_PER_PORT: usize = 2;
 
 /// How long [`Server::close`] waits for the probes being answered.
@@ -128,6 +128,8 @@ pub struct Server {
     fds: Arc<FdBudget>,
     health: Arc<Health>,
     pool: Pool,
+    /// The pool's connections, from the budget while some port is wanted.
+    pool_fds: Option<FdLease>,
     stop: CancellationToken,
     instances: BTreeMap<ServiceName, Instance>,
     /// Handed over by the previous process, adopted at the first sync.
@@ -150,6 +152,7 @@ impl Server {
             fds,
             health,
             pool: Pool::new(AdminListener::ServiceHealth, SERVICE_HEALTH_CONNECTIONS),
+            pool_fds: None,
             stop: CancellationToken::new(),
             instances: BTreeMap::new(),
             inherited,
@@ -188,8 +191,19 @@ impl Server {
                         .is_none_or(|(p, _)| p != port)
             })
             .count();
-        if to_open > 0 {
-            self.fds.rebalance(FDS_PER_PORT * to_open);
+        let pool_wanted = if wanted.is_empty() {
+            self.pool_fds = None;
+            0
+        } else if self.pool_fds.is_none() {
+            SERVICE_HEALTH_CONNECTIONS
+        } else {
+            0
+        };
+        if to_open + pool_wanted > 0 {
+            self.fds.rebalance(FDS_PER_PORT * to_open + pool_wanted);
+        }
+        if pool_wanted > 0 {
+            self.pool_fds = self.fds.try_take_listener_fds(pool_wanted);
         }
         for (key, (port, count)) in wanted {
             let inst = self
@@ -211,11 +225,12 @@ impl Server {
             inst.probe.local.store(count, Relaxed);
             if inst.socket.is_none() {
                 let adopted = self.inherited.remove(&service_key(&key));
-                open(inst, self.bind_ip, &self.fds, &self.pool, adopted);
+                let pool = self.pool_fds.as_ref().map(|_| &self.pool);
+                open(inst, self.bind_ip, &self.fds, pool, adopted);
             }
         }
         self.inherited.clear();
-        if to_open > 0 {
+        if to_open + pool_wanted > 0 {
             self.fds.rebalance(0);
         }
         self.publish();
@@ -289,28 +304,33 @@ fn service_key((namespace, name): &ServiceName) -> ServicePortName {
     }
 }
 
-/// Binds (or adopts) and serves `inst`'s port; on failure, records and
+/// Binds (or adopts) and serves `inst`'s port in `pool` (`None`: the
+/// pool's connections did not fit in the budget); on failure, records and
 /// logs why once per reason.
 fn open(
     inst: &mut Instance,
     bind_ip: IpAddr,
     fds: &Arc<FdBudget>,
-    pool: &Pool,
+    pool: Option<&Pool>,
     adopted: Option<(u16, std::net::TcpListener)>,
 ) {
     let service = format!("{}/{}", inst.probe.namespace, inst.probe.name);
     let addr = SocketAddr::new(bind_ip, inst.port);
-    let result = match adopted.filter(|(port, _)| *port == inst.port) {
+    let no_fds = || "the fd limit holds no more listeners".to_string();
+    let socket = match adopted.filter(|(port, _)| *port == inst.port) {
         // Open already: counted even beyond the budget.
         Some((_, socket)) => Ok((socket, fds.take_held(FDS_PER_PORT))),
-        None => match fds.try_take_listener_fds(FDS_PER_PORT) {
-            None => Err("the fd limit holds no more listeners".to_string()),
-            Some(lease) => serve::bind_std(addr)
-                .map(|s| (s, lease))
-                .map_err(|e| format!("cannot listen on {addr}: {e}")),
-        },
+        None => fds
+            .try_take_listener_fds(FDS_PER_PORT)
+            .ok_or_else(no_fds)
+            .and_then(|lease| {
+                serve::bind_std(addr)
+                    .map(|s| (s, lease))
+                    .map_err(|e| format!("cannot listen on {addr}: {e}"))
+            }),
     };
-    let served = result.and_then(|(socket, lease)| {
+    let served = socket.and_then(|(socket, lease)| {
+        let pool = pool.ok_or_else(no_fds)?;
         let socket =
             Arc::new(tokio::net::TcpListener::from_std(socket).map_err(|e| e.to_string())?);
         let router = Router::new()
