@@ -2,9 +2,9 @@
 //! (`kubeproxy.config.k8s.io/v1alpha1`), as kubeadm renders it into the
 //! `kube-proxy` ConfigMap's `config.conf`, read before anything starts.
 //!
-//! - **Schema** ([`schema`]): every field upstream has or had; an unknown
+//! - **Schema** (`schema.rs`): every field upstream has or had; an unknown
 //!   field, a wrong type, or a wrong `apiVersion`/`kind` is an error naming
-//!   the file and the field's path. Durations are Go's ([`duration`]).
+//!   the file and the field's path. Durations are Go's (`duration.rs`).
 //! - **Zero means default**, as upstream's defaulting: absent, `null`,
 //!   `""`, `0` and `0s` leave the flag's value alone.
 //! - **Precedence**: a flag given on the command line wins over the
