@@ -1,6 +1,6 @@
 //! Command line: kube-proxy's flag names where the meaning is the same.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -11,6 +11,12 @@ use crate::iptables::Mode as IptablesMode;
 use crate::model::Scheduler;
 use crate::proxy::ports::PortRange;
 use crate::proxy::CopyMode;
+
+/// Port of `--healthz-bind-address` (kube-proxy's `ProxyHealthzPort`).
+pub const HEALTHZ_PORT: u16 = 10256;
+
+/// Port of `--metrics-bind-address` (kube-proxy's `ProxyStatusPort`).
+pub const METRICS_PORT: u16 = 10249;
 
 /// Default `--shutdown-grace`: long enough for typical requests to finish,
 /// short enough for a rolling update of a DaemonSet.
@@ -73,9 +79,16 @@ pub struct LogArgs {
     pub log_level: Option<String>,
 }
 
-/// Flags of the proxy.
+/// Flags of the proxy. With `--config`, a flag given on the command line
+/// wins over the file's field, which wins over the default.
 #[derive(Clone, Debug, Args)]
 pub struct RunArgs {
+    /// kube-proxy's configuration file (`KubeProxyConfiguration`,
+    /// `kubeproxy.config.k8s.io/v1alpha1`, YAML or JSON), as kubeadm writes
+    /// it: its fields set the flags below that have one, flags given on
+    /// the command line win; fields without a use here are logged.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
     /// Directory of Service and EndpointSlice YAML to serve (re-read on
     /// change). Without it and without a cluster, the embedded examples.
     #[arg(long, value_name = "DIR")]
@@ -116,6 +129,12 @@ pub struct RunArgs {
     /// Address every listener binds to.
     #[arg(long, default_value = "0.0.0.0")]
     pub bind_address: IpAddr,
+    /// The node addresses nodePorts are served on (kube-proxy's): CIDRs,
+    /// comma-separated, or `primary` alone (the Node's primary addresses);
+    /// empty: all of them. Checked and kept; not applied yet (nodePort
+    /// listeners bind `--bind-address`), which start-up says.
+    #[arg(long, default_value = "", value_name = "CIDRS", value_parser = parse_nodeport_addresses)]
+    pub nodeport_addresses: NodePortAddresses,
     /// Listener ports for service ports without a nodePort: `a-b`, `a+n`,
     /// or empty for kernel-chosen ephemeral ports (the default, as upstream).
     #[arg(long, default_value = "", value_parser = parse_port_range)]
@@ -192,10 +211,10 @@ pub struct RunArgs {
     pub cleanup: bool,
     /// Address of `/metrics`, `/debug/services` and the stats page `/`
     /// (keep it local: debug state is not for the network).
-    #[arg(long, default_value = "127.0.0.1:10249")]
+    #[arg(long, default_value_t = SocketAddr::from((Ipv4Addr::LOCALHOST, METRICS_PORT)))]
     pub metrics_bind_address: SocketAddr,
     /// Address of `/healthz`, `/readyz` and `/livez` (kubelet probes it).
-    #[arg(long, default_value = "0.0.0.0:10256")]
+    #[arg(long, default_value_t = SocketAddr::from((Ipv4Addr::UNSPECIFIED, HEALTHZ_PORT)))]
     pub healthz_bind_address: SocketAddr,
     /// How long open connections may finish after SIGTERM.
     #[arg(long, default_value = DEFAULT_SHUTDOWN_GRACE, value_parser = humantime::parse_duration)]
@@ -209,6 +228,18 @@ pub struct RunArgs {
     /// Logging.
     #[command(flatten)]
     pub log: LogArgs,
+}
+
+impl RunArgs {
+    /// The detector's flags (`--detect-local-mode` and the values it uses).
+    pub fn detect_local(&self) -> crate::detect_local::Config {
+        crate::detect_local::Config {
+            mode: self.detect_local_mode,
+            cluster_cidrs: self.cluster_cidr.0.clone(),
+            bridge_interface: self.pod_bridge_interface.clone(),
+            interface_name_prefix: self.pod_interface_name_prefix.clone(),
+        }
+    }
 }
 
 /// Flags of `demo`.
@@ -295,6 +326,43 @@ fn parse_keepalive_interval(s: &str) -> Result<Duration, String> {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Cidrs(pub Vec<ipnet::IpNet>);
 
+/// `--nodeport-addresses` (and `nodePortAddresses`): CIDRs, or `primary`
+/// alone; empty: every node address.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodePortAddresses(pub Vec<String>);
+
+impl NodePortAddresses {
+    /// Upstream's keyword for the Node's primary addresses.
+    pub const PRIMARY: &'static str = "primary";
+
+    /// Checks a list as upstream's `validateKubeProxyNodePortAddress`: each
+    /// entry a CIDR, or `primary` as the only one. The error gives the
+    /// entry's index.
+    pub fn new(list: Vec<String>) -> Result<Self, (usize, String)> {
+        for (i, a) in list.iter().enumerate() {
+            if a == Self::PRIMARY {
+                if list.len() != 1 {
+                    return Err((i, "can't use both 'primary' and CIDRs".into()));
+                }
+            } else if let Err(e) = a.parse::<ipnet::IpNet>() {
+                return Err((i, format!("{a:?} is not a CIDR ({e})")));
+            }
+        }
+        Ok(Self(list))
+    }
+}
+
+fn parse_nodeport_addresses(s: &str) -> Result<NodePortAddresses, String> {
+    NodePortAddresses::new(
+        s.split(',')
+            .map(str::trim)
+            .filter(|a| !a.is_empty())
+            .map(String::from)
+            .collect(),
+    )
+    .map_err(|(i, e)| format!("entry {}: {e}", i + 1))
+}
+
 fn parse_cidrs(s: &str) -> Result<Cidrs, String> {
     crate::detect_local::parse_cidrs(s).map(Cidrs)
 }
@@ -332,5 +400,34 @@ mod tests {
         assert!(err.to_string().contains("--dial-timeouts"), "{err}");
         let err = Cli::try_parse_from(["x", "--proxy-port-range", "9-1"]).unwrap_err();
         assert!(err.to_string().contains("--proxy-port-range"), "{err}");
+    }
+
+    #[test]
+    fn nodeport_addresses_are_cidrs_or_primary_alone() {
+        let parse = |s: &str| Cli::try_parse_from(["x", "--nodeport-addresses", s]);
+        let cli = parse("10.0.0.0/8, fd00::/64").unwrap();
+        assert_eq!(
+            cli.run.nodeport_addresses.0,
+            ["10.0.0.0/8".to_string(), "fd00::/64".to_string()]
+        );
+        assert_eq!(
+            parse("primary").unwrap().run.nodeport_addresses.0,
+            ["primary"]
+        );
+        assert!(parse("").unwrap().run.nodeport_addresses.0.is_empty());
+        // Upstream's validation cases: a bare IP, a mix with `primary`.
+        for bad in [
+            "10.0.0.1",
+            "primary,127.0.0.1/32",
+            "127.0.0.1/32,primary",
+            "2001:db8:xyz/64",
+        ] {
+            let err = parse(bad).unwrap_err().to_string();
+            assert!(err.contains("--nodeport-addresses"), "{bad}: {err}");
+        }
+        let cli = Cli::try_parse_from(["x"]).unwrap();
+        assert!(cli.run.nodeport_addresses.0.is_empty());
+        assert_eq!(cli.run.healthz_bind_address.to_string(), "0.0.0.0:10256");
+        assert_eq!(cli.run.metrics_bind_address.to_string(), "127.0.0.1:10249");
     }
 }

@@ -63,17 +63,27 @@ impl Config {
     /// need their name, `--cluster-cidr` holds at most one CIDR per family.
     /// The message names the flag.
     pub fn validate(&self) -> Result<(), String> {
+        self.validate_named(&|flag| flag.to_string())
+    }
+
+    /// [`Config::validate`], the message naming each value `name(flag)`
+    /// (e.g. the config file's field it came from).
+    pub fn validate_named(&self, name: &dyn Fn(&'static str) -> String) -> Result<(), String> {
+        let mode = || name("--detect-local-mode");
         match self.mode {
             Mode::BridgeInterface if self.bridge_interface.is_empty() => {
-                return Err(
-                    "--detect-local-mode BridgeInterface needs --pod-bridge-interface".into(),
-                )
+                return Err(format!(
+                    "{} BridgeInterface needs {}",
+                    mode(),
+                    name("--pod-bridge-interface")
+                ))
             }
             Mode::InterfaceNamePrefix if self.interface_name_prefix.is_empty() => {
-                return Err(
-                    "--detect-local-mode InterfaceNamePrefix needs --pod-interface-name-prefix"
-                        .into(),
-                )
+                return Err(format!(
+                    "{} InterfaceNamePrefix needs {}",
+                    mode(),
+                    name("--pod-interface-name-prefix")
+                ))
             }
             _ => {}
         }
@@ -83,7 +93,10 @@ impl Config {
             .filter(|c| c.addr().is_ipv4())
             .count();
         if v4 > 1 || self.cluster_cidrs.len() - v4 > 1 {
-            return Err("--cluster-cidr: at most one CIDR per IP family".into());
+            return Err(format!(
+                "{}: at most one CIDR per IP family",
+                name("--cluster-cidr")
+            ));
         }
         Ok(())
     }

@@ -11,12 +11,14 @@
 //!   and the `status` table, [`stats_page`] the live page that polls it.
 //! - [`cli`], [`run()`], [`rules()`], [`demo`], [`status`]: the binary's
 //!   entry points; `main.rs` only parses and dispatches. The run loop is
-//!   [`Loop`].
+//!   [`Loop`]. [`config_file`] applies `--config` (kube-proxy's
+//!   `KubeProxyConfiguration`) to the parsed flags.
 
 #![deny(unsafe_code)]
 
 pub mod admin;
 pub mod cli;
+pub mod config_file;
 pub mod demo;
 pub mod detect_local;
 pub mod discovery;

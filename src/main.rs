@@ -1,13 +1,20 @@
-//! The `kube-userspace-proxy` binary: parse, set up logging, dispatch.
+//! The `kube-userspace-proxy` binary (also installed as `kube-proxy`):
+//! parse (flags and `--config`), set up logging, dispatch.
 
 use std::process::ExitCode;
 
-use clap::Parser;
-use kube_userspace_proxy::cli::{Cli, Command};
-use kube_userspace_proxy::{demo, init_logging, rules, run, status, ConfigError};
+use kube_userspace_proxy::cli::Command;
+use kube_userspace_proxy::{config_file, demo, init_logging, rules, run, status, ConfigError};
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // Flags, then `--config` under them: a bad file exits 64 before anything starts.
+    let (cli, notes) = match config_file::parse() {
+        Ok(parsed) => parsed,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(64);
+        }
+    };
     let (log, level) = match &cli.command {
         None => (&cli.run.log, "info"),
         Some(Command::Run(a)) | Some(Command::Rules(a)) => (&a.log, "info"),
@@ -18,6 +25,7 @@ fn main() -> ExitCode {
         eprintln!("error: {e}");
         return ExitCode::from(64);
     }
+    notes.log();
     // The control plane (discovery, run loop, admin, UDP): one thread. TCP
     // bytes move on the proxier's own worker threads (`--worker-threads`).
     let mut builder = tokio::runtime::Builder::new_multi_thread();

@@ -95,12 +95,7 @@ fn proxy_config(args: &RunArgs, fd_limit: u64) -> ProxyConfig {
         workers: args
             .worker_threads
             .map_or_else(crate::proxy::workers::default_count, usize::from),
-        detect_local: crate::detect_local::Config {
-            mode: args.detect_local_mode,
-            cluster_cidrs: args.cluster_cidr.0.clone(),
-            bridge_interface: args.pod_bridge_interface.clone(),
-            interface_name_prefix: args.pod_interface_name_prefix.clone(),
-        },
+        detect_local: args.detect_local(),
     }
 }
 

@@ -1,15 +1,18 @@
 //! Every YAML under deploy/ parses into its Kubernetes type with no field
 //! left over (a typo'd field fails), and the proxy's container arguments
-//! parse with the real command line, so a flag typo fails CI too.
+//! parse with the real command line, so a flag typo fails CI too;
+//! deploy/kubeadm's patch of kubeadm's kube-proxy DaemonSet runs this proxy
+//! on kubeadm's own `config.conf`.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Container, EnvVar, Pod, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
 use kube_userspace_proxy::cli::Cli;
+use kube_userspace_proxy::config_file;
 use kube_userspace_proxy::discovery::manifests;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -103,7 +106,15 @@ struct Kustomization {
     kind: String,
     resources: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    patches: Vec<KustomizePatch>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     images: Vec<KustomizeImage>,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct KustomizePatch {
+    path: String,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -377,4 +388,159 @@ fn rbac_is_read_only() {
             }
         }
     }
+}
+
+/// One YAML document of deploy/kubeadm.
+fn kubeadm_doc(file: &str) -> Value {
+    let path = deploy_dir().join("kubeadm").join(file);
+    let text = std::fs::read_to_string(&path).unwrap();
+    serde_saphyr::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// `patch` over `base` as kustomize's strategic merge does for a
+/// DaemonSet: mappings merged key by key, lists of named items (containers,
+/// volumes, mounts, env) merged by name, anything else replaced.
+fn strategic_merge(base: &mut Value, patch: &Value) {
+    let named = |v: &Value| {
+        v.as_array()
+            .is_some_and(|a| a.iter().all(|i| i["name"].is_string()))
+    };
+    match (base, patch) {
+        (Value::Object(b), Value::Object(p)) => {
+            for (k, v) in p {
+                match b.get_mut(k) {
+                    Some(bv) => strategic_merge(bv, v),
+                    None => {
+                        b.insert(k.clone(), v.clone());
+                    }
+                }
+            }
+        }
+        (b @ Value::Array(_), p) if named(b) && named(p) => {
+            let items = b.as_array_mut().unwrap();
+            for pi in p.as_array().unwrap() {
+                match items.iter_mut().find(|i| i["name"] == pi["name"]) {
+                    Some(bi) => strategic_merge(bi, pi),
+                    None => items.push(pi.clone()),
+                }
+            }
+        }
+        (b, p) => *b = p.clone(),
+    }
+}
+
+#[test]
+fn kubeadms_daemonset_patched_runs_this_proxy_on_kubeadms_config() {
+    let k: Kustomization = strict(
+        &kubeadm_doc("kustomization.yaml"),
+        "kubeadm/kustomization.yaml",
+    );
+    assert_eq!(k.resources, ["kube-proxy.yaml"]);
+    assert_eq!(
+        k.patches
+            .iter()
+            .map(|p| p.path.as_str())
+            .collect::<Vec<_>>(),
+        ["patch.yaml"]
+    );
+    let mut doc = kubeadm_doc("kube-proxy.yaml");
+    let base: DaemonSet = strict(&doc, "kubeadm/kube-proxy.yaml");
+    let base_spec = base.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+    assert_eq!(
+        base_spec.containers[0].command.as_ref().unwrap()[0],
+        "/usr/local/bin/kube-proxy"
+    );
+    strategic_merge(&mut doc, &kubeadm_doc("patch.yaml"));
+    let ds: DaemonSet = strict(&doc, "kubeadm's DaemonSet with patch.yaml");
+
+    // kubeadm's names: kube-system/kube-proxy, container kube-proxy, its
+    // ConfigMap and service account.
+    assert_eq!(ds.metadata.name.as_deref(), Some("kube-proxy"));
+    assert_eq!(ds.metadata.namespace.as_deref(), Some("kube-system"));
+    let spec = ds.spec.as_ref().unwrap();
+    let pod = spec.template.spec.as_ref().unwrap();
+    assert_eq!(pod.service_account_name.as_deref(), Some("kube-proxy"));
+    assert_eq!(pod.containers.len(), 1);
+    let c = &pod.containers[0];
+    assert_eq!(c.name, "kube-proxy");
+    // The image is ours (renamed by the kustomization's `images:`), and it
+    // has kube-proxy's path.
+    let image = c.image.as_deref().unwrap();
+    assert!(image.starts_with("kube-userspace-proxy:"), "{image}");
+    assert!(k
+        .images
+        .iter()
+        .any(|i| image.starts_with(&format!("{}:", i.name))));
+    let dockerfile = std::fs::read_to_string(deploy_dir().join("Dockerfile")).unwrap();
+    assert!(dockerfile.contains("ln -s kube-userspace-proxy /usr/local/bin/kube-proxy"));
+    assert_eq!(
+        c.command, base_spec.containers[0].command,
+        "kubeadm's command, unchanged"
+    );
+
+    // --config names the ConfigMap's config.conf where the volume is mounted.
+    let args = expanded_args(c);
+    let config = args
+        .iter()
+        .find_map(|a| a.strip_prefix("--config="))
+        .expect("--config");
+    let volume = pod
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| {
+            v.config_map
+                .as_ref()
+                .is_some_and(|m| m.name == "kube-proxy")
+        })
+        .expect("the kube-proxy ConfigMap volume");
+    let mount = c
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|m| m.name == volume.name)
+        .expect("mounted");
+    assert_eq!(config, format!("{}/config.conf", mount.mount_path));
+
+    // The hand-over: the default socket's directory is the node's, and
+    // the rollout surges.
+    let handover = c
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|m| m.name == "handover")
+        .expect("hand-over mount");
+    let cli = Cli::try_parse_from(["x"]).unwrap();
+    assert_eq!(
+        cli.run.handover_socket.parent().unwrap(),
+        Path::new(&handover.mount_path)
+    );
+    let rolling = spec
+        .update_strategy
+        .as_ref()
+        .unwrap()
+        .rolling_update
+        .as_ref()
+        .unwrap();
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+    assert_eq!(rolling.max_surge, Some(IntOrString::Int(1)));
+    assert_eq!(rolling.max_unavailable, Some(IntOrString::Int(0)));
+    assert_eq!(c.security_context.as_ref().unwrap().privileged, Some(true));
+
+    // The args, with kubeadm's own config.conf at that path, resolve.
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/kubeadm/config.conf");
+    let argv: Vec<String> = args
+        .iter()
+        .map(|a| match a.strip_prefix("--config=") {
+            Some(_) => format!("--config={}", fixture.display()),
+            None => a.clone(),
+        })
+        .collect();
+    let matches = Cli::command().try_get_matches_from(&argv).unwrap();
+    let (cli, _) = config_file::resolve(&matches).unwrap_or_else(|e| panic!("{argv:?}: {e}"));
+    assert_eq!(cli.run.hostname_override.as_deref(), Some("node-a"));
+    assert_eq!(
+        cli.run.kubeconfig.as_deref(),
+        Some(Path::new(&format!("{}/kubeconfig.conf", mount.mount_path)))
+    );
 }

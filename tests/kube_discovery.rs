@@ -13,7 +13,7 @@ mod common;
 mod fake_api;
 
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -853,16 +853,6 @@ async fn tls_with_the_kubeconfigs_ca_or_insecure_skip_verify_and_a_token() {
 
 // === the binary ===
 
-/// The proxy binary; killed on drop.
-struct Proxy(Child);
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn free_port() -> u16 {
     refusing_addr().port()
 }
@@ -1375,23 +1365,6 @@ async fn read_echo(addr: SocketAddr) -> String {
     let mut out = String::new();
     s.read_to_string(&mut out).await.unwrap();
     out
-}
-
-/// The lines `stderr` prints, as they come, read on a thread of their own.
-fn lines_of(stderr: std::process::ChildStderr) -> std::sync::mpsc::Receiver<String> {
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            if tx.send(line).is_err() {
-                return;
-            }
-        }
-    });
-    rx
 }
 
 // === end to end, in network namespaces ===

@@ -340,8 +340,8 @@ fn node_name(v: &Value) -> String {
 
 /// Parses one YAML document within the budgets ([`MAX_DEPTH`], and the
 /// parser's own caps on events, nodes, aliases and scalar bytes); the error
-/// says which limit was hit.
-fn decode(doc: &str) -> Result<Value, String> {
+/// says which limit was hit (also `--config`'s reader).
+pub(crate) fn decode(doc: &str) -> Result<Value, String> {
     use serde_saphyr::budget::BudgetBreach;
     use serde_saphyr::granit_parser::ErrorKind;
     use serde_saphyr::{Error as E, ExternalMessageSource as Source};

@@ -405,6 +405,32 @@ impl FakeApi {
         path
     }
 
+    /// kubeadm's `kubeconfig.conf` (tests/fixtures/kubeadm) for this
+    /// server, written into `dir`: its `server`, and the CA and token files
+    /// it names (a pod's service account files) in `dir` too. Over TLS.
+    pub fn kubeadm_kubeconfig(&self, dir: &std::path::Path) -> std::path::PathBuf {
+        let tls = self
+            .tls
+            .as_ref()
+            .expect("kubeadm's kubeconfig trusts a CA: FakeApi::tls()");
+        let (ca, token) = (dir.join("ca.crt"), dir.join("token"));
+        std::fs::write(&ca, &tls.ca_pem).unwrap();
+        std::fs::write(&token, self.inner.token.clone().unwrap_or_default()).unwrap();
+        let text = include_str!("../fixtures/kubeadm/kubeconfig.conf")
+            .replace("https://controlplane:6443", &self.url())
+            .replace(
+                "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt",
+                &ca.display().to_string(),
+            )
+            .replace(
+                "/var/run/secrets/kubernetes.io/serviceaccount/token",
+                &token.display().to_string(),
+            );
+        let path = dir.join("kubeconfig.conf");
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
     fn serve(&self, listener: tokio::net::TcpListener) {
         let cancel = CancellationToken::new();
         *self.running.lock().unwrap() = Some(cancel.clone());

@@ -435,3 +435,30 @@ pub async fn udp_echo_backend(name: &'static str) -> SocketAddr {
     });
     a
 }
+
+/// A process of the proxy binary; killed on drop.
+pub struct Proxy(pub std::process::Child);
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The lines `stderr` prints, as they come, read on a thread of their own.
+pub fn lines_of(stderr: std::process::ChildStderr) -> std::sync::mpsc::Receiver<String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
