@@ -131,8 +131,9 @@ pub struct RunArgs {
     pub bind_address: IpAddr,
     /// The node addresses nodePorts are served on (kube-proxy's): CIDRs,
     /// comma-separated, or `primary` alone (the Node's primary addresses);
-    /// empty: all of them. Checked and kept; not applied yet (nodePort
-    /// listeners bind `--bind-address`), which start-up says.
+    /// empty: all of them. Enforced by the rules (nodePorts and
+    /// health-check node ports refuse other node addresses); not with
+    /// `--iptables off`, which start-up says.
     #[arg(long, default_value = "", value_name = "CIDRS", value_parser = parse_nodeport_addresses)]
     pub nodeport_addresses: NodePortAddresses,
     /// Listener ports for service ports without a nodePort: `a-b`, `a+n`,
@@ -350,6 +351,31 @@ impl NodePortAddresses {
         }
         Ok(Self(list))
     }
+
+    /// The node addresses nodePorts answer on in one family (`v6`), as
+    /// upstream's `NewNodePortAddresses` reads the list, with `primary`
+    /// expanded as kube-proxy's server does (the node's IP of the family,
+    /// `/32` or `/128`, unless unknown or loopback); `None`: every address
+    /// (no CIDR of the family: upstream's `MatchAll`).
+    pub fn for_family(
+        &self,
+        v6: bool,
+        primary_ip: Option<std::net::IpAddr>,
+    ) -> Option<Vec<ipnet::IpNet>> {
+        let cidrs: Vec<ipnet::IpNet> = self
+            .0
+            .iter()
+            .filter_map(|a| match a.as_str() {
+                Self::PRIMARY => primary_ip
+                    .filter(|ip| !ip.is_loopback())
+                    .map(ipnet::IpNet::from),
+                a => a.parse::<ipnet::IpNet>().ok().map(|n| n.trunc()),
+            })
+            .filter(|n| n.addr().is_ipv6() == v6)
+            .collect();
+        let all = cidrs.is_empty() || cidrs.iter().any(|n| n.prefix_len() == 0);
+        (!all).then_some(cidrs)
+    }
 }
 
 fn parse_nodeport_addresses(s: &str) -> Result<NodePortAddresses, String> {
@@ -400,6 +426,36 @@ mod tests {
         assert!(err.to_string().contains("--dial-timeouts"), "{err}");
         let err = Cli::try_parse_from(["x", "--proxy-port-range", "9-1"]).unwrap_err();
         assert!(err.to_string().contains("--proxy-port-range"), "{err}");
+    }
+
+    #[test]
+    fn nodeport_addresses_per_family_as_upstream() {
+        let of = |list: &[&str]| NodePortAddresses(list.iter().map(|s| s.to_string()).collect());
+        let npa = of(&["10.0.0.0/8", "192.168.1.7/24", "fd00::/64"]);
+        let v4: Vec<String> = npa
+            .for_family(false, None)
+            .unwrap()
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(v4, ["10.0.0.0/8", "192.168.1.0/24"]);
+        assert_eq!(npa.for_family(true, None).unwrap().len(), 1);
+        // No CIDR of a family, or a zero CIDR: every address of it.
+        assert_eq!(of(&["10.0.0.0/8"]).for_family(true, None), None);
+        assert_eq!(
+            of(&["0.0.0.0/0", "10.0.0.0/8"]).for_family(false, None),
+            None
+        );
+        assert_eq!(of(&[]).for_family(false, None), None);
+        // primary: the node's IP of the family, when known and not loopback.
+        let primary = of(&["primary"]);
+        let ip = "10.1.2.3".parse().ok();
+        assert_eq!(
+            primary.for_family(false, ip).unwrap()[0].to_string(),
+            "10.1.2.3/32"
+        );
+        assert_eq!(primary.for_family(true, ip), None);
+        assert_eq!(primary.for_family(false, "127.0.0.1".parse().ok()), None);
     }
 
     #[test]

@@ -311,6 +311,11 @@ pub struct NodeInfo {
     /// `metadata.deletionTimestamp`, when the Node is being deleted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deletion_timestamp: Option<String>,
+    /// `status.addresses` of type `InternalIP`, then `ExternalIP`, in
+    /// order (upstream's `GetNodeHostIPs`: the first of a family is the
+    /// node's IP of that family).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<IpAddr>,
     /// The keys of `spec.taints`, sorted.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub taints: Vec<String>,
@@ -334,6 +339,11 @@ pub enum NodeObject {
 }
 
 impl NodeInfo {
+    /// The node's IP of a family (`v6`): the first of [`Self::addresses`].
+    pub fn primary_ip(&self, v6: bool) -> Option<IpAddr> {
+        self.addresses.iter().copied().find(|ip| ip.is_ipv6() == v6)
+    }
+
     /// Why load balancers should stop sending traffic to this node
     /// (upstream's `ProxyHealthServer.NodeEligible`): it is being deleted
     /// (`deletionTimestamp`, or its Node object is gone) or carries the

@@ -190,7 +190,14 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             iptables,
             min_period: args.iptables_min_sync_period,
             period: args.iptables_sync_period,
+            node_port_addresses: args.nodeport_addresses.clone(),
         });
+    if rules.is_none() && !args.nodeport_addresses.0.is_empty() {
+        tracing::warn!(
+            addresses = %args.nodeport_addresses.0.join(","),
+            "--nodeport-addresses is enforced by the iptables rules; with --iptables off, nodePorts answer on every address of --bind-address"
+        );
+    }
     if rules.is_some() {
         health.set_rules(RulesState::Pending);
     }

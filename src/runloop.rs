@@ -21,6 +21,8 @@ pub struct RuleSync {
     pub min_period: Duration,
     /// `--iptables-sync-period`.
     pub period: Duration,
+    /// `--nodeport-addresses`.
+    pub node_port_addresses: crate::cli::NodePortAddresses,
 }
 
 /// The control loop: the proxier, the rules and their health.
@@ -119,7 +121,14 @@ impl Loop {
                 let due = rules_last.is_none_or(|t| now >= t + wait);
                 let repair = now >= next_repair;
                 if (rules_dirty && due) || repair {
-                    let portals = iptables::portals(&self.proxier);
+                    let mut portals = iptables::portals(&self.proxier);
+                    limit_node_ports(
+                        &mut portals,
+                        &r.node_port_addresses,
+                        &current,
+                        self.proxier.context().config.bind_address,
+                        &self.service_health,
+                    );
                     let detector = self.proxier.detector();
                     let result = r.iptables.sync(&portals, &detector, repair).await;
                     let took = r.iptables.stats.last_duration;
@@ -194,6 +203,30 @@ impl Loop {
             }
         }
     }
+}
+
+/// Limits the ports bound for the node's addresses (nodePorts and the
+/// health-check node ports) to `--nodeport-addresses`, `primary` being
+/// `bind` (`--bind-address`) when specific, else the Node's IP of each
+/// family (as kube-proxy's server picks its node IPs).
+fn limit_node_ports(
+    rules: &mut iptables::render::Rules,
+    addresses: &crate::cli::NodePortAddresses,
+    snapshot: &Snapshot,
+    bind: std::net::IpAddr,
+    health_checks: &crate::admin::service_health::Server,
+) {
+    for v6 in [false, true] {
+        let primary = Some(bind)
+            .filter(|b| !b.is_unspecified() && b.is_ipv6() == v6)
+            .or_else(|| snapshot.node.primary_ip(v6));
+        rules.node_port_addresses[usize::from(v6)] = addresses.for_family(v6, primary);
+    }
+    rules.node_port_listeners.extend(
+        health_checks
+            .ports()
+            .map(|p| (p, crate::model::Protocol::Tcp)),
+    );
 }
 
 /// Marks an update queued in `health` whenever discovery publishes a

@@ -465,3 +465,49 @@ fn the_health_check_port_goes_over_with_a_hand_over() {
     assert_eq!(get(&ext, hc, "/").unwrap().code, 200);
     new.stop();
 }
+
+/// `--nodeport-addresses` (upstream's `NodePortAddresses`): nodePorts and
+/// health-check node ports answer on the listed node addresses only.
+#[test]
+fn node_port_addresses_limit_node_ports_and_health_checks() {
+    require_root_and_tools("node_port_addresses_limit_node_ports_and_health_checks");
+    let (node, ext, node_ip) = lab("npa", "10.237.6");
+    // A second node address on the same link, outside the list.
+    let dev = node.run(&[
+        "sh",
+        "-c",
+        "ip -o -4 addr show to 10.237.6.1 | cut -d' ' -f2",
+    ]);
+    node.run(&["ip", "addr", "add", "10.237.6.3/24", "dev", dev.trim()]);
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "svc.yaml", &service(32500, "Local"));
+    write(
+        dir.path(),
+        "slice.yaml",
+        &slice(&[Ep("127.0.0.1", "n1", Cond::Ready)]),
+    );
+    let allowed = format!("{node_ip}/32");
+    let proxy = Proxy::start(
+        &node,
+        dir.path(),
+        &[
+            "--hostname-override",
+            "n1",
+            "--nodeport-addresses",
+            &allowed,
+        ],
+    );
+    wait_for("the listed address served", Duration::from_secs(10), || {
+        ext.fetch(at(&node_ip, 30080)).is_ok_and(|a| a == "b1\n")
+    });
+    wait_for("the other address refused", Duration::from_secs(10), || {
+        ext.fetch(at("10.237.6.3", 30080)).is_err()
+    });
+    assert_eq!(wait_code(&ext, at(&node_ip, 32500), "/", 200).code, 200);
+    assert!(get(&ext, at("10.237.6.3", 32500), "/").is_none());
+    // Loopback is not in the list either (upstream: only when listed).
+    assert!(node.fetch(at("127.0.0.1", 30080)).is_err());
+    // The ClusterIP is not a nodePort: still served.
+    assert_eq!(ext.fetch(at("10.96.0.60", 80)).unwrap(), "b1\n");
+    proxy.stop();
+}

@@ -236,6 +236,14 @@ impl Server {
         self.publish();
     }
 
+    /// The ports listening now.
+    pub fn ports(&self) -> impl Iterator<Item = u16> + '_ {
+        self.instances
+            .values()
+            .filter(|i| i.socket.is_some())
+            .map(|i| i.port)
+    }
+
     /// Whether some port failed to bind (the run loop retries every second).
     pub fn has_pending(&self) -> bool {
         self.instances.values().any(|i| i.socket.is_none())

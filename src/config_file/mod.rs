@@ -102,12 +102,6 @@ pub enum Note {
         /// The file's `mode`.
         mode: String,
     },
-    /// `--nodeport-addresses` (or `nodePortAddresses`) is checked and kept,
-    /// but nodePort listeners do not follow it yet.
-    NodePortAddressesNotApplied {
-        /// The addresses given.
-        addresses: Vec<String>,
-    },
 }
 
 impl Notes {
@@ -136,10 +130,6 @@ impl Notes {
                 Note::KernelMode { mode } => tracing::warn!(
                     mode = %mode,
                     "config file: mode {mode:?} is one of kube-proxy's kernel modes; this proxy serves in userspace behind iptables REDIRECT rules all the same (remove the old proxy's {mode} state from nodes)"
-                ),
-                Note::NodePortAddressesNotApplied { addresses } => tracing::warn!(
-                    addresses = %addresses.join(","),
-                    "--nodeport-addresses / nodePortAddresses: checked but not applied yet: nodePorts are served on --bind-address"
                 ),
             }
         }
@@ -172,11 +162,6 @@ fn apply(args: &mut RunArgs, m: &ArgMatches) -> Result<Notes, ConfigError> {
                 .into_iter()
                 .map(|(field, value)| Note::Ignored { field, value }),
         );
-    }
-    if !args.nodeport_addresses.0.is_empty() {
-        notes.0.push(Note::NodePortAddressesNotApplied {
-            addresses: args.nodeport_addresses.0.clone(),
-        });
     }
     Ok(notes)
 }

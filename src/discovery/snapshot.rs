@@ -335,11 +335,23 @@ pub fn node_info(name: Option<&str>, nodes: &[Sourced<Node>], previous: &NodeInf
         .collect();
     taints.sort();
     taints.dedup();
+    let status = object.status.as_ref().and_then(|s| s.addresses.as_ref());
+    let addresses = ["InternalIP", "ExternalIP"]
+        .iter()
+        .flat_map(|kind| {
+            status
+                .into_iter()
+                .flatten()
+                .filter(move |a| a.type_ == *kind)
+                .filter_map(|a| a.address.trim().parse::<IpAddr>().ok())
+        })
+        .collect();
     NodeInfo {
         name: name.map(String::from),
         labels: object.metadata.labels.clone().unwrap_or_default(),
         pod_cidrs,
         object: NodeObject::Present,
+        addresses,
         deletion_timestamp: object
             .metadata
             .deletion_timestamp

@@ -161,6 +161,9 @@ pub fn portals(proxier: &Proxier) -> Rules {
         let node_port = spec
             .node_port
             .filter(|np| port == Some(*np) && external != Disposition::Redirect);
+        if let Some(np) = spec.node_port.filter(|np| port == Some(*np)) {
+            out.node_port_listeners.push((np, service.name.protocol));
+        }
         if let Some(node_port) = node_port {
             out.node_ports.push(NodePort {
                 port: node_port,

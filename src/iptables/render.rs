@@ -38,6 +38,10 @@ pub const CHAIN_EXTERNAL: &str = "KUSP-EXTERNAL-SERVICES";
 /// for `loadBalancerSourceRanges` (upstream's `KUBE-PROXY-FIREWALL`), from
 /// `INPUT`, `OUTPUT` and `FORWARD`.
 pub const CHAIN_FIREWALL: &str = "KUSP-FIREWALL";
+/// `filter` chain refusing nodePort traffic to node addresses outside
+/// `--nodeport-addresses` (upstream matches only those addresses in its
+/// `KUBE-NODEPORTS` jumps), from [`CHAIN_EXTERNAL`].
+pub const CHAIN_NODEPORT_ADDRESSES: &str = "KUSP-NODEPORT-ADDRESSES";
 /// Comment on our `nat` jump rules, so they can be found and counted.
 pub const JUMP_COMMENT: &str = "kube-userspace-proxy portals";
 /// Comment on the jumps to [`CHAIN_SERVICES`].
@@ -141,7 +145,12 @@ pub const JUMPS: [Jump; 9] = [
 fn chains_of(table: &str) -> &'static [&'static str] {
     match table {
         "nat" => &[CHAIN_CONTAINER, CHAIN_HOST],
-        _ => &[CHAIN_SERVICES, CHAIN_EXTERNAL, CHAIN_FIREWALL],
+        _ => &[
+            CHAIN_SERVICES,
+            CHAIN_EXTERNAL,
+            CHAIN_FIREWALL,
+            CHAIN_NODEPORT_ADDRESSES,
+        ],
     }
 }
 
@@ -249,13 +258,23 @@ pub struct Rules {
     /// one of them also lets the port's LB IPs in as sources (upstream's
     /// `allowFromNode`: the node reaching a VIP it holds itself).
     pub node_ips: Vec<IpAddr>,
+    /// `--nodeport-addresses` of each family (`[IPv4, IPv6]`): the node
+    /// addresses nodePorts answer on; `None`: every one (upstream's
+    /// `MatchAll`).
+    pub node_port_addresses: [Option<Vec<IpNet>>; 2],
+    /// Every port bound for traffic to the node's addresses (nodePorts,
+    /// health-check node ports), which [`Self::node_port_addresses`] limits.
+    pub node_port_listeners: Vec<(u16, Protocol)>,
 }
 
 impl Rules {
     /// Whether `family` (`v6`) has anything to render: an address of it,
     /// or (both families) a nodePort.
     pub fn has_family(&self, v6: bool) -> bool {
-        self.portals.iter().any(|p| p.ip.is_ipv6() == v6) || !self.node_ports.is_empty()
+        self.portals.iter().any(|p| p.ip.is_ipv6() == v6)
+            || !self.node_ports.is_empty()
+            || (self.node_port_addresses[usize::from(v6)].is_some()
+                && !self.node_port_listeners.is_empty())
     }
 
     /// Service addresses plus nodePorts, for logs.
@@ -428,6 +447,9 @@ pub fn render(
             render_nat(&mut out, &portals, mask, bind, &pods, &rules.node_ips);
         } else {
             render_filter(&mut out, &portals, &node_ports, mask, not_local.as_deref());
+            if let Some(cidrs) = &rules.node_port_addresses[usize::from(v6)] {
+                render_node_port_addresses(&mut out, cidrs, &rules.node_port_listeners);
+            }
         }
         out.push_str("COMMIT\n");
     }
@@ -632,6 +654,33 @@ fn render_filter(
     }
 }
 
+/// `--nodeport-addresses` (upstream's `NodePortAddresses` in its nodePort
+/// jumps): traffic to a port bound for the node's addresses, not
+/// REDIRECTed there by our own rules, goes through
+/// [`CHAIN_NODEPORT_ADDRESSES`], which returns for the allowed addresses
+/// and REJECTs the rest, as a closed port refuses.
+fn render_node_port_addresses(out: &mut String, cidrs: &[IpNet], ports: &[(u16, Protocol)]) {
+    let mut ports: Vec<_> = ports.to_vec();
+    ports.sort();
+    ports.dedup();
+    for (port, protocol) in ports {
+        let Some(proto) = proto_name(protocol) else {
+            continue;
+        };
+        let _ = writeln!(
+            out,
+            "-A {CHAIN_EXTERNAL} -p {proto} -m addrtype --dst-type LOCAL -m {proto} --dport {port} -m conntrack ! --ctstate DNAT -j {CHAIN_NODEPORT_ADDRESSES}",
+        );
+    }
+    for cidr in cidrs {
+        let _ = writeln!(out, "-A {CHAIN_NODEPORT_ADDRESSES} -d {cidr} -j RETURN");
+    }
+    let _ = writeln!(
+        out,
+        "-A {CHAIN_NODEPORT_ADDRESSES} -m comment --comment \"not a --nodeport-addresses address\" -j REJECT",
+    );
+}
+
 /// Renders the payload that removes everything of ours from saved `nat`
 /// and `filter` tables (`iptables-save` output): every jump into a `KUSP-`
 /// chain, then every `KUSP-` chain (flushed, then deleted), per table.
@@ -784,6 +833,7 @@ mod tests {
              :KUSP-SERVICES - [0:0]\n\
              :KUSP-EXTERNAL-SERVICES - [0:0]\n\
              :KUSP-FIREWALL - [0:0]\n\
+             :KUSP-NODEPORT-ADDRESSES - [0:0]\n\
              -I INPUT 1 -m conntrack --ctstate NEW -m comment --comment \"kube-userspace-proxy externally-visible service portals\" -j KUSP-EXTERNAL-SERVICES\n\
              -I FORWARD 1 -m conntrack --ctstate NEW -m comment --comment \"kube-userspace-proxy externally-visible service portals\" -j KUSP-EXTERNAL-SERVICES\n\
              -I FORWARD 1 -m conntrack --ctstate NEW -m comment --comment \"kube-userspace-proxy service portals\" -j KUSP-SERVICES\n\
@@ -838,6 +888,7 @@ mod tests {
              :KUSP-SERVICES - [0:0]\n\
              :KUSP-EXTERNAL-SERVICES - [0:0]\n\
              :KUSP-FIREWALL - [0:0]\n\
+             :KUSP-NODEPORT-ADDRESSES - [0:0]\n\
              COMMIT\n"
         );
     }
@@ -1057,7 +1108,7 @@ mod tests {
                 lb("fd00::7"),
             ],
             node_ports: vec![node_port(30080, Protocol::Tcp, d)],
-            node_ips: Vec::new(),
+            ..Rules::default()
         }
     }
 
@@ -1394,5 +1445,46 @@ mod tests {
              -X KUSP-SERVICES\nCOMMIT\n"
         );
         assert_eq!(render_cleanup("*nat\n:DOCKER - [0:0]\nCOMMIT\n"), None);
+    }
+
+    /// `--nodeport-addresses` (upstream's `NodePortAddresses`): ports
+    /// bound for the node's addresses refuse the others, per family; a
+    /// family without CIDRs is not limited.
+    #[test]
+    fn node_port_addresses_refuse_other_node_addresses_per_family() {
+        let rules = Rules {
+            node_port_addresses: [Some(vec!["10.0.0.0/8".parse().unwrap()]), None],
+            node_port_listeners: vec![
+                (32100, Protocol::Tcp),
+                (30080, Protocol::Udp),
+                (30080, Protocol::Udp),
+            ],
+            ..Rules::default()
+        };
+        let v4 = render(
+            &rules,
+            false,
+            "0.0.0.0".parse().unwrap(),
+            &none(),
+            &JumpState::default(),
+        );
+        assert_eq!(
+            rules_of(&v4, "filter"),
+            [
+                "-A KUSP-EXTERNAL-SERVICES -p udp -m addrtype --dst-type LOCAL -m udp --dport 30080 -m conntrack ! --ctstate DNAT -j KUSP-NODEPORT-ADDRESSES",
+                "-A KUSP-EXTERNAL-SERVICES -p tcp -m addrtype --dst-type LOCAL -m tcp --dport 32100 -m conntrack ! --ctstate DNAT -j KUSP-NODEPORT-ADDRESSES",
+                "-A KUSP-NODEPORT-ADDRESSES -d 10.0.0.0/8 -j RETURN",
+                "-A KUSP-NODEPORT-ADDRESSES -m comment --comment \"not a --nodeport-addresses address\" -j REJECT",
+            ]
+        );
+        let v6 = render(
+            &rules,
+            true,
+            "::".parse().unwrap(),
+            &none(),
+            &JumpState::default(),
+        );
+        assert!(!v6.contains("-j KUSP-NODEPORT-ADDRESSES"), "{v6}");
+        assert!(!rules.has_family(true));
     }
 }
