@@ -399,6 +399,12 @@ fn every_disposition_is_accepted_by_both_families_and_cleaned_up() {
             "203.0.113.1".parse().unwrap(),
             "2001:db8::1".parse().unwrap(),
         ],
+        // --nodeport-addresses of both families.
+        node_port_addresses: [
+            Some(vec!["203.0.113.0/24".parse().unwrap()]),
+            Some(vec!["2001:db8::/64".parse().unwrap()]),
+        ],
+        node_port_listeners: vec![(30080, Protocol::Tcp), (30080, Protocol::Udp)],
     };
     let detectors = [
         Detector::Cidrs(vec![
