@@ -8,53 +8,14 @@
 
 mod common;
 
-use std::net::{SocketAddr, UdpSocket};
-use std::time::{Duration, Instant};
+use std::net::SocketAddr;
+use std::time::Duration;
 
 use common::lab::{
-    count, external_client, packets, require_root_and_tools, seen_error, tcp, Proxy, Seen,
+    assert_refused_fast, count, external_client, packets, require_root_and_tools, tcp, udp, Proxy,
+    Seen,
 };
 use common::netns::{node_and_pod, require_tools, veth, wait_for, Netns};
-
-/// Sends "query" from a connected UDP socket inside `ns` and waits for
-/// the answer (an ICMP port unreachable shows as ECONNREFUSED); how long
-/// it took.
-fn udp(ns: &Netns, addr: SocketAddr, timeout: Duration) -> (Seen, Duration) {
-    ns.spawn(move || {
-        let s = UdpSocket::bind("0.0.0.0:0").unwrap();
-        s.set_read_timeout(Some(timeout)).unwrap();
-        s.connect(addr).unwrap();
-        let t0 = Instant::now();
-        // From the node itself, a REJECT in OUTPUT also fails the send
-        // (EPERM); its ICMP port unreachable still reaches the socket.
-        match s.send(b"query") {
-            Err(e) if e.raw_os_error() != Some(libc::EPERM) => {
-                return (seen_error(&e), t0.elapsed())
-            }
-            _ => {}
-        }
-        let mut buf = [0u8; 2048];
-        match s.recv(&mut buf) {
-            Ok(n) => (
-                Seen::Answer(String::from_utf8_lossy(&buf[..n]).into_owned()),
-                t0.elapsed(),
-            ),
-            Err(e) => (seen_error(&e), t0.elapsed()),
-        }
-    })
-    .join()
-    .unwrap()
-}
-
-/// Asserts `addr` refuses (TCP, or UDP with ICMP) within 100 ms.
-fn assert_refused_fast(what: &str, seen: (Seen, Duration)) {
-    assert_eq!(seen.0, Seen::Refused, "{what}");
-    assert!(
-        seen.1 < Duration::from_millis(100),
-        "{what}: refused only after {:?}",
-        seen.1
-    );
-}
 
 /// A TCP backend answering "NAME\n" and a UDP one answering
 /// "udp:" + the datagram, in `ns`.
@@ -330,7 +291,8 @@ fn every_disposition_is_accepted_by_both_families_and_cleaned_up() {
     use kube_userspace_proxy::detect_local::Detector;
     use kube_userspace_proxy::iptables::exec::Tool;
     use kube_userspace_proxy::iptables::render::{
-        find_jumps, render, render_cleanup, Disposition, NodePort, Portal, PortalKind, Rules,
+        find_jumps, render, render_cleanup, Disposition, InternalListener, NodePort, Portal,
+        PortalKind, Rules,
     };
     use kube_userspace_proxy::model::Protocol;
 
@@ -391,10 +353,20 @@ fn every_disposition_is_accepted_by_both_families_and_cleaned_up() {
     }
     // LB IPs of both families behind source ranges of both (one inside
     // the detector's pod CIDR, one outside), the node in a range of each
-    // (allowFromNode): the firewall rules of both payloads are applied too.
+    // (allowFromNode): the firewall rules of both payloads are applied too,
+    // and so are the internal listeners' (each family's REJECT answer).
+    let listeners = [Protocol::Tcp, Protocol::Udp]
+        .into_iter()
+        .map(|protocol| InternalListener {
+            port: 40000,
+            protocol,
+            comment: "ns/svc:p".into(),
+        })
+        .collect();
     let rules = Rules {
         portals,
         node_ports,
+        listeners,
         node_ips: vec![
             "203.0.113.1".parse().unwrap(),
             "2001:db8::1".parse().unwrap(),

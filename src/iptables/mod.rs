@@ -2,7 +2,8 @@
 //! traffic is REDIRECTed to the listeners from chains we own in the `nat`
 //! table, and traffic of ports without endpoints is REJECTed or DROPped
 //! from chains we own in the `filter` table, as upstream's iptables proxier
-//! does (see [`render`] for the rules, [`exec`] for running the tools).
+//! does; listeners without a nodePort take only redirected traffic (see
+//! [`render`] for the rules, [`exec`] for running the tools).
 //!
 //! Every apply is one `iptables-restore --noflush --wait` per family with
 //! both tables, touching only our chains and our jump rules (kept at
@@ -18,7 +19,7 @@ use std::net::IpAddr;
 use std::time::{Duration, Instant, SystemTime};
 
 use exec::{BackendChoice, Tool};
-use render::{Disposition, NodePort, Portal, PortalKind, Rules};
+use render::{Disposition, InternalListener, NodePort, Portal, PortalKind, Rules};
 
 use crate::detect_local::Detector;
 use crate::proxy::{Proxier, Routing};
@@ -31,7 +32,8 @@ pub enum Mode {
     Auto,
     /// Required: start-up fails when rules cannot be managed.
     On,
-    /// No rules: NodePort traffic only.
+    /// No rules: only NodePort traffic, and direct connections to every
+    /// listener's own port (none is closed: the demo and laptop mode).
     Off,
 }
 
@@ -104,11 +106,12 @@ pub fn dispositions(routing: &Routing) -> (Disposition, Disposition) {
 
 /// Every service address and nodePort of the served ports, with what the
 /// rules do with its traffic ([`dispositions`]), the LB IPs with their
-/// source ranges, and the node's addresses (not loopback) for
+/// source ranges, the listeners not on a nodePort (closed to direct
+/// traffic), and the node's addresses (not loopback) for
 /// `allowFromNode`. Addresses of a port with no listener yet are left out
 /// unless they are dropped or rejected, or are LB IPs with source ranges
-/// (their `filter` DROP needs no listener); a nodePort only while our
-/// listener holds it.
+/// (their `filter` DROP needs no listener); a nodePort or an internal
+/// listener only while our listener holds the port.
 pub fn portals(proxier: &Proxier) -> Rules {
     let mut out = Rules {
         node_ips: proxier
@@ -172,6 +175,15 @@ pub fn portals(proxier: &Proxier) -> Rules {
                 disposition: external,
             });
         }
+        // A listener of its own, not the nodePort (which is meant to be
+        // reached directly): only what our rules redirect may reach it.
+        if let Some(listener) = port.filter(|p| spec.node_port != Some(*p)) {
+            out.listeners.push(InternalListener {
+                port: listener,
+                protocol: service.name.protocol,
+                comment: service.name.to_string(),
+            });
+        }
     }
     out
 }
@@ -192,9 +204,10 @@ pub fn preview(rules: &Rules, bind: IpAddr, detector: &Detector) -> String {
     out
 }
 
-/// Whether IPv6 rules are wanted: an IPv6 service address, or nodePort
-/// rules while the listeners take IPv6 (`bind` is an IPv6 address, e.g.
-/// `::`); with an IPv4 `bind` no IPv6 client reaches a nodePort anyway.
+/// Whether IPv6 rules are wanted: an IPv6 service address, or nodePort or
+/// internal-listener rules while the listeners take IPv6 (`bind` is an
+/// IPv6 address, e.g. `::`); with an IPv4 `bind` no IPv6 client reaches a
+/// listener anyway.
 fn wants_v6(rules: &Rules, bind: IpAddr) -> bool {
     rules.portals.iter().any(|p| p.ip.is_ipv6()) || (bind.is_ipv6() && rules.has_family(true))
 }
@@ -208,7 +221,7 @@ impl Iptables {
         bind: IpAddr,
     ) -> Result<Option<Self>, Error> {
         if mode == Mode::Off {
-            tracing::info!("--iptables off: no rules; only NodePort traffic reaches the proxy");
+            tracing::info!("--iptables off: no rules; only NodePort traffic and direct connections to the listeners' ports reach the proxy");
             return Ok(None);
         }
         let v4 = exec::detect(backend, false).await;
@@ -224,7 +237,7 @@ impl Iptables {
             if mode == Mode::On {
                 return Err(e);
             }
-            tracing::warn!(error = %e, "--iptables auto: cannot manage rules (tool missing or no CAP_NET_ADMIN); continuing without them, only NodePort traffic reaches the proxy");
+            tracing::warn!(error = %e, "--iptables auto: cannot manage rules (tool missing or no CAP_NET_ADMIN); continuing without them, only NodePort traffic and direct connections to the listeners' ports reach the proxy");
             return Ok(None);
         }
         let v6 = exec::detect(backend, true).await;
@@ -406,6 +419,16 @@ mod tests {
             ..v4
         };
         assert!(!wants_v6(&np, any4) && wants_v6(&np, any6));
+        // Internal listeners too: a `::` bind takes IPv6 clients.
+        let listeners = Rules {
+            listeners: vec![InternalListener {
+                port: 40000,
+                protocol: crate::model::Protocol::Udp,
+                comment: "ns/a:b".into(),
+            }],
+            ..Rules::default()
+        };
+        assert!(!wants_v6(&listeners, any4) && wants_v6(&listeners, any6));
         let preview = preview(&np, any6, &Detector::default());
         assert!(
             preview.contains("# ip6tables-restore --noflush\n*nat\n"),

@@ -1,8 +1,9 @@
 //! Pure rendering of the payload for `iptables-restore --noflush`: a `nat`
 //! section (service addresses → our listeners) and a `filter` section
-//! (upstream's REJECT and DROP for ports without endpoints, and the DROP of
-//! LB-IP traffic from outside `loadBalancerSourceRanges`). No I/O,
-//! deterministic: an unchanged input renders byte-identical text.
+//! (upstream's REJECT and DROP for ports without endpoints, the DROP of
+//! LB-IP traffic from outside `loadBalancerSourceRanges`, and the REJECT
+//! of direct traffic to listeners that only redirected traffic may reach).
+//! No I/O, deterministic: an unchanged input renders byte-identical text.
 //!
 //! Declaring our chains (`:KUSP-… - [0:0]`) in a `--noflush` restore creates
 //! them or flushes them, so each apply replaces their whole content
@@ -42,6 +43,9 @@ pub const CHAIN_FIREWALL: &str = "KUSP-FIREWALL";
 /// `--nodeport-addresses` (upstream matches only those addresses in its
 /// `KUBE-NODEPORTS` jumps), from [`CHAIN_EXTERNAL`].
 pub const CHAIN_NODEPORT_ADDRESSES: &str = "KUSP-NODEPORT-ADDRESSES";
+/// `filter` chain closing our internal listeners (service ports without a
+/// nodePort) to traffic the `nat` rules did not redirect, from `INPUT`.
+pub const CHAIN_LISTENERS: &str = "KUSP-INTERNAL-LISTENERS";
 /// Comment on our `nat` jump rules, so they can be found and counted.
 pub const JUMP_COMMENT: &str = "kube-userspace-proxy portals";
 /// Comment on the jumps to [`CHAIN_SERVICES`].
@@ -50,6 +54,8 @@ pub const SERVICES_JUMP_COMMENT: &str = "kube-userspace-proxy service portals";
 pub const EXTERNAL_JUMP_COMMENT: &str = "kube-userspace-proxy externally-visible service portals";
 /// Comment on the jumps to [`CHAIN_FIREWALL`].
 pub const FIREWALL_JUMP_COMMENT: &str = "kube-userspace-proxy load balancer firewall";
+/// Comment on the jump to [`CHAIN_LISTENERS`].
+pub const LISTENERS_JUMP_COMMENT: &str = "kube-userspace-proxy internal listeners";
 
 /// The tables we write, in payload order.
 pub const TABLES: [&str; 2] = ["nat", "filter"];
@@ -74,8 +80,9 @@ const NEW: &str = "-m conntrack --ctstate NEW";
 /// Every jump we install, kept at exactly one each: `nat` as before, and
 /// `filter` where upstream jumps to `KUBE-SERVICES` (`FORWARD`, `OUTPUT`),
 /// `KUBE-EXTERNAL-SERVICES` (`INPUT`, `FORWARD`) and `KUBE-PROXY-FIREWALL`
-/// (`INPUT`, `OUTPUT`, `FORWARD`), new connections only.
-pub const JUMPS: [Jump; 9] = [
+/// (`INPUT`, `OUTPUT`, `FORWARD`), new connections only; ours to
+/// [`CHAIN_LISTENERS`] from `INPUT` only (the listeners are local).
+pub const JUMPS: [Jump; 10] = [
     Jump {
         table: "nat",
         builtin: "PREROUTING",
@@ -139,6 +146,13 @@ pub const JUMPS: [Jump; 9] = [
         matches: NEW,
         comment: FIREWALL_JUMP_COMMENT,
     },
+    Jump {
+        table: "filter",
+        builtin: "INPUT",
+        chain: CHAIN_LISTENERS,
+        matches: NEW,
+        comment: LISTENERS_JUMP_COMMENT,
+    },
 ];
 
 /// Our chains of `table`, in declaration order.
@@ -150,6 +164,7 @@ fn chains_of(table: &str) -> &'static [&'static str] {
             CHAIN_EXTERNAL,
             CHAIN_FIREWALL,
             CHAIN_NODEPORT_ADDRESSES,
+            CHAIN_LISTENERS,
         ],
     }
 }
@@ -246,6 +261,19 @@ pub struct NodePort {
     pub disposition: Disposition,
 }
 
+/// A listener of a service port without a nodePort: it serves ClusterIP,
+/// external-IP and LB-IP traffic only, so `filter` rejects whatever reaches
+/// it without a `nat` rule of ours having redirected it.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct InternalListener {
+    /// The listener's port.
+    pub port: u16,
+    /// TCP or UDP.
+    pub protocol: Protocol,
+    /// `namespace/name:port`, put in the rule's comment.
+    pub comment: String,
+}
+
 /// Everything the payload is rendered from (both families; [`render`]
 /// picks one).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -254,6 +282,9 @@ pub struct Rules {
     pub portals: Vec<Portal>,
     /// NodePorts with a `filter` rule.
     pub node_ports: Vec<NodePort>,
+    /// Listeners closed to traffic not redirected (both families: a
+    /// listener bound to `::` takes both).
+    pub listeners: Vec<InternalListener>,
     /// This node's addresses (upstream's node IP): a source range holding
     /// one of them also lets the port's LB IPs in as sources (upstream's
     /// `allowFromNode`: the node reaching a VIP it holds itself).
@@ -269,17 +300,18 @@ pub struct Rules {
 
 impl Rules {
     /// Whether `family` (`v6`) has anything to render: an address of it,
-    /// or (both families) a nodePort.
+    /// or (both families) a nodePort or an internal listener.
     pub fn has_family(&self, v6: bool) -> bool {
         self.portals.iter().any(|p| p.ip.is_ipv6() == v6)
             || !self.node_ports.is_empty()
             || (self.node_port_addresses[usize::from(v6)].is_some()
                 && !self.node_port_listeners.is_empty())
+            || !self.listeners.is_empty()
     }
 
-    /// Service addresses plus nodePorts, for logs.
+    /// Service addresses, nodePorts and internal listeners, for logs.
     pub fn len(&self) -> usize {
-        self.portals.len() + self.node_ports.len()
+        self.portals.len() + self.node_ports.len() + self.listeners.len()
     }
 
     /// Whether there is nothing to render but our chains and jumps.
@@ -402,7 +434,10 @@ fn proto_name(p: Protocol) -> Option<&'static str> {
 ///   and the host, since a userspace proxy cannot short-circuit them
 ///   before `filter` as upstream's DNAT does. [`CHAIN_FIREWALL`] drops
 ///   what still goes to an LB IP with source ranges: a REDIRECT rewrote the
-///   destination of every allowed connection.
+///   destination of every allowed connection. [`CHAIN_LISTENERS`] rejects
+///   new connections to an [`InternalListener`] that no REDIRECT or DNAT
+///   sent there (`! --ctstate DNAT`), as a closed port answers: a TCP
+///   reset, an ICMP port unreachable for UDP.
 pub fn render(
     rules: &Rules,
     v6: bool,
@@ -420,6 +455,9 @@ pub fn render(
     let mut node_ports: Vec<&NodePort> = rules.node_ports.iter().collect();
     node_ports.sort();
     node_ports.dedup_by(|a, b| a.port == b.port && a.protocol == b.protocol);
+    let mut listeners: Vec<&InternalListener> = rules.listeners.iter().collect();
+    listeners.sort();
+    listeners.dedup_by(|a, b| a.port == b.port && a.protocol == b.protocol);
     let mask = if v6 { 128 } else { 32 };
     let pods = Pods::of(detector, v6);
     let not_local = detector.if_not_local(v6);
@@ -450,6 +488,7 @@ pub fn render(
             if let Some(cidrs) = &rules.node_port_addresses[usize::from(v6)] {
                 render_node_port_addresses(&mut out, cidrs, &rules.node_port_listeners);
             }
+            render_listeners(&mut out, &listeners, v6);
         }
         out.push_str("COMMIT\n");
     }
@@ -681,6 +720,31 @@ fn render_node_port_addresses(out: &mut String, cidrs: &[IpNet], ports: &[(u16, 
     );
 }
 
+/// Closes each internal listener to what our `nat` rules did not send it:
+/// a REDIRECT (or DNAT) is a DNAT to conntrack, in `PREROUTING` and in
+/// `OUTPUT` alike, so a new connection without it came straight to the
+/// listener's port, from outside, a pod or the host (loopback included:
+/// it enters `INPUT` too). No `--dst-type LOCAL`: `INPUT` only sees local
+/// destinations.
+fn render_listeners(out: &mut String, listeners: &[&InternalListener], v6: bool) {
+    for l in listeners {
+        let Some(proto) = proto_name(l.protocol) else {
+            continue;
+        };
+        let answer = match (l.protocol, v6) {
+            (Protocol::Tcp, _) => "tcp-reset",
+            (_, false) => "icmp-port-unreachable",
+            (_, true) => "icmp6-port-unreachable",
+        };
+        let _ = writeln!(
+            out,
+            "-A {CHAIN_LISTENERS} -p {proto} -m {proto} --dport {} -m conntrack ! --ctstate DNAT -m comment --comment \"{}\" -j REJECT --reject-with {answer}",
+            l.port,
+            comment_with(&l.comment, " takes redirected traffic only"),
+        );
+    }
+}
+
 /// Renders the payload that removes everything of ours from saved `nat`
 /// and `filter` tables (`iptables-save` output): every jump into a `KUSP-`
 /// chain, then every `KUSP-` chain (flushed, then deleted), per table.
@@ -834,6 +898,7 @@ mod tests {
              :KUSP-EXTERNAL-SERVICES - [0:0]\n\
              :KUSP-FIREWALL - [0:0]\n\
              :KUSP-NODEPORT-ADDRESSES - [0:0]\n\
+             :KUSP-INTERNAL-LISTENERS - [0:0]\n\
              -I INPUT 1 -m conntrack --ctstate NEW -m comment --comment \"kube-userspace-proxy externally-visible service portals\" -j KUSP-EXTERNAL-SERVICES\n\
              -I FORWARD 1 -m conntrack --ctstate NEW -m comment --comment \"kube-userspace-proxy externally-visible service portals\" -j KUSP-EXTERNAL-SERVICES\n\
              -I FORWARD 1 -m conntrack --ctstate NEW -m comment --comment \"kube-userspace-proxy service portals\" -j KUSP-SERVICES\n\
@@ -841,6 +906,7 @@ mod tests {
              -I INPUT 1 -m conntrack --ctstate NEW -m comment --comment \"kube-userspace-proxy load balancer firewall\" -j KUSP-FIREWALL\n\
              -I OUTPUT 1 -m conntrack --ctstate NEW -m comment --comment \"kube-userspace-proxy load balancer firewall\" -j KUSP-FIREWALL\n\
              -I FORWARD 1 -m conntrack --ctstate NEW -m comment --comment \"kube-userspace-proxy load balancer firewall\" -j KUSP-FIREWALL\n\
+             -I INPUT 1 -m conntrack --ctstate NEW -m comment --comment \"kube-userspace-proxy internal listeners\" -j KUSP-INTERNAL-LISTENERS\n\
              COMMIT\n"
         );
         let settled = render(
@@ -889,6 +955,7 @@ mod tests {
              :KUSP-EXTERNAL-SERVICES - [0:0]\n\
              :KUSP-FIREWALL - [0:0]\n\
              :KUSP-NODEPORT-ADDRESSES - [0:0]\n\
+             :KUSP-INTERNAL-LISTENERS - [0:0]\n\
              COMMIT\n"
         );
     }
@@ -1323,6 +1390,78 @@ mod tests {
         assert!(!bare.contains("-A KUSP-PORTALS-CONTAINER -s"), "{bare}");
     }
 
+    fn internal(port: u16, protocol: Protocol) -> InternalListener {
+        InternalListener {
+            port,
+            protocol,
+            comment: "ns/web:http".into(),
+        }
+    }
+
+    #[test]
+    fn internal_listeners_take_redirected_traffic_only_in_both_families() {
+        // Out of order, a duplicate and SCTP (never served): sorted, once,
+        // and no rule for SCTP.
+        let rules = Rules {
+            portals: vec![portal("10.96.0.10", 80, 40000, PortalKind::ClusterIp)],
+            listeners: vec![
+                internal(40001, Protocol::Udp),
+                internal(40000, Protocol::Tcp),
+                internal(40000, Protocol::Tcp),
+                internal(40002, Protocol::Sctp),
+            ],
+            ..Rules::default()
+        };
+        let rule = |proto: &str, port: u16, answer: &str| {
+            format!("-A KUSP-INTERNAL-LISTENERS -p {proto} -m {proto} --dport {port} -m conntrack ! --ctstate DNAT -m comment --comment \"ns/web:http takes redirected traffic only\" -j REJECT --reject-with {answer}")
+        };
+        let v4 = render(&rules, false, ANY, &pods(), &JumpState::settled());
+        assert_eq!(
+            rules_of(&v4, "filter"),
+            [
+                rule("tcp", 40000, "tcp-reset"),
+                rule("udp", 40001, "icmp-port-unreachable"),
+            ]
+        );
+        // The nat rules are untouched: the listener is their target.
+        assert_eq!(rules_of(&v4, "nat").len(), 2, "{v4}");
+        // IPv6: the same listeners (a `::` bind takes both families), its
+        // own ICMP type.
+        let v6 = render(
+            &rules,
+            true,
+            "::".parse().unwrap(),
+            &pods(),
+            &JumpState::settled(),
+        );
+        assert_eq!(
+            rules_of(&v6, "filter"),
+            [
+                rule("tcp", 40000, "tcp-reset"),
+                rule("udp", 40001, "icmp6-port-unreachable"),
+            ]
+        );
+        assert!(rules_of(&v6, "nat").is_empty(), "{v6}");
+        // Listeners alone make a family worth rendering.
+        let alone = Rules {
+            listeners: vec![internal(40000, Protocol::Tcp)],
+            ..Rules::default()
+        };
+        assert!(alone.has_family(true) && alone.has_family(false));
+        assert_eq!(alone.len(), 1);
+        // Long names keep the suffix within iptables' limit.
+        let long = Rules {
+            listeners: vec![InternalListener {
+                comment: "a".repeat(300),
+                ..internal(40000, Protocol::Tcp)
+            }],
+            ..Rules::default()
+        };
+        let out = render(&long, false, ANY, &none(), &JumpState::settled());
+        let want = format!("\"{} takes redirected traffic only\"", "a".repeat(255 - 30));
+        assert!(out.contains(&want), "{out}");
+    }
+
     #[test]
     fn ipv6_goes_to_its_own_payload() {
         let rules: Rules = vec![
@@ -1411,18 +1550,20 @@ mod tests {
         let jumps = find_jumps(saved);
         let counts: Vec<usize> = jumps.found.iter().map(Vec::len).collect();
         // The filter OUTPUT rule jumps to a nat chain's name: not ours there.
-        assert_eq!(counts, [2, 0, 1, 1, 2, 0, 0, 0, 0]);
+        assert_eq!(counts, [2, 0, 1, 1, 2, 0, 0, 0, 0, 0]);
         let out = render(&Rules::default(), false, ANY, &none(), &jumps);
         assert!(out.contains("-D PREROUTING -m comment --comment \"kube-userspace-proxy portals\" -j KUSP-PORTALS-CONTAINER\n"));
         assert_eq!(out.matches("-I PREROUTING").count(), 0);
         assert_eq!(out.matches("-I OUTPUT 1").count(), 3, "{out}");
         assert!(out.contains("-D FORWARD -m conntrack --ctstate NEW -m comment --comment \"kube-userspace-proxy service portals\" -j KUSP-SERVICES\n"));
         assert!(out.contains("-I OUTPUT 1 -m conntrack --ctstate NEW -m comment --comment \"kube-userspace-proxy service portals\" -j KUSP-SERVICES\n"));
-        // Only the firewall's jumps were missing there.
+        // Only the firewall's and the internal listeners' jumps were
+        // missing there.
         assert_eq!(
             out.matches("-I INPUT").count() + out.matches("-I FORWARD").count(),
-            2
+            3
         );
+        assert_eq!(out.matches("-j KUSP-INTERNAL-LISTENERS\n").count(), 1);
         assert_eq!(out.matches("-j KUSP-FIREWALL\n").count(), 3, "{out}");
     }
 

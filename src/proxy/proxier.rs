@@ -312,11 +312,14 @@ impl Proxier {
         }
         self.unserved.retain(|n| snapshot.services.contains_key(n));
 
-        // Node ports of every service port: never handed out from the range.
-        let node_ports: BTreeSet<u16> = snapshot
+        // Never handed out from the range: node ports of every service port,
+        // and service ports (a REDIRECT of a node address to a listener on
+        // the very port it was sent to would change nothing, and the rules
+        // closing internal listeners would take it for direct traffic).
+        let avoid: BTreeSet<u16> = snapshot
             .services
             .values()
-            .filter_map(|e| e.port.node_port)
+            .flat_map(|e| e.port.node_port.into_iter().chain([e.port.port]))
             .collect();
 
         for (name, entry) in &snapshot.services {
@@ -379,7 +382,7 @@ impl Proxier {
             .count();
         self.ctx.fds.rebalance(to_bind);
         for name in names {
-            if self.open(&name, &node_ports) {
+            if self.open(&name, &avoid) {
                 report.opened += 1;
             }
         }
@@ -412,7 +415,7 @@ impl Proxier {
     }
 
     /// Binds the listener of `name`; false (reported) when it cannot.
-    fn open(&mut self, name: &ServicePortName, node_ports: &BTreeSet<u16>) -> bool {
+    fn open(&mut self, name: &ServicePortName, avoid: &BTreeSet<u16>) -> bool {
         let proto = name.protocol;
         let Some(node_port) = self.served.get(name).map(|s| s.spec.node_port) else {
             return false;
@@ -446,7 +449,7 @@ impl Proxier {
             tracing::info!(service = %name, port, "serving from the handed-over listener");
             Ok((bound, node_port.is_none().then_some(port)))
         } else if let Some(lease) = self.ctx.fds.try_take_listener() {
-            self.bind(name, proto, node_port, lease, node_ports)
+            self.bind(name, proto, node_port, lease, avoid)
         } else {
             let fds = &self.ctx.fds;
             Err(Unserved {
@@ -498,14 +501,15 @@ impl Proxier {
     }
 
     /// Binds a new socket for `name`: on its nodePort, else on a free port
-    /// of the range (`Some(port)` then, to hold in the allocator).
+    /// of the range not in `avoid` (`Some(port)` then, to hold in the
+    /// allocator).
     fn bind(
         &self,
         name: &ServicePortName,
         proto: Protocol,
         node_port: Option<u16>,
         lease: super::fds::FdLease,
-        node_ports: &BTreeSet<u16>,
+        avoid: &BTreeSet<u16>,
     ) -> Result<(Bound, Option<u16>), Unserved> {
         let bind_ip = self.ctx.config.bind_address;
         let unserved = |detail: String| Unserved {
@@ -534,7 +538,7 @@ impl Proxier {
         let mut last = format!("no free port in --proxy-port-range ({MAX_BIND_TRIES} tried)");
         let mut lease = Some(lease);
         let tries = self.ports[proto_index(proto)]
-            .candidates(node_ports)
+            .candidates(avoid)
             .take(MAX_BIND_TRIES);
         for port in tries {
             let Some(l) = lease.take() else { break };

@@ -219,6 +219,14 @@ async fn reply(s: &Shared, data: &[u8], to: SocketAddr, from: Option<IpAddr>) ->
     let Some(local) = from.filter(|_| s.pktinfo) else {
         return s.listener.send_to(data, to).await;
     };
+    // An IPv4 client of a dual-stack socket has a mapped IPv6 address: its
+    // reply takes the mapped source in `IPV6_PKTINFO` (the kernel sends it
+    // as IPv4). Without it the routing's source answers, which conntrack
+    // cannot match to a REDIRECT to loopback (the node's own clients).
+    let local = match (local, to) {
+        (IpAddr::V4(ip), SocketAddr::V6(_)) => IpAddr::V6(ip.to_ipv6_mapped()),
+        (local, _) => local,
+    };
     let fd = s.listener.as_raw_fd();
     let dest = SockaddrStorage::from(to);
     s.listener

@@ -1,10 +1,10 @@
 //! The proxy binary in a "node" namespace and the clients around it, for
-//! the tests of our iptables rules: start and stop it, connect from a
-//! namespace and say what was seen, read rule counters, link an outside
-//! client, read `/debug/services`.
+//! the tests of our iptables rules: start and stop it, connect (TCP) or
+//! ask (UDP) from a namespace and say what was seen, read rule counters,
+//! link an outside client, read `/debug/services`.
 
 use std::io::{ErrorKind, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket};
 use std::path::Path;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
@@ -136,10 +136,62 @@ pub fn tcp(ns: &Netns, addr: SocketAddr, timeout: Duration) -> (Seen, Duration) 
     .unwrap()
 }
 
+/// Sends "query" from a connected UDP socket inside `ns` and waits for
+/// the answer (an ICMP port unreachable shows as ECONNREFUSED); how long
+/// it took.
+pub fn udp(ns: &Netns, addr: SocketAddr, timeout: Duration) -> (Seen, Duration) {
+    ns.spawn(move || {
+        let any = match addr {
+            SocketAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            SocketAddr::V6(_) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+        };
+        let s = UdpSocket::bind(SocketAddr::new(any, 0)).unwrap();
+        s.set_read_timeout(Some(timeout)).unwrap();
+        s.connect(addr).unwrap();
+        let t0 = Instant::now();
+        // From the node itself, a REJECT in OUTPUT also fails the send
+        // (EPERM); its ICMP port unreachable still reaches the socket.
+        match s.send(b"query") {
+            Err(e) if e.raw_os_error() != Some(libc::EPERM) => {
+                return (seen_error(&e), t0.elapsed())
+            }
+            _ => {}
+        }
+        let mut buf = [0u8; 2048];
+        match s.recv(&mut buf) {
+            Ok(n) => (
+                Seen::Answer(String::from_utf8_lossy(&buf[..n]).into_owned()),
+                t0.elapsed(),
+            ),
+            Err(e) => (seen_error(&e), t0.elapsed()),
+        }
+    })
+    .join()
+    .unwrap()
+}
+
+/// Asserts `seen` is a refusal (TCP, or UDP with ICMP) within 100 ms.
+pub fn assert_refused_fast(what: &str, seen: (Seen, Duration)) {
+    assert_eq!(seen.0, Seen::Refused, "{what}");
+    assert!(
+        seen.1 < Duration::from_millis(100),
+        "{what}: refused only after {:?}",
+        seen.1
+    );
+}
+
 /// `iptables-save -c -t filter` inside `ns`: the packet count of the one
 /// rule containing `needle`.
 pub fn packets(ns: &Netns, needle: &str) -> u64 {
-    let saved = ns.run(&["iptables-save", "-c", "-t", "filter"]);
+    packets_of(&ns.run(&["iptables-save", "-c", "-t", "filter"]), needle)
+}
+
+/// [`packets`] of the IPv6 `filter` table (`ip6tables-save`).
+pub fn packets6(ns: &Netns, needle: &str) -> u64 {
+    packets_of(&ns.run(&["ip6tables-save", "-c", "-t", "filter"]), needle)
+}
+
+fn packets_of(saved: &str, needle: &str) -> u64 {
     let lines: Vec<&str> = saved.lines().filter(|l| l.contains(needle)).collect();
     assert_eq!(lines.len(), 1, "one rule with {needle:?}:\n{saved}");
     lines[0]
