@@ -1,6 +1,7 @@
 //! Every YAML under deploy/ parses into its Kubernetes type with no field
 //! left over (a typo'd field fails), and the proxy's container arguments
-//! parse with the real command line, so a flag typo fails CI too.
+//! parse with the real command line, so a flag typo fails CI too. The
+//! Grafana dashboard queries only series the proxy exports.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -376,5 +377,61 @@ fn rbac_is_read_only() {
                 );
             }
         }
+    }
+}
+
+/// The series names (`kusp_*`, `kubeproxy_*`) an expression queries.
+fn series_in(expr: &str) -> impl Iterator<Item = &str> {
+    expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|t| t.starts_with("kusp_") || t.starts_with("kubeproxy_"))
+}
+
+#[test]
+fn the_dashboard_queries_only_series_the_proxy_exports() {
+    let path = deploy_dir().join("grafana-dashboard.json");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let dashboard: Value = serde_json::from_str(&text).unwrap();
+    let known: BTreeMap<&str, &str> = kube_userspace_proxy::metrics::families().collect();
+    let mut exprs: Vec<&str> = dashboard["templating"]["list"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|v| v["query"].as_str())
+        .collect();
+    let mut ids = std::collections::BTreeSet::new();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        let id = panel["id"].as_u64().unwrap();
+        assert!(ids.insert(id), "panel id {id} twice");
+        let mut refs = std::collections::BTreeSet::new();
+        for target in panel["targets"].as_array().unwrap() {
+            assert!(
+                refs.insert(target["refId"].as_str().unwrap()),
+                "panel {id}: refId twice"
+            );
+            exprs.push(target["expr"].as_str().unwrap());
+        }
+    }
+    let mut used = std::collections::BTreeSet::new();
+    for expr in exprs {
+        for name in series_in(expr) {
+            let family = ["_bucket", "_sum", "_count"]
+                .iter()
+                .filter_map(|s| name.strip_suffix(s))
+                .find(|base| known.get(base) == Some(&"histogram"))
+                .unwrap_or(name);
+            assert!(
+                known.contains_key(family),
+                "{name} in {expr:?} is not exported"
+            );
+            used.insert(family);
+        }
+    }
+    for wanted in [
+        "kubeproxy_network_programming_duration_seconds",
+        "kubeproxy_sync_proxy_rules_duration_seconds",
+        "kubeproxy_sync_proxy_rules_service_changes_pending",
+        "kubeproxy_sync_proxy_rules_endpoint_changes_pending",
+    ] {
+        assert!(used.contains(wanted), "the dashboard shows {wanted}");
     }
 }
