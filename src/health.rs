@@ -51,7 +51,7 @@ impl RulesState {
 
 /// The IP families one sync pass serves (upstream keeps a proxier, and a
 /// `status` entry, per family; our one loop serves both).
-const FAMILIES: [&str; 2] = ["IPv4", "IPv6"];
+const FAMILIES: [&str; 2] = crate::model::IP_FAMILIES;
 
 #[derive(Debug, Default)]
 struct Times {

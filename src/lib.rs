@@ -1,7 +1,8 @@
 //! kube-userspace-proxy: Kubernetes' userspace service proxy, rebuilt.
 //!
 //! # Layout
-//! - [`model`]: the desired state ([`model::Snapshot`]), pure data.
+//! - [`model`]: the desired state ([`model::Snapshot`]), pure data;
+//!   [`changes`]: what differs between two snapshots, Service by Service.
 //! - [`discovery`]: Kubernetes objects → snapshot ([`discovery::kube`] from
 //!   the API server, [`discovery::manifests`] from files).
 //! - [`proxy`]: the proxier and the data path (listeners, balancer, dial
@@ -17,6 +18,7 @@
 #![deny(unsafe_code)]
 
 pub mod admin;
+pub mod changes;
 pub mod cli;
 pub mod config_file;
 pub mod demo;
@@ -37,7 +39,7 @@ pub mod status;
 use cli::{LogArgs, LogFormat};
 
 pub use run::{rules, run};
-pub use runloop::{Loop, RuleSync};
+pub use runloop::{Applied, Loop, RuleSync};
 
 /// A configuration error: the process exits 64 (EX_USAGE) with its message.
 #[derive(Debug, thiserror::Error)]

@@ -8,14 +8,23 @@
 //!   atomics (exact, even for bytes moved by `splice`, and nothing to look up
 //!   per connection); at scrape time they are written out here from the live
 //!   services, so a deleted service's series disappear with it.
+//!
+//! kube-proxy's series (`kubeproxy_*`) match upstream's
+//! `pkg/proxy/metrics/metrics.go` (1.33+): names, types, help texts (with
+//! component-base's `[ALPHA] ` prefix), buckets and labels, `ip_family`
+//! included. Our one sync serves both families, so its series carry
+//! `ip_family="IPv4"` and `"IPv6"` alike (as `/healthz`'s `status` does).
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::OnceLock;
+use std::time::{Duration, SystemTime};
 
-use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics::{describe_counter, describe_gauge, describe_histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
+use crate::changes::{Counts, Trigger};
+use crate::model::IP_FAMILIES;
 use crate::proxy::connect::DialResult;
 use crate::proxy::stats::CONNECT_BUCKETS;
 use crate::proxy::Context;
@@ -23,21 +32,39 @@ use crate::proxy::{ServiceView, UnservedReason};
 
 // === Proxier-wide (facade) ===
 
-/// Histogram of iptables rule sync durations (kube-proxy's name).
+/// Duration of each sync, by `ip_family` (kube-proxy's name; what one sync
+/// is: see `runloop`).
 pub const SYNC_DURATION: &str = "kubeproxy_sync_proxy_rules_duration_seconds";
-/// Unix time of the last successful rule sync (kube-proxy's name).
+/// Duration of each full sync, by `ip_family`: every sync, with iptables on
+/// (kube-proxy's iptables mode).
+pub const SYNC_FULL_DURATION: &str = "kubeproxy_sync_full_proxy_rules_duration_seconds";
+/// Duration of each partial sync, by `ip_family`: registered with iptables
+/// on, never observed (we have no partial syncs).
+pub const SYNC_PARTIAL_DURATION: &str = "kubeproxy_sync_partial_proxy_rules_duration_seconds";
+/// Unix time of the last sync that left nothing pending, by `ip_family`
+/// (kube-proxy's name).
 pub const SYNC_LAST_TIMESTAMP: &str = "kubeproxy_sync_proxy_rules_last_timestamp_seconds";
-/// Unix time a change was last queued for sync (kube-proxy's name).
+/// Unix time a change was last queued for sync, by `ip_family`
+/// (kube-proxy's name).
 pub const SYNC_LAST_QUEUED: &str = "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds";
+/// From an EndpointSlice's `last-change-trigger-time` to the change being
+/// served, by `ip_family` of the slice (kube-proxy's name).
+pub const NETWORK_PROGRAMMING: &str = "kubeproxy_network_programming_duration_seconds";
 /// Service ports with a `Local` traffic policy and no local endpoint,
 /// whose traffic of that kind is dropped, by `traffic_policy` (`internal`,
 /// `external`) and `ip_family` (kube-proxy's name, a gauge).
 pub const NO_LOCAL_ENDPOINTS: &str = "kubeproxy_sync_proxy_rules_no_local_endpoints_total";
-/// Service port changes applied (kube-proxy's name).
+/// Services whose ports changed in published snapshots (kube-proxy's name).
 pub const SERVICE_CHANGES: &str = "kubeproxy_sync_proxy_rules_service_changes_total";
-/// Endpoint set changes applied (kube-proxy's name).
+/// Services whose ports changed between the applied and the newest
+/// snapshot (kube-proxy's name).
+pub const SERVICE_CHANGES_PENDING: &str = "kubeproxy_sync_proxy_rules_service_changes_pending";
+/// Services whose endpoints changed in published snapshots (kube-proxy's name).
 pub const ENDPOINT_CHANGES: &str = "kubeproxy_sync_proxy_rules_endpoint_changes_total";
-/// Failed `iptables-restore` runs (kube-proxy's name).
+/// Services whose endpoints changed between the applied and the newest
+/// snapshot (kube-proxy's name).
+pub const ENDPOINT_CHANGES_PENDING: &str = "kubeproxy_sync_proxy_rules_endpoint_changes_pending";
+/// Failed rule applies, by `ip_family` (kube-proxy's name).
 pub const RESTORE_FAILURES: &str = "kubeproxy_sync_proxy_rules_iptables_restore_failures_total";
 /// `/healthz` answers, by `code` (kube-proxy's name).
 pub const PROXY_HEALTHZ: &str = "kubeproxy_proxy_healthz_total";
@@ -69,9 +96,144 @@ pub const ADMIN_WAITS: &str = "kusp_admin_connection_limit_waits_total";
 /// (`header`, `response`, `idle`).
 pub const ADMIN_TIMED_OUT: &str = "kusp_admin_connections_timed_out_total";
 
-/// kube-proxy's sync duration buckets: 1 ms · 2^n, 15 of them.
+/// The facade's series: name, type, help (kube-proxy's with upstream's
+/// text, `[ALPHA] ` included).
+const FACADE: &[Family] = &[
+    Family(
+        SYNC_DURATION,
+        "histogram",
+        "[ALPHA] SyncProxyRules latency in seconds",
+    ),
+    Family(
+        SYNC_FULL_DURATION,
+        "histogram",
+        "[ALPHA] SyncProxyRules latency in seconds for full resyncs",
+    ),
+    Family(
+        SYNC_PARTIAL_DURATION,
+        "histogram",
+        "[ALPHA] SyncProxyRules latency in seconds for partial resyncs",
+    ),
+    Family(
+        SYNC_LAST_TIMESTAMP,
+        "gauge",
+        "[ALPHA] The last time proxy rules were successfully synced",
+    ),
+    Family(
+        SYNC_LAST_QUEUED,
+        "gauge",
+        "[ALPHA] The last time a sync of proxy rules was queued",
+    ),
+    Family(
+        NETWORK_PROGRAMMING,
+        "histogram",
+        "[ALPHA] In Cluster Network Programming Latency in seconds",
+    ),
+    Family(
+        NO_LOCAL_ENDPOINTS,
+        "gauge",
+        "[ALPHA] Number of services with a Local traffic policy and no endpoints",
+    ),
+    Family(
+        SERVICE_CHANGES,
+        "counter",
+        "[ALPHA] Cumulative proxy rules Service changes",
+    ),
+    Family(
+        SERVICE_CHANGES_PENDING,
+        "gauge",
+        "[ALPHA] Pending proxy rules Service changes",
+    ),
+    Family(
+        ENDPOINT_CHANGES,
+        "counter",
+        "[ALPHA] Cumulative proxy rules Endpoint changes",
+    ),
+    Family(
+        ENDPOINT_CHANGES_PENDING,
+        "gauge",
+        "[ALPHA] Pending proxy rules Endpoint changes",
+    ),
+    Family(
+        RESTORE_FAILURES,
+        "counter",
+        "[ALPHA] Cumulative proxy iptables restore failures",
+    ),
+    Family(
+        PROXY_HEALTHZ,
+        "counter",
+        "[ALPHA] Cumulative proxy healthz HTTP status",
+    ),
+    Family(
+        PROXY_LIVEZ,
+        "counter",
+        "[ALPHA] Cumulative proxy livez HTTP status",
+    ),
+    Family(
+        DISCOVERY_WATCH_ERRORS,
+        "counter",
+        "Failed lists and watches of the Kubernetes API, by kind (each is retried with back-off)",
+    ),
+    Family(
+        DISCOVERY_DECODE_ERRORS,
+        "counter",
+        "API objects skipped because they did not decode, by kind",
+    ),
+    Family(
+        DISCOVERY_RELISTS,
+        "counter",
+        "Relists because a resource version became unusable, by kind and reason (expired, too_large, regressed)",
+    ),
+    Family(
+        DISCOVERY_RV_REGRESSIONS,
+        "counter",
+        "Resource versions that went backwards without an error (store restored below the last seen), by kind",
+    ),
+    Family(
+        ADMIN_ACCEPTED,
+        "counter",
+        "Connections accepted by the admin listeners, by listener (healthz, metrics)",
+    ),
+    Family(
+        ADMIN_ACTIVE,
+        "gauge",
+        "Connections open on the admin listeners now, by listener",
+    ),
+    Family(
+        ADMIN_SHED,
+        "counter",
+        "Admin connections closed at the connection cap to make room for a new one (the oldest not yet answered or idle), by listener",
+    ),
+    Family(
+        ADMIN_WAITS,
+        "counter",
+        "Times a new admin connection waited in the backlog because every slot was busy answering, by listener",
+    ),
+    Family(
+        ADMIN_TIMED_OUT,
+        "counter",
+        "Admin connections closed by a deadline, by listener and phase (header, response, idle)",
+    ),
+];
+
+/// kube-proxy's sync duration buckets (upstream's `ExponentialBuckets(0.001,
+/// 2, 15)`): 1 ms · 2^n, 15 of them.
 fn sync_buckets() -> Vec<f64> {
     (0..15).map(|n| 0.001 * f64::from(1u32 << n)).collect()
+}
+
+/// kube-proxy's network programming buckets (upstream's `MergeBuckets`,
+/// which starts with a 0): 0, 0.25 s, 0.5 s, 1 to 59 s by 1, 60 to 115 s by
+/// 5, 2 to 5 min by 30 s.
+fn network_programming_buckets() -> Vec<f64> {
+    let linear =
+        |start: f64, width: f64, count: u32| (0..count).map(move |i| start + width * f64::from(i));
+    std::iter::once(0.0)
+        .chain(linear(0.25, 0.25, 2))
+        .chain(linear(1.0, 1.0, 59))
+        .chain(linear(60.0, 5.0, 12))
+        .chain(linear(120.0, 30.0, 7))
+        .collect()
 }
 
 /// Installs the process-wide recorder once and describes every facade
@@ -80,11 +242,18 @@ pub fn install() -> PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE
         .get_or_init(|| {
-            let recorder = PrometheusBuilder::new()
-                .set_buckets_for_metric(
-                    metrics_exporter_prometheus::Matcher::Full(SYNC_DURATION.into()),
-                    &sync_buckets(),
-                )
+            let sync = sync_buckets();
+            let buckets = [
+                (SYNC_DURATION, &sync),
+                (SYNC_FULL_DURATION, &sync),
+                (SYNC_PARTIAL_DURATION, &sync),
+                (NETWORK_PROGRAMMING, &network_programming_buckets()),
+            ];
+            let recorder = buckets
+                .into_iter()
+                .try_fold(PrometheusBuilder::new(), |b, (name, buckets)| {
+                    b.set_buckets_for_metric(Matcher::Full(name.into()), buckets)
+                })
                 .map(PrometheusBuilder::build_recorder)
                 .unwrap_or_else(|_| PrometheusBuilder::new().build_recorder());
             let handle = recorder.handle();
@@ -93,81 +262,114 @@ pub fn install() -> PrometheusHandle {
                     "a metrics recorder was already installed; proxier-wide metrics may be missing"
                 );
             }
-            describe();
+            for f in FACADE {
+                match f.1 {
+                    "counter" => describe_counter!(f.0, f.2),
+                    "gauge" => describe_gauge!(f.0, f.2),
+                    _ => describe_histogram!(f.0, f.2),
+                }
+            }
             handle
         })
         .clone()
 }
 
-fn describe() {
-    describe_histogram!(
-        SYNC_DURATION,
-        Unit::Seconds,
-        "SyncProxyRules latency in seconds"
-    );
-    describe_gauge!(
-        SYNC_LAST_TIMESTAMP,
-        Unit::Seconds,
-        "The last time proxy rules were successfully synced"
-    );
-    describe_gauge!(
-        SYNC_LAST_QUEUED,
-        Unit::Seconds,
-        "The last time a sync of proxy rules was queued"
-    );
-    describe_gauge!(
-        NO_LOCAL_ENDPOINTS,
-        "Number of services with a Local traffic policy and no endpoints"
-    );
-    describe_counter!(SERVICE_CHANGES, "Cumulative service port changes applied");
-    describe_counter!(ENDPOINT_CHANGES, "Cumulative endpoint set changes applied");
-    describe_counter!(
-        RESTORE_FAILURES,
-        "Cumulative proxy iptables restore failures"
-    );
-    describe_counter!(PROXY_HEALTHZ, "Cumulative proxy healthz HTTP status");
-    describe_counter!(PROXY_LIVEZ, "Cumulative proxy livez HTTP status");
-    describe_counter!(
-        DISCOVERY_WATCH_ERRORS,
-        "Failed lists and watches of the Kubernetes API, by kind (each is retried with back-off)"
-    );
-    describe_counter!(
-        ADMIN_ACCEPTED,
-        "Connections accepted by the admin listeners, by listener (healthz, metrics)"
-    );
-    describe_gauge!(
-        ADMIN_ACTIVE,
-        "Connections open on the admin listeners now, by listener"
-    );
-    describe_counter!(
-        ADMIN_SHED,
-        "Admin connections closed at the connection cap to make room for a new one (the oldest not yet answered or idle), by listener"
-    );
-    describe_counter!(
-        ADMIN_WAITS,
-        "Times a new admin connection waited in the backlog because every slot was busy answering, by listener"
-    );
-    describe_counter!(
-        ADMIN_TIMED_OUT,
-        "Admin connections closed by a deadline, by listener and phase (header, response, idle)"
-    );
-    describe_counter!(
-        DISCOVERY_DECODE_ERRORS,
-        "API objects skipped because they did not decode, by kind"
-    );
-    describe_counter!(
-        DISCOVERY_RELISTS,
-        "Relists because a resource version became unusable, by kind and reason (expired, too_large, regressed)"
-    );
-    describe_counter!(
-        DISCOVERY_RV_REGRESSIONS,
-        "Resource versions that went backwards without an error (store restored below the last seen), by kind"
-    );
+/// Every series name `/metrics` shows besides `process_*` and the fd,
+/// pipe and connection-limit gauges, with its type.
+pub fn families() -> impl Iterator<Item = (&'static str, &'static str)> {
+    FACADE.iter().chain(FAMILIES).map(|f| (f.0, f.1))
+}
+
+/// Registers the sync histograms and the restore failures, for both
+/// families, so that they show before anything is observed; the iptables
+/// mode's (full and partial durations, restore failures) only with
+/// `iptables`, as upstream's `RegisterMetrics`. (The change series appear
+/// with the first snapshot, the timestamps with the first queue and sync.)
+pub fn register_sync(iptables: bool) {
+    for family in IP_FAMILIES {
+        let _ = ::metrics::histogram!(SYNC_DURATION, "ip_family" => family);
+        let _ = ::metrics::histogram!(NETWORK_PROGRAMMING, "ip_family" => family);
+        if iptables {
+            let _ = ::metrics::histogram!(SYNC_FULL_DURATION, "ip_family" => family);
+            let _ = ::metrics::histogram!(SYNC_PARTIAL_DURATION, "ip_family" => family);
+            ::metrics::counter!(RESTORE_FAILURES, "ip_family" => family).increment(0);
+        }
+    }
+}
+
+/// Records one sync of `took` (upstream's `syncProxyRules`; what one sync
+/// is: see `runloop`) in each family; with `iptables`, as a full one too.
+pub fn record_sync(took: Duration, iptables: bool) {
+    for family in IP_FAMILIES {
+        ::metrics::histogram!(SYNC_DURATION, "ip_family" => family).record(took);
+        if iptables {
+            ::metrics::histogram!(SYNC_FULL_DURATION, "ip_family" => family).record(took);
+        }
+    }
+}
+
+/// Sets [`SYNC_LAST_TIMESTAMP`] to now, each family (upstream, after a
+/// successful `syncProxyRules`).
+pub fn set_synced_now() {
+    let now = unix_now();
+    for family in IP_FAMILIES {
+        ::metrics::gauge!(SYNC_LAST_TIMESTAMP, "ip_family" => family).set(now);
+    }
+}
+
+/// Sets [`SYNC_LAST_QUEUED`] to now, each family (upstream's `Sync()`, and
+/// once as its `SyncLoop` starts).
+pub fn set_queued_now() {
+    let now = unix_now();
+    for family in IP_FAMILIES {
+        ::metrics::gauge!(SYNC_LAST_QUEUED, "ip_family" => family).set(now);
+    }
+}
+
+/// Adds the changes of a published snapshot to the `_total` counters
+/// (upstream counts each change as its event arrives).
+pub fn add_changes(received: Counts) {
+    ::metrics::counter!(SERVICE_CHANGES).increment(received.services as u64);
+    ::metrics::counter!(ENDPOINT_CHANGES).increment(received.endpoints as u64);
+}
+
+/// Sets the `_pending` gauges.
+pub fn set_pending(pending: Counts) {
+    ::metrics::gauge!(SERVICE_CHANGES_PENDING).set(pending.services as f64);
+    ::metrics::gauge!(ENDPOINT_CHANGES_PENDING).set(pending.endpoints as f64);
+}
+
+/// Counts a failed rule apply of `family` (index into [`IP_FAMILIES`]).
+pub fn restore_failed(family: usize) {
+    let family = IP_FAMILIES.get(family).copied().unwrap_or(IP_FAMILIES[0]);
+    ::metrics::counter!(RESTORE_FAILURES, "ip_family" => family).increment(1);
+}
+
+/// Observes, now, the network programming latency of each of `served`
+/// (upstream, in `syncProxyRules` after the rules are applied); a trigger
+/// time in the future (clock skew) is a negative latency, as upstream's.
+pub fn observe_programming(served: &[Trigger]) {
+    let now = SystemTime::now();
+    for t in served {
+        let latency = match now.duration_since(t.at) {
+            Ok(d) => d.as_secs_f64(),
+            Err(e) => -e.duration().as_secs_f64(),
+        };
+        let family = IP_FAMILIES.get(t.family).copied().unwrap_or(IP_FAMILIES[0]);
+        tracing::debug!(service = %t.service, ip_family = family, latency, "network programming");
+        ::metrics::histogram!(NETWORK_PROGRAMMING, "ip_family" => family).record(latency);
+    }
+}
+
+fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
 }
 
 // === Per service port / backend (rendered from atomics) ===
 
-/// A per-service series family: name, type, help.
+/// A series family: name, type, help.
 struct Family(&'static str, &'static str, &'static str);
 
 /// Client connections accepted.
@@ -745,7 +947,7 @@ pub fn no_local_endpoints(views: &[ServiceView]) -> [[usize; 2]; 2] {
 /// Sets [`NO_LOCAL_ENDPOINTS`] from the served ports.
 pub fn set_no_local_endpoints(views: &[ServiceView]) {
     let n = no_local_endpoints(views);
-    for (f, family) in ["IPv4", "IPv6"].into_iter().enumerate() {
+    for (f, family) in IP_FAMILIES.into_iter().enumerate() {
         for (p, policy) in ["internal", "external"].into_iter().enumerate() {
             ::metrics::gauge!(NO_LOCAL_ENDPOINTS, "traffic_policy" => policy, "ip_family" => family)
                 .set(n[f][p] as f64);
@@ -763,5 +965,36 @@ mod tests {
         assert_eq!(b.len(), 15);
         assert_eq!(b[0], 0.001);
         assert!((b[14] - 16.384).abs() < 1e-9);
+    }
+
+    #[test]
+    fn network_programming_buckets_match_kube_proxy() {
+        let b = network_programming_buckets();
+        // 0, then 2 + 59 + 12 + 7 linear ones.
+        assert_eq!(b.len(), 81);
+        assert_eq!(&b[..5], [0.0, 0.25, 0.5, 1.0, 2.0]);
+        assert_eq!(b[61], 59.0);
+        assert_eq!(&b[62..64], [60.0, 65.0]);
+        assert_eq!(b[73], 115.0);
+        assert_eq!(&b[74..], [120.0, 150.0, 180.0, 210.0, 240.0, 270.0, 300.0]);
+        assert!(b.windows(2).all(|w| w[0] < w[1]));
+    }
+
+    #[test]
+    fn every_family_is_named_once_and_kube_proxys_are_alpha() {
+        let mut names: Vec<&str> = families().map(|(n, _)| n).collect();
+        let all = names.len();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), all, "a name listed twice");
+        for f in FACADE.iter().chain(FAMILIES) {
+            assert!(matches!(f.1, "counter" | "gauge" | "histogram"), "{}", f.0);
+            assert_eq!(
+                f.0.starts_with("kubeproxy_"),
+                f.2.starts_with("[ALPHA] "),
+                "{}",
+                f.0
+            );
+        }
     }
 }

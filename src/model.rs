@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 /// Transport protocol of a service port.
 #[derive(
@@ -453,6 +453,17 @@ impl EndpointChoice {
     }
 }
 
+/// Upstream's `v1.IPFamily` spellings, in the order of every per-family
+/// array here (`[IPv4, IPv6]`).
+pub const IP_FAMILIES: [&str; 2] = ["IPv4", "IPv6"];
+
+/// When the endpoints controller last changed a Service's EndpointSlices:
+/// per family (`[IPv4, IPv6]`), the latest
+/// `endpoints.kubernetes.io/last-change-trigger-time` of its slices of that
+/// family, for the network programming latency.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TriggerTimes(pub [Option<SystemTime>; 2]);
+
 /// A service port and the endpoints behind it.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct ServiceEntry {
@@ -463,6 +474,9 @@ pub struct ServiceEntry {
     pub endpoints: Vec<Endpoint>,
     /// Which of them each kind of traffic uses.
     pub choice: EndpointChoice,
+    /// The Service's slice trigger times (the same on each of its ports).
+    #[serde(skip)]
+    pub triggers: TriggerTimes,
 }
 
 /// The full desired state at one moment: what discovery publishes.

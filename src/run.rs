@@ -291,7 +291,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     // A snapshot published is an update queued until the run loop has
     // applied it (upstream's QueuedUpdate), even if the loop is stuck.
-    crate::runloop::mark_queued(snapshots.clone(), Arc::clone(&health));
+    let applied = crate::runloop::mark_queued(snapshots.clone(), Arc::clone(&health));
     if let Some(t) = takeover.take() {
         // Serve the handed-over sockets before the predecessor stops accepting.
         let snapshot = Arc::clone(&snapshots.borrow());
@@ -380,6 +380,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         health,
         sync_period: args.iptables_sync_period,
         exports,
+        applied,
     };
     let Loop {
         mut proxier,

@@ -2,7 +2,8 @@
 //! left over (a typo'd field fails), and the proxy's container arguments
 //! parse with the real command line, so a flag typo fails CI too;
 //! deploy/kubeadm's patch of kubeadm's kube-proxy DaemonSet runs this proxy
-//! on kubeadm's own `config.conf`.
+//! on kubeadm's own `config.conf`. The Grafana dashboard queries only
+//! series the proxy exports.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -543,4 +544,60 @@ fn kubeadms_daemonset_patched_runs_this_proxy_on_kubeadms_config() {
         cli.run.kubeconfig.as_deref(),
         Some(Path::new(&format!("{}/kubeconfig.conf", mount.mount_path)))
     );
+}
+
+/// The series names (`kusp_*`, `kubeproxy_*`) an expression queries.
+fn series_in(expr: &str) -> impl Iterator<Item = &str> {
+    expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|t| t.starts_with("kusp_") || t.starts_with("kubeproxy_"))
+}
+
+#[test]
+fn the_dashboard_queries_only_series_the_proxy_exports() {
+    let path = deploy_dir().join("grafana-dashboard.json");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let dashboard: Value = serde_json::from_str(&text).unwrap();
+    let known: BTreeMap<&str, &str> = kube_userspace_proxy::metrics::families().collect();
+    let mut exprs: Vec<&str> = dashboard["templating"]["list"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|v| v["query"].as_str())
+        .collect();
+    let mut ids = std::collections::BTreeSet::new();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        let id = panel["id"].as_u64().unwrap();
+        assert!(ids.insert(id), "panel id {id} twice");
+        let mut refs = std::collections::BTreeSet::new();
+        for target in panel["targets"].as_array().unwrap() {
+            assert!(
+                refs.insert(target["refId"].as_str().unwrap()),
+                "panel {id}: refId twice"
+            );
+            exprs.push(target["expr"].as_str().unwrap());
+        }
+    }
+    let mut used = std::collections::BTreeSet::new();
+    for expr in exprs {
+        for name in series_in(expr) {
+            let family = ["_bucket", "_sum", "_count"]
+                .iter()
+                .filter_map(|s| name.strip_suffix(s))
+                .find(|base| known.get(base) == Some(&"histogram"))
+                .unwrap_or(name);
+            assert!(
+                known.contains_key(family),
+                "{name} in {expr:?} is not exported"
+            );
+            used.insert(family);
+        }
+    }
+    for wanted in [
+        "kubeproxy_network_programming_duration_seconds",
+        "kubeproxy_sync_proxy_rules_duration_seconds",
+        "kubeproxy_sync_proxy_rules_service_changes_pending",
+        "kubeproxy_sync_proxy_rules_endpoint_changes_pending",
+    ] {
+        assert!(used.contains(wanted), "the dashboard shows {wanted}");
+    }
 }

@@ -5,8 +5,9 @@
 //! restored or fresh store (too-large versions, versions going backwards),
 //! undecodable objects, API server down at start and restarted mid-run,
 //! `/readyz`, this node's Node (labels and pod CIDRs, field selector, 403),
-//! and one
-//! end-to-end run with backends in a network namespace.
+//! kube-proxy's metrics (upstream's names, types and help texts; network
+//! programming latency from a slice's trigger time; syncs with `--iptables
+//! off`), and one end-to-end run with backends in a network namespace.
 
 mod common;
 #[path = "common/fake_api.rs"]
@@ -1100,6 +1101,221 @@ async fn a_restart_on_a_fresh_store_serves_new_services_within_2s_and_closes_van
         "regression counted: {regressions:?}"
     );
     assert!(api.probes() >= 1, "found by the probe");
+}
+
+/// kube-proxy's series (`pkg/proxy/metrics/metrics.go`, 1.33+) outside its
+/// iptables mode: name, type, help text as upstream's `/metrics` shows them.
+const KUBE_PROXY_SERIES: [(&str, &str, &str); 11] = [
+    (
+        "kubeproxy_sync_proxy_rules_duration_seconds",
+        "histogram",
+        "SyncProxyRules latency in seconds",
+    ),
+    (
+        "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
+        "gauge",
+        "The last time proxy rules were successfully synced",
+    ),
+    (
+        "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds",
+        "gauge",
+        "The last time a sync of proxy rules was queued",
+    ),
+    (
+        "kubeproxy_network_programming_duration_seconds",
+        "histogram",
+        "In Cluster Network Programming Latency in seconds",
+    ),
+    (
+        "kubeproxy_sync_proxy_rules_endpoint_changes_pending",
+        "gauge",
+        "Pending proxy rules Endpoint changes",
+    ),
+    (
+        "kubeproxy_sync_proxy_rules_endpoint_changes_total",
+        "counter",
+        "Cumulative proxy rules Endpoint changes",
+    ),
+    (
+        "kubeproxy_sync_proxy_rules_service_changes_pending",
+        "gauge",
+        "Pending proxy rules Service changes",
+    ),
+    (
+        "kubeproxy_sync_proxy_rules_service_changes_total",
+        "counter",
+        "Cumulative proxy rules Service changes",
+    ),
+    (
+        "kubeproxy_sync_proxy_rules_no_local_endpoints_total",
+        "gauge",
+        "Number of services with a Local traffic policy and no endpoints",
+    ),
+    (
+        "kubeproxy_proxy_healthz_total",
+        "counter",
+        "Cumulative proxy healthz HTTP status",
+    ),
+    (
+        "kubeproxy_proxy_livez_total",
+        "counter",
+        "Cumulative proxy livez HTTP status",
+    ),
+];
+
+/// The seconds from `a` to `b` (negative when `b` is earlier).
+fn secs_between(a: std::time::SystemTime, b: std::time::SystemTime) -> f64 {
+    match b.duration_since(a) {
+        Ok(d) => d.as_secs_f64(),
+        Err(e) => -e.duration().as_secs_f64(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kube_proxys_series_are_upstreams_and_a_trigger_time_is_observed_once() {
+    use std::time::SystemTime;
+    const TRIGGER: &str = "endpoints.kubernetes.io/last-change-trigger-time";
+    const PROGRAMMING: &str = "kubeproxy_network_programming_duration_seconds";
+    let echo = echo_backend().await;
+    let api = FakeApi::new().await;
+    let np = free_port();
+    apply_echo_service(&api, "web", "10.96.0.10", np, echo);
+    let dir = tempfile::tempdir().unwrap();
+    let kc = api.kubeconfig(dir.path());
+    let (metrics, healthz) = (free_port(), free_port());
+    // A periodic pass every second: it must not count a change again.
+    let extra = ["--iptables-sync-period", "1s"];
+    let _proxy = proxy_on_host_with(&kc, healthz, metrics, false, &extra);
+    let web = localhost(np);
+    assert!(
+        eventually(Duration::from_secs(10), || std::net::TcpStream::connect(
+            web
+        )
+        .is_ok())
+        .await,
+        "served"
+    );
+    assert_eq!(try_get(healthz, "/healthz").await, Some(200));
+    assert_eq!(try_get(healthz, "/livez").await, Some(200));
+
+    // Every upstream series, typed and described as upstream's (with
+    // component-base's stability prefix); none of the iptables mode's.
+    let (_, body) = http(localhost(metrics), "GET", "/metrics").await;
+    for (name, kind, help) in KUBE_PROXY_SERIES {
+        let head = format!("# HELP {name} [ALPHA] {help}\n# TYPE {name} {kind}\n");
+        assert!(body.contains(&head), "{head} in {body}");
+    }
+    for name in [
+        "kubeproxy_sync_full_proxy_rules_duration_seconds",
+        "kubeproxy_sync_partial_proxy_rules_duration_seconds",
+        "kubeproxy_sync_proxy_rules_iptables_restore_failures_total",
+    ] {
+        assert!(!body.contains(name), "{name} is iptables mode's");
+    }
+    // Syncs are the reconciles: timed and stamped without iptables.
+    let family = "{ip_family=\"IPv4\"}";
+    let syncs = metric(
+        metrics,
+        &format!("kubeproxy_sync_proxy_rules_duration_seconds_count{family}"),
+    )
+    .await;
+    assert!(syncs.is_some_and(|n| n >= 1.0), "syncs: {syncs:?}");
+    let last = metric(
+        metrics,
+        &format!("kubeproxy_sync_proxy_rules_last_timestamp_seconds{family}"),
+    )
+    .await;
+    let now = secs_between(SystemTime::UNIX_EPOCH, SystemTime::now());
+    assert!(
+        last.is_some_and(|t| (now - t).abs() < 10.0),
+        "last sync {last:?}, now {now}"
+    );
+    for (series, le) in [
+        ("bucket", "0"),
+        ("bucket", "0.25"),
+        ("bucket", "59"),
+        ("bucket", "300"),
+        ("count", ""),
+    ] {
+        let line = match le {
+            "" => format!("{PROGRAMMING}_{series}{family} 0"),
+            le => format!("{PROGRAMMING}_{series}{{ip_family=\"IPv4\",le=\"{le}\"}} 0"),
+        };
+        assert!(body.lines().any(|l| l == line), "{line} in {body}");
+    }
+    let count_v4 = format!("{PROGRAMMING}_count{family}");
+    let count = || metric(metrics, &count_v4);
+
+    // A change triggered a second ago (after the start): observed once,
+    // about the second plus the time it took to be served.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let applied = SystemTime::now();
+    let triggered = applied - Duration::from_secs(1);
+    let mut changed = slice(
+        "ns",
+        "web-a",
+        "web",
+        echo.port(),
+        &[("127.0.0.1", true, None), ("127.0.0.2", false, None)],
+    );
+    changed["metadata"]["annotations"] =
+        json!({TRIGGER: humantime::format_rfc3339_nanos(triggered).to_string()});
+    api.apply(changed);
+    let end = Instant::now() + Duration::from_secs(10);
+    while count().await != Some(1.0) && Instant::now() < end {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let by = SystemTime::now();
+    assert_eq!(count().await, Some(1.0), "one observation");
+    let sum = metric(metrics, &format!("{PROGRAMMING}_sum{family}"))
+        .await
+        .unwrap_or(-1.0);
+    let most = secs_between(triggered, by);
+    assert!((1.0..=most).contains(&sum), "latency {sum}, at most {most}");
+    assert_eq!(
+        metric(
+            metrics,
+            &format!("{PROGRAMMING}_count{{ip_family=\"IPv6\"}}")
+        )
+        .await,
+        Some(0.0),
+        "an IPv4 slice's change is IPv4's"
+    );
+
+    // A malformed trigger time is ignored; the change is served all the
+    // same, and periodic passes count nothing again.
+    let changes = || metric(metrics, "kubeproxy_sync_proxy_rules_endpoint_changes_total");
+    let before = changes().await.unwrap_or(0.0);
+    let mut malformed = slice(
+        "ns",
+        "web-a",
+        "web",
+        echo.port(),
+        &[("127.0.0.1", true, None)],
+    );
+    malformed["metadata"]["annotations"] = json!({TRIGGER: "not a time"});
+    api.apply(malformed);
+    let end = Instant::now() + Duration::from_secs(10);
+    while changes().await.unwrap_or(0.0) <= before && Instant::now() < end {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        changes().await.unwrap_or(0.0) > before,
+        "the change arrived"
+    );
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(count().await, Some(1.0), "still one observation");
+    assert_eq!(read_echo(web).await, "fresh", "still served");
+    for pending in ["service", "endpoint"] {
+        let v = metric(
+            metrics,
+            &format!("kubeproxy_sync_proxy_rules_{pending}_changes_pending "),
+        )
+        .await;
+        assert_eq!(v, Some(0.0), "{pending} changes pending at rest");
+    }
+    let services = metric(metrics, "kubeproxy_sync_proxy_rules_service_changes_total").await;
+    assert_eq!(services, Some(1.0), "web, from the first list");
 }
 
 /// A store restored below our version while the server runs; watches are

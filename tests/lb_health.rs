@@ -406,11 +406,71 @@ fn healthz_fails_on_failed_rules_and_on_a_node_being_removed() {
             .any(|l| l.starts_with("kubeproxy_proxy_healthz_total{code=\"503\"}")),
         "{metrics}"
     );
+    // kube-proxy's iptables mode: failures by family, every sync a full
+    // one, no partial one.
+    let value = |prefix: &str| sample(&metrics, prefix);
+    let v4 = "{ip_family=\"IPv4\"}";
+    let failures = value(&format!(
+        "kubeproxy_sync_proxy_rules_iptables_restore_failures_total{v4}"
+    ));
+    assert!(failures.is_some_and(|n| n >= 1.0), "{metrics}");
+    let syncs = value(&format!(
+        "kubeproxy_sync_proxy_rules_duration_seconds_count{v4}"
+    ));
+    let full = value(&format!(
+        "kubeproxy_sync_full_proxy_rules_duration_seconds_count{v4}"
+    ));
+    assert!(
+        syncs.is_some_and(|n| n >= 2.0) && full == syncs,
+        "{metrics}"
+    );
+    assert_eq!(
+        value(&format!(
+            "kubeproxy_sync_partial_proxy_rules_duration_seconds_count{v4}"
+        )),
+        Some(0.0)
+    );
     std::fs::remove_file(&flag).unwrap();
     wait_code(&ext, healthz, "/healthz", 200);
     wait_code(&ext, hc, "/", 200);
     assert!(node.nat().contains("10.96.0.61"), "rules applied");
+
+    // A change that needs the rules (its port's only local endpoint moves
+    // away) is served once they are applied: its network programming
+    // latency is observed then, not before.
+    let programming = "kubeproxy_network_programming_duration_seconds";
+    let scrape = || {
+        get(&node, METRICS.parse().unwrap(), "/metrics")
+            .unwrap()
+            .body
+    };
+    std::fs::write(&flag, "").unwrap();
+    let triggered = std::time::SystemTime::now() - Duration::from_secs(1);
+    let annotation = format!(
+        "namespace: ns, annotations: {{endpoints.kubernetes.io/last-change-trigger-time: \"{}\"}},",
+        humantime::format_rfc3339_nanos(triggered)
+    );
+    let moved =
+        slice(&[Ep("127.0.0.1", "n2", Cond::Ready)]).replacen("namespace: ns,", &annotation, 1);
+    write(&manifests, "slice.yaml", &moved);
+    wait_code(&ext, hc, "/", 503);
+    wait_code(&ext, healthz, "/healthz", 503);
+    let count = format!("{programming}_count{v4}");
+    assert_eq!(sample(&scrape(), &count), Some(0.0), "not served yet");
+    std::fs::remove_file(&flag).unwrap();
+    wait_code(&ext, healthz, "/healthz", 200);
+    let body = scrape();
+    assert_eq!(sample(&body, &count), Some(1.0), "served: {body}");
+    let sum = sample(&body, &format!("{programming}_sum{v4}"));
+    assert!(sum.is_some_and(|s| s >= 1.0), "latency {sum:?}");
     proxy.stop();
+}
+
+/// The value of the first sample of `body` whose line starts with `prefix`.
+fn sample(body: &str, prefix: &str) -> Option<f64> {
+    body.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
 }
 
 #[test]

@@ -44,7 +44,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::list_watch::{self, Target};
 use super::raw::{ObjectKey, Raw};
-use super::snapshot::{build_snapshot_with, Options, Sourced};
+use super::snapshot::{build_snapshot_with, Options, Sourced, ANNOTATION_TRIGGER_TIME};
 use crate::model::Snapshot;
 
 /// Quiet time after the last watch event before a snapshot is published:
@@ -195,9 +195,12 @@ impl Trim for Service {
 }
 
 impl Trim for EndpointSlice {
+    /// Of the annotations, only [`ANNOTATION_TRIGGER_TIME`] is read.
     fn trim(&mut self) {
         self.metadata.managed_fields = None;
-        self.metadata.annotations = None;
+        if let Some(a) = self.metadata.annotations.as_mut() {
+            a.retain(|k, _| k == ANNOTATION_TRIGGER_TIME);
+        }
     }
 }
 
@@ -565,6 +568,26 @@ mod tests {
             n.spec.as_ref().unwrap().pod_cidrs.as_ref().unwrap()[0],
             "10.244.0.0/24"
         );
+    }
+
+    #[test]
+    fn a_slice_keeps_only_its_trigger_time_annotation() {
+        let mut s: EndpointSlice = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "web-a", "annotations": {
+                "endpoints.kubernetes.io/last-change-trigger-time": "2025-01-02T03:04:05Z",
+                "kubectl.kubernetes.io/last-applied-configuration": "{}"}},
+            "addressType": "IPv4", "endpoints": []
+        }))
+        .unwrap();
+        s.trim();
+        let kept: Vec<&String> = s
+            .metadata
+            .annotations
+            .iter()
+            .flatten()
+            .map(|(k, _)| k)
+            .collect();
+        assert_eq!(kept, [ANNOTATION_TRIGGER_TIME]);
     }
 
     #[test]

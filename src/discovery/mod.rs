@@ -21,6 +21,6 @@ pub mod snapshot;
 pub mod topology;
 
 pub use snapshot::{
-    build_snapshot, build_snapshot_with, node_info, Options, Problem, Sourced, LABEL_HEADLESS,
-    LABEL_SERVICE_NAME, LABEL_SERVICE_PROXY_NAME,
+    build_snapshot, build_snapshot_with, node_info, Options, Problem, Sourced,
+    ANNOTATION_TRIGGER_TIME, LABEL_HEADLESS, LABEL_SERVICE_NAME, LABEL_SERVICE_PROXY_NAME,
 };

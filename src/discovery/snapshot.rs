@@ -12,7 +12,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use ipnet::{IpNet, Ipv4Net};
 use k8s_openapi::api::core::v1::{Node, Service};
@@ -21,8 +21,8 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use super::topology;
 use crate::model::{
     Affinity, Endpoint, NodeInfo, NodeObject, Protocol, ProxyProtocol, Scheduler, ServicePort,
-    ServicePortName, Setting, Snapshot, ANNOTATION_PROXY_PROTOCOL, ANNOTATION_SCHEDULER,
-    DEFAULT_AFFINITY_TIMEOUT,
+    ServicePortName, Setting, Snapshot, TriggerTimes, ANNOTATION_PROXY_PROTOCOL,
+    ANNOTATION_SCHEDULER, DEFAULT_AFFINITY_TIMEOUT,
 };
 
 /// Label joining an EndpointSlice to its Service.
@@ -35,6 +35,10 @@ pub const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-
 /// Set by the endpoints controllers on the objects of headless services:
 /// nothing to proxy.
 pub const LABEL_HEADLESS: &str = "service.kubernetes.io/headless";
+
+/// Set by the endpoints controllers on an EndpointSlice: when the change it
+/// carries was triggered, RFC 3339 (upstream's `v1.EndpointsLastChangeTriggerTime`).
+pub const ANNOTATION_TRIGGER_TIME: &str = "endpoints.kubernetes.io/last-change-trigger-time";
 
 /// Per-node choices of what to serve, as kube-proxy makes them.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -228,10 +232,12 @@ pub fn build_snapshot_with(
         }
         let slices = by_service.get(&key).map(Vec::as_slice).unwrap_or(&[]);
         let families = ip_families(&s.object);
+        let triggers = trigger_times(slices, families);
         for (name, port) in ports {
             let endpoints = join_endpoints(slices, &name.port_name, name.protocol, families);
             order.push((name.clone(), s.origin.clone()));
-            let entry = topology::entry(port, endpoints, &snapshot.node);
+            let mut entry = topology::entry(port, endpoints, &snapshot.node);
+            entry.triggers = triggers;
             snapshot.services.insert(name, entry);
         }
     }
@@ -689,6 +695,8 @@ struct SliceData {
     service: String,
     /// `addressType: IPv6`.
     ipv6: bool,
+    /// Its [`ANNOTATION_TRIGGER_TIME`], when present and well-formed.
+    trigger: Option<SystemTime>,
     /// (port name, protocol, port number)
     ports: Vec<(String, Protocol, u16)>,
     /// Endpoints with port 0: the port comes from `ports` when joined.
@@ -770,9 +778,47 @@ fn slice_data(slice: &EndpointSlice) -> Result<Option<SliceData>, FieldError> {
         namespace: namespace_of(meta),
         service,
         ipv6: want_v6,
+        trigger: trigger_time(meta),
         ports,
         endpoints,
     }))
+}
+
+/// A slice's [`ANNOTATION_TRIGGER_TIME`], as upstream's
+/// `getLastChangeTriggerTime` reads it: absent, malformed (logged at
+/// debug) or before 1970, there is none; never an error.
+fn trigger_time(
+    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+) -> Option<SystemTime> {
+    let raw = meta.annotations.as_ref()?.get(ANNOTATION_TRIGGER_TIME)?;
+    let parsed = raw
+        .parse::<k8s_openapi::jiff::Timestamp>()
+        .map_err(|e| e.to_string())
+        .and_then(|t| {
+            let since_epoch = t.as_duration();
+            (!since_epoch.is_negative())
+                .then(|| SystemTime::UNIX_EPOCH.checked_add(since_epoch.unsigned_abs()))
+                .flatten()
+                .ok_or_else(|| "before 1970".to_string())
+        });
+    match parsed {
+        Ok(t) => Some(t),
+        Err(error) => {
+            tracing::debug!(object = %describe("EndpointSlice", meta), value = %raw, %error, "malformed {ANNOTATION_TRIGGER_TIME}: ignored");
+            None
+        }
+    }
+}
+
+/// The latest trigger time per family (`[IPv4, IPv6]`) among a Service's
+/// slices of the families it has.
+fn trigger_times(slices: &[SliceData], (v4, v6): (bool, bool)) -> TriggerTimes {
+    let mut out = TriggerTimes::default();
+    for s in slices.iter().filter(|s| if s.ipv6 { v6 } else { v4 }) {
+        let latest = &mut out.0[usize::from(s.ipv6)];
+        *latest = (*latest).max(s.trigger);
+    }
+    out
 }
 
 /// The names of one kind of hint, sorted and deduplicated (a set, as upstream).
@@ -874,6 +920,40 @@ mod tests {
         assert_eq!(count("[IPv4]"), 1);
         assert_eq!(count("[IPv6]"), 1);
         assert_eq!(count("[IPv4, IPv6]"), 2);
+    }
+
+    #[test]
+    fn trigger_times_are_the_latest_per_family_and_a_malformed_one_is_ignored() {
+        let slice = |name: &str, family: &str, addr: &str, time: &str| {
+            eps(&format!("metadata: {{name: {name}, namespace: ns, labels: {{kubernetes.io/service-name: web}}, annotations: {{endpoints.kubernetes.io/last-change-trigger-time: \"{time}\"}}}}\naddressType: {family}\nports: [{{name: http, port: 80}}]\nendpoints: [{{addresses: [\"{addr}\"]}}]\n"))
+        };
+        let slices = [
+            slice("a", "IPv4", "10.0.0.1", "2025-03-01T10:00:00Z"),
+            slice("b", "IPv4", "10.0.0.2", "2025-03-01T10:00:05.250+00:00"),
+            slice("c", "IPv6", "fd00::1", "2025-03-01T12:00:00+02:00"),
+            slice("d", "IPv6", "fd00::2", "yesterday"),
+        ];
+        let at = |secs: u64, millis: u64| {
+            Some(SystemTime::UNIX_EPOCH + Duration::from_secs(secs) + Duration::from_millis(millis))
+        };
+        let build = |families: &str| {
+            let s = svc(&format!("metadata: {{name: web, namespace: ns}}\nspec:\n  ipFamilies: {families}\n  ports: [{{name: http, port: 80}}, {{name: https, port: 443}}]\n"));
+            let (snap, problems) = build_snapshot(&[s], &slices, &Snapshot::default());
+            assert!(
+                problems.is_empty(),
+                "a malformed time is no problem: {problems:?}"
+            );
+            snap
+        };
+        let snap = build("[IPv4, IPv6]");
+        // 2025-03-01T10:00:00Z is 1740823200; 12:00+02:00 is 10:00Z.
+        let want = TriggerTimes([at(1_740_823_205, 250), at(1_740_823_200, 0)]);
+        assert!(snap.services.values().all(|e| e.triggers == want));
+        assert_eq!(snap.services.values().next().unwrap().endpoints.len(), 4);
+        // A family the Service lacks brings no time.
+        let snap = build("[IPv4]");
+        let want = TriggerTimes([at(1_740_823_205, 250), None]);
+        assert!(snap.services.values().all(|e| e.triggers == want));
     }
 
     #[test]

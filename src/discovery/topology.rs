@@ -34,6 +34,7 @@ pub fn entry(port: ServicePort, endpoints: Vec<Endpoint>, node: &NodeInfo) -> Se
         port,
         endpoints,
         choice,
+        triggers: Default::default(),
     }
 }
 

@@ -66,6 +66,8 @@ pub struct SyncStats {
     pub last_sync: Option<SystemTime>,
     /// Duration of the last sync attempt.
     pub last_duration: Duration,
+    /// The family whose apply failed last (`0`: IPv4, `1`: IPv6).
+    pub failed_family: usize,
 }
 
 /// The rule manager: tools per family and what was last applied.
@@ -264,22 +266,27 @@ impl Iptables {
         let started = Instant::now();
         let result = self.sync_families(rules, detector, force).await;
         self.stats.last_duration = started.elapsed();
-        match &result {
+        match result {
             Ok(()) => {
                 self.stats.syncs += 1;
                 self.stats.last_sync = Some(SystemTime::now());
+                Ok(())
             }
-            Err(_) => self.stats.failures += 1,
+            Err((family, e)) => {
+                self.stats.failures += 1;
+                self.stats.failed_family = family;
+                Err(e)
+            }
         }
-        result
     }
 
+    /// [`Self::sync`]; an error comes with the index of its family.
     async fn sync_families(
         &mut self,
         rules: &Rules,
         detector: &Detector,
         force: bool,
-    ) -> Result<(), Error> {
+    ) -> Result<(), (usize, Error)> {
         let has_v6 = wants_v6(rules, self.bind);
         for (i, v6) in [(0, false), (1, true)] {
             let tool = if v6 {
@@ -290,13 +297,13 @@ impl Iptables {
             } else {
                 self.v4.clone()
             };
-            let saved = tool.save_ours().await?;
+            let saved = tool.save_ours().await.map_err(|e| (i, e))?;
             let jumps = render::find_jumps(&saved);
             let payload = render::render(rules, v6, self.bind, detector, &jumps);
             if !force && self.last[i].as_deref() == Some(payload.as_str()) {
                 continue;
             }
-            tool.restore(&payload).await?;
+            tool.restore(&payload).await.map_err(|e| (i, e))?;
             // What a re-render finds next time: the jumps exactly once.
             let settled = render::JumpState::settled();
             self.last[i] = Some(render::render(rules, v6, self.bind, detector, &settled));

@@ -266,7 +266,7 @@ pub fn snapshot(name: &str, endpoints: &[SocketAddr], affinity: Option<Affinity>
                 ..ServicePort::default()
             },
             endpoints: endpoints.iter().copied().map(endpoint).collect(),
-            choice: Default::default(),
+            ..ServiceEntry::default()
         },
     );
     recategorize(Snapshot {
