@@ -126,7 +126,9 @@ pub struct RunArgs {
     /// pods' interfaces.
     #[arg(long, default_value = "", value_name = "PREFIX")]
     pub pod_interface_name_prefix: String,
-    /// Address every listener binds to.
+    /// Address every listener binds to. `0.0.0.0` (the default) means every
+    /// address of both families: listeners bind `::` with IPv4 mapped in
+    /// when the kernel has IPv6.
     #[arg(long, default_value = "0.0.0.0")]
     pub bind_address: IpAddr,
     /// The node addresses nodePorts are served on (kube-proxy's): CIDRs,

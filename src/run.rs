@@ -102,7 +102,9 @@ fn proxy_config(args: &RunArgs, fd_limit: u64) -> ProxyConfig {
 /// Runs the proxy until SIGTERM/SIGINT: listeners close, rules are removed,
 /// open connections drain for `--shutdown-grace`; a second signal exits at
 /// once. With `--cleanup`, only removes rules.
-pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+pub async fn run(mut args: RunArgs) -> anyhow::Result<()> {
+    // Both families by default, as a cluster's service proxy must.
+    args.bind_address = crate::proxy::listener::listen_address(args.bind_address);
     if !nix::unistd::geteuid().is_root() {
         let passed = privileges::pass_to_children();
         tracing::info!(uid = %nix::unistd::geteuid(), capabilities = ?passed, "not root: capabilities passed on to iptables");
@@ -453,7 +455,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
 }
 
 /// `rules`: prints the payload for the discovery source, changes nothing.
-pub async fn rules(args: RunArgs) -> anyhow::Result<()> {
+pub async fn rules(mut args: RunArgs) -> anyhow::Result<()> {
+    args.bind_address = crate::proxy::listener::listen_address(args.bind_address);
     let snapshot = match discovery_source(&args).await? {
         Source::Manifests(source, options) => {
             let (snapshot, problems) =

@@ -373,6 +373,10 @@ fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
 pub fn bind_std(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     use socket2::{Domain, Protocol, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    if addr.ip().is_unspecified() && addr.is_ipv6() {
+        // `::` takes both families, as the service listeners do.
+        socket.set_only_v6(false)?;
+    }
     // As tokio's and std's bind do: a restart finds the port free.
     socket.set_reuse_address(true)?;
     socket.bind(&addr.into())?;

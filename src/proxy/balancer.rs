@@ -246,6 +246,10 @@ struct EndpointSet {
     /// The ones eligible for new connections: ready ones, else serving ones
     /// (e.g. terminating but still serving), else none.
     usable: Vec<Arc<Backend>>,
+    /// `usable` by IP family (`[IPv4, IPv6]`): a connection only ever goes
+    /// to an endpoint of its own family, as upstream's one proxier per
+    /// family.
+    by_family: [Vec<Arc<Backend>>; 2],
 }
 
 #[derive(Debug)]
@@ -345,9 +349,18 @@ impl Balancer {
                 .clients
                 .retain(|_, (addr, _)| usable.iter().any(|b| b.addr == *addr));
         }
+        let of = |v6: bool| -> Vec<Arc<Backend>> {
+            usable
+                .iter()
+                .filter(|b| b.addr.ip().is_ipv6() == v6)
+                .cloned()
+                .collect()
+        };
+        let by_family = [of(false), of(true)];
         self.set.store(Arc::new(EndpointSet {
             all: all.to_vec(),
             usable,
+            by_family,
         }));
     }
 
@@ -402,24 +415,26 @@ impl Balancer {
     /// Affinity applies to the first attempt only, as upstream, and wins
     /// over the scheduler. Preference: untried and healthy, then
     /// untried but ejected (every endpoint ejected), then tried ones (fewer
-    /// endpoints than attempts). `None` only when no endpoint is usable.
+    /// endpoints than attempts). Only endpoints of the client's IP family
+    /// are candidates (an IPv4-mapped client is IPv4). `None` when no
+    /// endpoint of the family is usable.
     pub fn pick(&self, client: IpAddr, tried: &[SocketAddr]) -> Option<Arc<Backend>> {
         let set = self.set.load();
-        let n = set.usable.len();
-        if n == 0 {
+        let usable = &set.by_family[usize::from(client.to_canonical().is_ipv6())];
+        if usable.is_empty() {
             return None;
         }
         let now = now_ms();
         let sched = self.scheduler.load(Relaxed);
         if !self.has_affinity.load(Relaxed) {
-            return self.schedule(sched, &set.usable, client, tried, now);
+            return self.schedule(sched, usable, client, tried, now);
         }
         let mut affinity = self.affinity.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(table) = affinity.as_mut() {
             if tried.is_empty() {
                 if let Some((addr, last)) = table.clients.get_mut(&client) {
                     if last.elapsed() < table.timeout {
-                        let hit = set.usable.iter().find(|b| b.addr == *addr);
+                        let hit = usable.iter().find(|b| b.addr == *addr);
                         if let Some(b) = hit.filter(|b| !b.is_ejected(now)) {
                             *last = Instant::now();
                             return Some(Arc::clone(b));
@@ -429,9 +444,9 @@ impl Balancer {
             }
         } else {
             drop(affinity);
-            return self.schedule(sched, &set.usable, client, tried, now);
+            return self.schedule(sched, usable, client, tried, now);
         }
-        let chosen = self.schedule(sched, &set.usable, client, tried, now)?;
+        let chosen = self.schedule(sched, usable, client, tried, now)?;
         if let Some(table) = affinity.as_mut() {
             table.clients.insert(client, (chosen.addr, Instant::now()));
         }

@@ -44,6 +44,27 @@ pub const GROW_WINDOW: Duration = Duration::from_secs(1);
 /// concurrently; the kernel caps it at `net.core.somaxconn`.
 pub const BACKLOG: i32 = 4096;
 
+/// Where listeners bind for `--bind-address`: `0.0.0.0` (the default, and
+/// kubeadm's `bindAddress`) means every address of both families, so `::`
+/// with IPv4 mapped in, when the kernel has IPv6; any other address is
+/// itself.
+pub fn listen_address(bind: std::net::IpAddr) -> std::net::IpAddr {
+    let any6 = std::net::IpAddr::from([0u16; 8]);
+    if bind != std::net::IpAddr::from([0u8; 4]) {
+        return bind;
+    }
+    let dual = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::STREAM, None)
+        .and_then(|s| {
+            s.set_only_v6(false)?;
+            s.bind(&SocketAddr::new(any6, 0).into())
+        });
+    if dual.is_ok() {
+        any6
+    } else {
+        bind
+    }
+}
+
 /// Binds a TCP listening socket (SO_REUSEADDR, SO_REUSEPORT, TCP_NODELAY,
 /// non-blocking) for a service port; a busy port binds one more to the
 /// same port per extra worker.
@@ -510,6 +531,8 @@ async fn accept_loop(group: Arc<Group>, listener: Arc<Listening>, here: usize, g
                 let Some(peer) = addr.as_socket() else {
                     continue;
                 };
+                // An IPv4 client of a dual-stack socket, as itself.
+                let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
                 if !group.grown.load(Relaxed) && rate.busy() {
                     group.grow();
                 }
