@@ -658,6 +658,31 @@ mod tests {
         IpAddr::from([10, 0, 0, n])
     }
 
+    /// Upstream keeps one proxier per IP family: a connection only goes to
+    /// endpoints of its own family (an IPv4-mapped client is IPv4), and a
+    /// family without endpoints has none to pick.
+    #[test]
+    fn each_family_picks_its_own_endpoints() {
+        let b = Balancer::default();
+        let v6 = Endpoint {
+            addr: "[fd00::2]:80".parse().unwrap(),
+            ..ep(80, true, true)
+        };
+        b.update(&[ep(1, true, true), v6.clone()], None);
+        let mapped: IpAddr = "::ffff:10.0.0.1".parse().unwrap();
+        for _ in 0..4 {
+            assert_eq!(b.pick(client(1), &[]).unwrap().addr.port(), 1);
+            assert_eq!(b.pick(mapped, &[]).unwrap().addr.port(), 1);
+            assert_eq!(
+                b.pick("fd00::9".parse().unwrap(), &[]).unwrap().addr,
+                v6.addr
+            );
+        }
+        b.update(&[ep(1, true, true)], None);
+        assert!(b.pick("fd00::9".parse().unwrap(), &[]).is_none());
+        assert_eq!(b.usable_len(), 1);
+    }
+
     #[test]
     fn round_robin_is_exact() {
         let b = Balancer::default();

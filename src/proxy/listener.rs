@@ -53,8 +53,8 @@ pub fn listen_address(bind: std::net::IpAddr) -> std::net::IpAddr {
     if bind != std::net::IpAddr::from([0u8; 4]) {
         return bind;
     }
-    let dual = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::STREAM, None)
-        .and_then(|s| {
+    let dual =
+        socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::STREAM, None).and_then(|s| {
             s.set_only_v6(false)?;
             s.bind(&SocketAddr::new(any6, 0).into())
         });
