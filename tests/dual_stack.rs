@@ -44,19 +44,13 @@ apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
 metadata: {name: both-6, namespace: ns, labels: {kubernetes.io/service-name: both}}\n\
 addressType: IPv6\nports: [{name: http, port: 8080}]\nendpoints: [{addresses: [\"fd00:239:1::2\"]}]\n";
 
-/// The node's end of the link to `ns` holding `ip`.
-fn link_of(node: &Netns, ip: &str) -> String {
-    let out = node.run(&["ip", "-o", "addr", "show", "to", ip]);
-    out.split_whitespace().nth(1).unwrap().to_string()
-}
-
 #[test]
 fn both_families_are_served_with_default_flags_each_to_its_own_endpoints() {
     require_root_and_tools(TEST);
     require_tools(TEST, &["ip6tables-save", "ip6tables-restore"], "iptables");
     let (node, pod, pod_if) = node_and_pod("ds", "10.239.1");
     // IPv6 on the pod link, the pod routed through the node.
-    let node_if = link_of(&node, "10.239.1.1");
+    let node_if = node.link_of("10.239.1.1");
     node.run(&[
         "ip",
         "-6",

@@ -533,12 +533,8 @@ fn node_port_addresses_limit_node_ports_and_health_checks() {
     require_root_and_tools("node_port_addresses_limit_node_ports_and_health_checks");
     let (node, ext, node_ip) = lab("npa", "10.237.6");
     // A second node address on the same link, outside the list.
-    let dev = node.run(&[
-        "sh",
-        "-c",
-        "ip -o -4 addr show to 10.237.6.1 | cut -d' ' -f2",
-    ]);
-    node.run(&["ip", "addr", "add", "10.237.6.3/24", "dev", dev.trim()]);
+    let dev = node.link_of("10.237.6.1");
+    node.run(&["ip", "addr", "add", "10.237.6.3/24", "dev", &dev]);
     let dir = tempfile::tempdir().unwrap();
     write(dir.path(), "svc.yaml", &service(32500, "Local"));
     write(

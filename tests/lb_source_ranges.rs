@@ -23,12 +23,14 @@ const LB6: &str = "fd00:198::20";
 /// An ingress in `ipMode: Proxy`: never captured.
 const LB_PROXIED: &str = "198.18.0.21";
 
-/// The LoadBalancer Service `ns/lb` with `ranges` (YAML flow items) and its
-/// backend in the pod namespace.
+/// The dual-stack LoadBalancer Service `ns/lb` with `ranges` (YAML flow
+/// items) and its backend of each family in the pod namespace (each
+/// family's traffic goes to endpoints of its own, as upstream's).
 fn manifest(ranges: &str) -> String {
     format!(
         "apiVersion: v1\nkind: Service\nmetadata: {{name: lb, namespace: ns}}\n\
-         spec:\n  type: LoadBalancer\n  clusterIP: 10.96.0.70\n\
+         spec:\n  type: LoadBalancer\n  clusterIPs: [10.96.0.70, \"fd00:96::70\"]\n\
+         \x20 ipFamilies: [IPv4, IPv6]\n  ipFamilyPolicy: RequireDualStack\n\
          \x20 loadBalancerSourceRanges: [{ranges}]\n\
          \x20 ports: [{{name: http, port: 80, nodePort: 30100}}]\n\
          status:\n  loadBalancer:\n    ingress:\n\
@@ -39,7 +41,12 @@ fn manifest(ranges: &str) -> String {
          apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
          metadata: {{name: lb-1, namespace: ns, labels: {{kubernetes.io/service-name: lb}}}}\n\
          addressType: IPv4\nports: [{{name: http, port: 8080}}]\n\
-         endpoints: [{{addresses: [\"10.237.1.2\"]}}]\n"
+         endpoints: [{{addresses: [\"10.237.1.2\"]}}]\n\
+         ---\n\
+         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+         metadata: {{name: lb-2, namespace: ns, labels: {{kubernetes.io/service-name: lb}}}}\n\
+         addressType: IPv6\nports: [{{name: http, port: 8080}}]\n\
+         endpoints: [{{addresses: [\"fd00:237:1::2\"]}}]\n"
     )
 }
 
@@ -57,7 +64,38 @@ fn source_ranges_admit_listed_clients_and_drop_the_others_on_both_families() {
     const TEST: &str = "source_ranges_admit_listed_clients_and_drop_the_others_on_both_families";
     require_root_and_tools(TEST);
     require_tools(TEST, &["ip6tables-save", "ip6tables-restore"], "iptables");
-    let (node, pod, _) = node_and_pod("lbr", "10.237.1");
+    let (node, pod, pod_if) = node_and_pod("lbr", "10.237.1");
+    // IPv6 on the pod link too, for the IPv6 backend.
+    let node_if = node.link_of("10.237.1.1");
+    node.run(&[
+        "ip",
+        "-6",
+        "addr",
+        "add",
+        "fd00:237:1::1/64",
+        "dev",
+        &node_if,
+        "nodad",
+    ]);
+    pod.run(&[
+        "ip",
+        "-6",
+        "addr",
+        "add",
+        "fd00:237:1::2/64",
+        "dev",
+        &pod_if,
+        "nodad",
+    ]);
+    pod.run(&[
+        "ip",
+        "-6",
+        "route",
+        "add",
+        "default",
+        "via",
+        "fd00:237:1::1",
+    ]);
     let (allowed, _) = external_client(&node, "10.237.2", Some("fd00:237:2"));
     let (refused, refused_gw) = external_client(&node, "10.237.3", Some("fd00:237:3"));
     // The node holds the LB IPs: without our DROP, a client the ranges
@@ -73,6 +111,7 @@ fn source_ranges_admit_listed_clients_and_drop_the_others_on_both_families() {
         "lo",
     ]);
     pod.name_backend(at("10.237.1.2", 8080), "backend");
+    pod.name_backend(at("fd00:237:1::2", 8080), "backend");
 
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("lb.yaml");

@@ -73,6 +73,10 @@ pub const MAX_HEADER_BYTES: usize = 16 * 1024;
 /// Largest request body accepted: no route reads one (all are GET-only).
 pub const MAX_BODY_BYTES: usize = 4 * 1024;
 
+/// How long a connection accepted just before its listener stops may take
+/// to send its request (a probe sends it with the connect).
+const STOP_GRACE: Duration = Duration::from_millis(200);
+
 /// Accept queue of each admin listener (the kernel caps it at
 /// `net.core.somaxconn`, 4096 by default). Queued connections cost no fd;
 /// when the queue overflows, the kernel drops SYNs, and a probe caught in
@@ -500,7 +504,12 @@ async fn serve_connection(
             .keep_alive(true)
             .serve_connection(TokioIo::new(stream), service);
         tokio::pin!(conn);
-        let mut stopping = false;
+        // Once stopped: when to end gracefully (hyper answers the request
+        // in flight, then closes). A connection accepted just before the
+        // stop gets `STOP_GRACE` for its request first: hyper would take
+        // it for idle and close it unanswered.
+        let mut stop_at: Option<Instant> = None;
+        let mut stopped = false;
         loop {
             let (phase, deadline) = registry.deadline(slot);
             let first_read = std::future::poll_fn(|cx| {
@@ -518,9 +527,13 @@ async fn serve_connection(
                     break;
                 }
                 _ = slot.close.cancelled() => break,
-                _ = stop.cancelled(), if !stopping => {
+                _ = stop.cancelled(), if stop_at.is_none() => {
+                    let unread = slot.requests.load(Relaxed) == 0;
+                    stop_at = Some(Instant::now() + if unread { STOP_GRACE } else { Duration::ZERO });
+                }
+                _ = tokio::time::sleep_until(stop_at.unwrap_or_else(Instant::now)), if stop_at.is_some() && !stopped => {
                     conn.as_mut().graceful_shutdown();
-                    stopping = true;
+                    stopped = true;
                 }
                 _ = tokio::time::sleep_until(deadline) => {
                     // The phase may have moved on meanwhile: re-check.

@@ -111,6 +111,15 @@ impl Netns {
         .unwrap()
     }
 
+    /// The interface inside holding address `ip`.
+    pub fn link_of(&self, ip: &str) -> String {
+        let out = self.run(&["ip", "-o", "addr", "show", "to", ip]);
+        out.split_whitespace()
+            .nth(1)
+            .unwrap_or_else(|| panic!("no interface holds {ip} in {}", self.name))
+            .to_string()
+    }
+
     /// `iptables-save -t nat` inside.
     pub fn nat(&self) -> String {
         self.run(&["iptables-save", "-t", "nat"])
