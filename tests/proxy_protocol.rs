@@ -106,7 +106,13 @@ fn parse_header(buf: &[u8]) -> Result<(Header, usize), String> {
 /// header; it answers `"{header:?}|{rest of that first read}\n"` (or
 /// `"error: ...\n"`), then echoes everything else.
 async fn pp_backend() -> SocketAddr {
-    let (l, a) = listener().await;
+    pp_backend_on("127.0.0.1:0").await
+}
+
+/// [`pp_backend`] bound on `bind`.
+async fn pp_backend_on(bind: &str) -> SocketAddr {
+    let l = tokio::net::TcpListener::bind(bind).await.unwrap();
+    let a = l.local_addr().unwrap();
     tokio::spawn(async move {
         while let Ok((mut s, _)) = l.accept().await {
             tokio::spawn(async move {
@@ -130,8 +136,8 @@ async fn pp_backend() -> SocketAddr {
     a
 }
 
-fn pp_snapshot(name: &str, backend: SocketAddr, v: ProxyProtocol) -> Snapshot {
-    let mut snap = snapshot(name, &[backend], None);
+fn pp_snapshot(name: &str, backends: &[SocketAddr], v: ProxyProtocol) -> Snapshot {
+    let mut snap = snapshot(name, backends, None);
     for e in snap.services.values_mut() {
         e.port.proxy_protocol = Setting::Set(v);
     }
@@ -159,7 +165,7 @@ async fn backend_sees_client_address_and_port_in_v1_and_v2_with_the_first_bytes(
     for mode in [CopyMode::Splice, CopyMode::Copy] {
         for v in [ProxyProtocol::V1, ProxyProtocol::V2] {
             let mut p = proxier(mode);
-            let addr = serve(&mut p, &pp_snapshot("pp", backend, v), "pp");
+            let addr = serve(&mut p, &pp_snapshot("pp", &[backend], v), "pp");
             let sock = TcpSocket::new_v4().unwrap();
             sock.bind("127.0.0.7:0".parse().unwrap()).unwrap();
             let mut c = sock.connect(addr).await.unwrap();
@@ -225,7 +231,11 @@ async fn a_silent_client_still_gets_the_header_to_the_backend() {
     // wait, and the backend's greeting reaches the client.
     let backend = pp_backend().await;
     let mut p = proxier(CopyMode::Splice);
-    let addr = serve(&mut p, &pp_snapshot("pp", backend, ProxyProtocol::V2), "pp");
+    let addr = serve(
+        &mut p,
+        &pp_snapshot("pp", &[backend], ProxyProtocol::V2),
+        "pp",
+    );
     let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
     let me = c.local_addr().unwrap();
     let t = Instant::now();
@@ -382,14 +392,15 @@ fn behind_the_redirect_the_header_names_the_cluster_ip_the_client_dialled() {
 #[tokio::test]
 async fn ipv6_clients_get_a_tcp6_header_and_ipv4_ones_on_a_dual_stack_listener_tcp4() {
     use kube_userspace_proxy::proxy::{Proxier, ProxyConfig};
-    let backend = pp_backend().await;
+    // One backend per family: each client goes to its own family's.
+    let backends = [pp_backend().await, pp_backend_on("[::1]:0").await];
     for v in [ProxyProtocol::V1, ProxyProtocol::V2] {
         let mut p = Proxier::new(ProxyConfig {
             bind_address: "::".parse().unwrap(),
             dial_timeouts: FAST_TIMEOUTS.to_vec(),
             ..ProxyConfig::default()
         });
-        p.sync(&pp_snapshot("pp6", backend, v));
+        p.sync(&pp_snapshot("pp6", &backends, v));
         let port = p.listener_port(&svc_name("pp6")).unwrap();
         let version = if v == ProxyProtocol::V1 { 1 } else { 2 };
         for target in ["[::1]", "127.0.0.1"] {
