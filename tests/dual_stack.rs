@@ -13,7 +13,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use common::lab::{external_client, require_root_and_tools, tcp, Proxy, Seen};
-use common::netns::{node_and_pod, require_tools, wait_for, Netns};
+use common::netns::{node_and_pod, pod_ipv6, require_tools, wait_for, Netns};
 
 const TEST: &str = "both_families_are_served_with_default_flags_each_to_its_own_endpoints";
 
@@ -50,36 +50,7 @@ fn both_families_are_served_with_default_flags_each_to_its_own_endpoints() {
     require_tools(TEST, &["ip6tables-save", "ip6tables-restore"], "iptables");
     let (node, pod, pod_if) = node_and_pod("ds", "10.239.1");
     // IPv6 on the pod link, the pod routed through the node.
-    let node_if = node.link_of("10.239.1.1");
-    node.run(&[
-        "ip",
-        "-6",
-        "addr",
-        "add",
-        "fd00:239:1::1/64",
-        "dev",
-        &node_if,
-        "nodad",
-    ]);
-    pod.run(&[
-        "ip",
-        "-6",
-        "addr",
-        "add",
-        "fd00:239:1::2/64",
-        "dev",
-        &pod_if,
-        "nodad",
-    ]);
-    pod.run(&[
-        "ip",
-        "-6",
-        "route",
-        "add",
-        "default",
-        "via",
-        "fd00:239:1::1",
-    ]);
+    pod_ipv6(&node, &pod, &pod_if, "10.239.1", "fd00:239:1");
     let (ext, _) = external_client(&node, "10.239.2", Some("fd00:239:2"));
     // The IPv6 service range is routed, as a real node's default route would.
     node.run(&[

@@ -16,7 +16,7 @@ use std::time::Duration;
 use common::lab::{
     count, debug_services, external_client, packets, require_root_and_tools, tcp, Proxy, Seen,
 };
-use common::netns::{node_and_pod, require_tools, wait_for, Netns};
+use common::netns::{node_and_pod, pod_ipv6, require_tools, wait_for, Netns};
 
 const LB4: &str = "198.18.0.20";
 const LB6: &str = "fd00:198::20";
@@ -66,36 +66,7 @@ fn source_ranges_admit_listed_clients_and_drop_the_others_on_both_families() {
     require_tools(TEST, &["ip6tables-save", "ip6tables-restore"], "iptables");
     let (node, pod, pod_if) = node_and_pod("lbr", "10.237.1");
     // IPv6 on the pod link too, for the IPv6 backend.
-    let node_if = node.link_of("10.237.1.1");
-    node.run(&[
-        "ip",
-        "-6",
-        "addr",
-        "add",
-        "fd00:237:1::1/64",
-        "dev",
-        &node_if,
-        "nodad",
-    ]);
-    pod.run(&[
-        "ip",
-        "-6",
-        "addr",
-        "add",
-        "fd00:237:1::2/64",
-        "dev",
-        &pod_if,
-        "nodad",
-    ]);
-    pod.run(&[
-        "ip",
-        "-6",
-        "route",
-        "add",
-        "default",
-        "via",
-        "fd00:237:1::1",
-    ]);
+    pod_ipv6(&node, &pod, &pod_if, "10.237.1", "fd00:237:1");
     let (allowed, _) = external_client(&node, "10.237.2", Some("fd00:237:2"));
     let (refused, refused_gw) = external_client(&node, "10.237.3", Some("fd00:237:3"));
     // The node holds the LB IPs: without our DROP, a client the ranges

@@ -230,3 +230,16 @@ pub fn node_and_pod(tag: &str, subnet: &str) -> (Netns, Netns, String) {
     node.run(&["ip", "route", "add", "10.96.0.0/16", "dev", &node_if]);
     (node, pod, pod_if)
 }
+
+/// IPv6 on the link [`node_and_pod`] made on `subnet` ("10.234.1"): the
+/// node `{subnet6}::1`, the pod `{subnet6}::2` (`/64`, no duplicate address
+/// detection), the pod routed through the node.
+pub fn pod_ipv6(node: &Netns, pod: &Netns, pod_if: &str, subnet: &str, subnet6: &str) {
+    let node_if = node.link_of(&format!("{subnet}.1"));
+    for (ns, dev, host) in [(node, node_if.as_str(), 1), (pod, pod_if, 2)] {
+        let addr = format!("{subnet6}::{host}/64");
+        ns.run(&["ip", "-6", "addr", "add", &addr, "dev", dev, "nodad"]);
+    }
+    let via = format!("{subnet6}::1");
+    pod.run(&["ip", "-6", "route", "add", "default", "via", &via]);
+}
