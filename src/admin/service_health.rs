@@ -270,7 +270,7 @@ impl Server {
     }
 
     /// Stops every port; the probes being answered get their answer
-    /// (waited for, at most [`CLOSE_GRACE`]).
+    /// (waited for, at most `CLOSE_GRACE`, 1 s).
     pub async fn close(&mut self) {
         self.stop.cancel();
         self.instances.clear();
@@ -325,20 +325,22 @@ fn open(
     let service = format!("{}/{}", inst.probe.namespace, inst.probe.name);
     let addr = SocketAddr::new(bind_ip, inst.port);
     let no_fds = || "the fd limit holds no more listeners".to_string();
-    let socket = match adopted.filter(|(port, _)| *port == inst.port) {
-        // Open already: counted even beyond the budget.
-        Some((_, socket)) => Ok((socket, fds.take_held(FDS_PER_PORT))),
-        None => fds
-            .try_take_listener_fds(FDS_PER_PORT)
-            .ok_or_else(no_fds)
-            .and_then(|lease| {
-                serve::bind_std(addr)
-                    .map(|s| (s, lease))
-                    .map_err(|e| format!("cannot listen on {addr}: {e}"))
-            }),
-    };
-    let served = socket.and_then(|(socket, lease)| {
-        let pool = pool.ok_or_else(no_fds)?;
+    // Without the pool's fds nothing is bound (an adopted socket closes).
+    let socket = pool.ok_or_else(no_fds).and_then(|pool| {
+        match adopted.filter(|(port, _)| *port == inst.port) {
+            // Open already: counted even beyond the budget.
+            Some((_, socket)) => Ok((pool, socket, fds.take_held(FDS_PER_PORT))),
+            None => fds
+                .try_take_listener_fds(FDS_PER_PORT)
+                .ok_or_else(no_fds)
+                .and_then(|lease| {
+                    serve::bind_std(addr)
+                        .map(|s| (pool, s, lease))
+                        .map_err(|e| format!("cannot listen on {addr}: {e}"))
+                }),
+        }
+    });
+    let served = socket.and_then(|(pool, socket, lease)| {
         let socket =
             Arc::new(tokio::net::TcpListener::from_std(socket).map_err(|e| e.to_string())?);
         let router = Router::new()
