@@ -605,6 +605,7 @@ async fn finish_half_closed(
     loop {
         let seen = flow.bytes();
         tokio::select! {
+            biased;
             r = &mut rest => return r,
             _ = tokio::time::sleep(fin_timeout) => {
                 if flow.bytes() == seen {

@@ -10,6 +10,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::io::Interest;
 use tokio::net::TcpStream;
 
 use super::balancer::{Backend, Balancer};
@@ -124,9 +125,30 @@ impl Drop for InFlight<'_> {
     }
 }
 
+/// One non-blocking connect to `addr` within `timeout`, `TCP_NODELAY` set
+/// before the SYN. tokio's `TcpStream::connect` asks `SO_ERROR` after
+/// every connect; here the first event says it: writable alone is
+/// established, and only an error or hang-up (a refused or unreachable
+/// dial) costs the `getsockopt` that names the errno.
 async fn connect_once(addr: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
-    match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
-        Ok(r) => r,
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM.nonblocking(),
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.set_tcp_nodelay(true)?;
+    match socket.connect(&addr.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Err(e),
+    }
+    let stream = TcpStream::from_std(socket.into())?;
+    match tokio::time::timeout(timeout, stream.ready(Interest::WRITABLE)).await {
+        Ok(Ok(ready)) if !ready.is_error() && !ready.is_write_closed() => Ok(stream),
+        Ok(Ok(_)) => Err(stream
+            .take_error()?
+            .unwrap_or_else(|| io::Error::from_raw_os_error(libc::ECONNRESET))),
+        Ok(Err(e)) => Err(e),
         Err(_) => Err(io::Error::from_raw_os_error(libc::ETIMEDOUT)),
     }
 }
@@ -178,7 +200,6 @@ pub async fn dial(
                 stats.connect_latency.observe(started.elapsed());
                 backend.observe_connect(attempt_started.elapsed());
                 balancer.report_success(&backend);
-                let _ = stream.set_nodelay(true);
                 return Ok(Dialed { stream, backend });
             }
             Err(e) => {

@@ -67,8 +67,11 @@ async fn serve(client: TcpStream, peer: SocketAddr, service: Arc<Service>, ctx: 
     .await;
     match dialed {
         Ok(connect::Dialed { stream, backend }) => {
-            if let Err(e) = set_keepalive(&stream, ctx.config.tcp_keepalive.as_ref()) {
-                tracing::debug!(service = %service.name, error = %e, "cannot set TCP keepalive on the backend socket");
+            // A new socket has keepalive off: only turning it on costs a syscall.
+            if let Some(k) = &ctx.config.tcp_keepalive {
+                if let Err(e) = set_keepalive(&stream, Some(k)) {
+                    tracing::debug!(service = %service.name, error = %e, "cannot set TCP keepalive on the backend socket");
+                }
             }
             let conn = Connection::new(client, stream, peer, Arc::clone(&service), backend);
             // The PROXY header, when the service wants one, precedes any client byte.
