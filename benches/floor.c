@@ -8,9 +8,11 @@
  * proxy costs above this row is its own work; what this row costs is the
  * kernel's (loopback TCP, wake-ups, epoll).
  *
- * Usage: floor PORT THREADS
- *   forwards 127.0.0.1:PORT   -> 127.0.0.1:18080 (the bench's HTTP backend)
- *   and      127.0.0.1:PORT+1 -> 127.0.0.1:15201 (its iperf3 backend)
+ * Usage: floor PORT THREADS [LISTEN BACKEND]
+ *   forwards LISTEN:PORT   -> BACKEND:18080 (the bench's HTTP backend),
+ *            LISTEN:PORT+1 -> BACKEND:15201 (its iperf3 backend)
+ *   and      LISTEN:PORT+2 -> BACKEND:16379 (its redis backend);
+ *   LISTEN and BACKEND are IPv4 addresses, 127.0.0.1 both by default.
  * Build: cc -O2 -pthread -o floor benches/floor.c
  */
 #define _GNU_SOURCE
@@ -27,8 +29,10 @@
 #include <unistd.h>
 
 #define CHUNK 16384
-static const int BACKENDS[2] = {18080, 15201};
+#define NPORTS 3
+static const int BACKENDS[NPORTS] = {18080, 15201, 16379};
 static int port;
+static struct in_addr listen_ip, backend_ip;
 
 /* One proxied connection: fd[0] the client, fd[1] the backend. Direction d
  * reads fd[d] and writes fd[!d]; what fd[!d] did not take waits in pend[d]. */
@@ -99,7 +103,7 @@ static void pump(struct conn *c, int d) {
 static int listen_on(int p) {
     int s = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0), one = 1;
     struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons(p)};
-    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    a.sin_addr = listen_ip;
     setsockopt(s, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
     setsockopt(s, SOL_SOCKET, SO_REUSEPORT, &one, sizeof one);
     setsockopt(s, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
@@ -112,7 +116,7 @@ static int listen_on(int p) {
 
 static void accept_all(int ep, int ls, int backend) {
     struct sockaddr_in b = {.sin_family = AF_INET, .sin_port = htons(backend)};
-    b.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    b.sin_addr = backend_ip;
     int one = 1;
     for (;;) {
         int c = accept4(ls, NULL, NULL, SOCK_NONBLOCK);
@@ -137,8 +141,8 @@ static void accept_all(int ep, int ls, int backend) {
 
 static void *worker(void *arg) {
     (void)arg;
-    int ep = epoll_create1(0), ls[2];
-    for (int i = 0; i < 2; i++) {
+    int ep = epoll_create1(0), ls[NPORTS];
+    for (int i = 0; i < NPORTS; i++) {
         ls[i] = listen_on(port + i);
         /* listeners carry a small integer, never a (16-byte aligned) conn */
         struct epoll_event ev = {.events = EPOLLIN, .data.u64 = 2 + i};
@@ -149,7 +153,7 @@ static void *worker(void *arg) {
         int n = epoll_wait(ep, evs, 256, -1);
         for (int i = 0; i < n; i++) {
             unsigned long v = evs[i].data.u64;
-            if (v == 2 || v == 3) {
+            if (v >= 2 && v < 2 + NPORTS) {
                 accept_all(ep, ls[v - 2], BACKENDS[v - 2]);
                 continue;
             }
@@ -172,8 +176,11 @@ static void *worker(void *arg) {
 }
 
 int main(int argc, char **argv) {
-    if (argc != 3) {
-        fprintf(stderr, "usage: floor PORT THREADS\n");
+    listen_ip.s_addr = backend_ip.s_addr = htonl(INADDR_LOOPBACK);
+    if ((argc != 3 && argc != 5) ||
+        (argc == 5 && (inet_pton(AF_INET, argv[3], &listen_ip) != 1 ||
+                       inet_pton(AF_INET, argv[4], &backend_ip) != 1))) {
+        fprintf(stderr, "usage: floor PORT THREADS [LISTEN BACKEND]\n");
         return 2;
     }
     port = atoi(argv[1]);

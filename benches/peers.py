@@ -1,15 +1,20 @@
 #!/usr/bin/env python3
-"""Side by side on loopback: HAProxy, nginx stream, socat and our proxy.
+"""Side by side: HAProxy, nginx stream, socat, the floor and our proxy.
 
 Run through `benches/peers.sh`, which installs the peers, builds the
 release binary and passes the kube-userspace-proxy targets as arguments:
 
     NAME=PORT=COMMAND   a proxy started by this script (stopped at the end)
-                        forwarding PORT to the HTTP backend and PORT+1 to
-                        the iperf3 backend.
+                        forwarding PORT to the HTTP backend, PORT+1 to the
+                        iperf3 backend and PORT+2 to the redis backend.
 
-Backends, all on 127.0.0.1: nginx answering "ok" to every request (HTTP
-port 18080) and an iperf3 server (15201).
+Backends: nginx answering "ok" to every request (HTTP port 18080), an
+iperf3 server (15201) and redis-server (16379, no persistence; the one key
+redis-benchmark's GET reads is set beforehand, so every GET is a hit).
+Peers listen on PORT..PORT+2 of BENCH_LISTEN, backends on BENCH_BACKEND
+(both 127.0.0.1 by default). With BENCH_NS=CLIENT,PROXY,BACKEND (set by
+`BENCH_NETNS=1 benches/peers.sh`, which creates those network namespaces)
+clients run in the first, proxies in the second and backends in the third.
 
 Workloads, interleaved across targets each round, medians reported:
   keepalive   wrk, CONNS keep-alive connections: requests/s, p99
@@ -17,20 +22,24 @@ Workloads, interleaved across targets each round, medians reported:
   pipelined   wrk, CONNS connections each keeping DEPTH requests in flight
               (replies coalesce): requests/s
   bulk1/4     iperf3 with 1 and 4 streams: Gbit/s
-For every wrk workload the proxy's CPU time (user + system of its whole
-process group, from /proc) is divided by the requests served: CPU µs per
-request, the proxy's cost on a node whose CPUs it shares with workloads.
+  redis       redis-benchmark GET, CONNS clients, one request in flight each
+              (P1) and DEPTH (pipelined by a real client): requests/s; the
+              request count is sized from the previous run on that target to
+              last about SECONDS (a first, uncounted run calibrates)
+For every wrk and redis workload the proxy's CPU time (user + system of its
+whole process group, from /proc) is divided by the requests served: CPU µs
+per request, the proxy's cost on a node whose CPUs it shares with workloads.
 
 Environment: BENCH_SECONDS (4), BENCH_ROUNDS (3), BENCH_CONNS (32),
 BENCH_DEPTH (16), BENCH_JSON (where to write the medians as JSON),
 BENCH_ONLY (comma-separated target names to keep).
 """
+import csv
 import json
 import os
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -39,10 +48,21 @@ import time
 
 HTTP = 18080
 IPERF = 15201
+REDIS = 16379
+# redis-benchmark without -r reads this very key on every GET.
+REDIS_KEY = "key:__rand_int__"
 SECONDS = int(os.environ.get("BENCH_SECONDS", "4"))
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
 CONNS = int(os.environ.get("BENCH_CONNS", "32"))
 DEPTH = int(os.environ.get("BENCH_DEPTH", "16"))
+LISTEN = os.environ.get("BENCH_LISTEN", "127.0.0.1")
+BACKEND = os.environ.get("BENCH_BACKEND", "127.0.0.1")
+if os.environ.get("BENCH_NS"):
+    CLIENT_NS, PROXY_NS, BACKEND_NS = os.environ["BENCH_NS"].split(",")
+elif os.environ.get("BENCH_NETNS") == "1":
+    sys.exit("BENCH_NETNS=1: run benches/peers.sh, which creates the namespaces")
+else:
+    CLIENT_NS = PROXY_NS = BACKEND_NS = None
 
 # Columns: (key, heading, lower is better)
 COLUMNS = [
@@ -56,6 +76,10 @@ COLUMNS = [
     ("pipelined_cpu_us", "CPU µs/req pipelined", True),
     ("bulk1_gbps", "bulk 1 Gbit/s", False),
     ("bulk4_gbps", "bulk 4 Gbit/s", False),
+    ("redis1_rps", "redis GET/s P1", False),
+    ("redis1_cpu_us", "CPU µs/GET P1", True),
+    ("redisp_rps", f"redis GET/s P{DEPTH}", False),
+    ("redisp_cpu_us", f"CPU µs/GET P{DEPTH}", True),
 ]
 HAPROXY = ("haproxy", "haproxy-splice")
 
@@ -66,11 +90,14 @@ class Bench:
         self.procs = []
         self.groups = {}  # target name -> process group id of its proxy
         self.ports = {"direct": None}
+        self.redis_rate = {}  # (target, depth) -> GET/s of its last run
 
     # -- processes -------------------------------------------------------
-    def spawn(self, name, argv):
+    def spawn(self, name, argv, ns):
+        """Starts argv (a list, or a shell command line) in network namespace
+        ns, in a process group of its own: the group is the target's CPU."""
         log = open(os.path.join(self.dir, "stderr.log"), "a")
-        p = subprocess.Popen(argv, shell=isinstance(argv, str), stdout=subprocess.DEVNULL,
+        p = subprocess.Popen(in_ns(ns, argv), stdout=subprocess.DEVNULL,
                              stderr=log, start_new_session=True)
         self.procs.append(p)
         if name:
@@ -128,12 +155,20 @@ class Bench:
 daemon off; worker_processes 1; pid {self.dir}/backend.pid; error_log {self.dir}/backend.err;
 events {{ worker_connections 20000; }}
 http {{ access_log off; keepalive_requests 10000000;
-  server {{ listen 127.0.0.1:{HTTP} backlog=4096; location / {{ return 200 "ok"; }} }} }}
+  server {{ listen {BACKEND}:{HTTP} backlog=4096; location / {{ return 200 "ok"; }} }} }}
 """)
-        self.spawn(None, ["nginx", "-c", conf, "-p", self.dir])
-        self.spawn(None, ["iperf3", "-s", "-B", "127.0.0.1", "-p", str(IPERF)])
-        if not (wait_port(HTTP) and wait_port(IPERF)):
+        self.spawn(None, ["nginx", "-c", conf, "-p", self.dir], BACKEND_NS)
+        self.spawn(None, ["iperf3", "-s", "-B", BACKEND, "-p", str(IPERF)], BACKEND_NS)
+        self.spawn(None, ["redis-server", "--bind", BACKEND, "--port", str(REDIS), "--save", "",
+                          "--appendonly", "no", "--protected-mode", "no", "--dir", self.dir],
+                   BACKEND_NS)
+        if wait_ports(BACKEND, [HTTP, IPERF, REDIS]):
             sys.exit("backends did not start (see " + self.dir + "/stderr.log)")
+        self.redis_cli("SET", REDIS_KEY, "xxx")  # redis-benchmark's default 3-byte value
+
+    def redis_cli(self, *args):
+        return subprocess.run(in_ns(BACKEND_NS, ["redis-cli", "-h", BACKEND, "-p", str(REDIS), *args]),
+                              capture_output=True, text=True, check=True, timeout=10).stdout
 
     def peers(self, extra):
         if shutil.which("haproxy"):
@@ -149,22 +184,29 @@ defaults
   option redispatch
   SPLICE
 frontend http
-  bind 127.0.0.1:PORT0
+  bind {LISTEN}:PORT0
   default_backend http
 backend http
-  server s1 127.0.0.1:{HTTP}
+  server s1 {BACKEND}:{HTTP}
 frontend bulk
-  bind 127.0.0.1:PORT1
+  bind {LISTEN}:PORT1
   default_backend bulk
 backend bulk
-  server s1 127.0.0.1:{IPERF}
+  server s1 {BACKEND}:{IPERF}
+frontend redis
+  bind {LISTEN}:PORT2
+  default_backend redis
+backend redis
+  server s1 {BACKEND}:{REDIS}
 """
             # splice-auto: recv/send until reads fill a buffer (rarely splices on
             # loopback); the second row forces splice both ways.
-            for name, port, splice in [("haproxy", 28080, "option splice-auto"),
-                                       ("haproxy-splice", 28086, "option splice-request\n  option splice-response")]:
-                conf = base.replace("SPLICE", splice).replace("PORT0", str(port)).replace("PORT1", str(port + 1))
-                self.spawn(name, ["haproxy", "-f", self.file(name + ".cfg", conf)])
+            for name, port, splice in [("haproxy", 28100, "option splice-auto"),
+                                       ("haproxy-splice", 28110, "option splice-request\n  option splice-response")]:
+                conf = base.replace("SPLICE", splice)
+                for i in range(3):
+                    conf = conf.replace(f"PORT{i}", str(port + i))
+                self.spawn(name, ["haproxy", "-f", self.file(name + ".cfg", conf)], PROXY_NS)
                 self.ports[name] = port
         stream = "/usr/lib/nginx/modules/ngx_stream_module.so"
         if os.path.exists(stream) and os.environ.get("BENCH_NGINX", "1") == "1":
@@ -173,38 +215,41 @@ load_module {stream};
 daemon off; worker_processes auto; pid {self.dir}/stream.pid; error_log {self.dir}/stream.err;
 events {{ worker_connections 20000; }}
 stream {{
-  server {{ listen 127.0.0.1:28082 backlog=4096; proxy_pass 127.0.0.1:{HTTP}; }}
-  server {{ listen 127.0.0.1:28083; proxy_pass 127.0.0.1:{IPERF}; }}
+  server {{ listen {LISTEN}:28120 backlog=4096; proxy_pass {BACKEND}:{HTTP}; }}
+  server {{ listen {LISTEN}:28121; proxy_pass {BACKEND}:{IPERF}; }}
+  server {{ listen {LISTEN}:28122 backlog=4096; proxy_pass {BACKEND}:{REDIS}; }}
 }}
 """)
-            self.spawn("nginx-stream", ["nginx", "-c", conf, "-p", self.dir])
-            self.ports["nginx-stream"] = 28082
+            self.spawn("nginx-stream", ["nginx", "-c", conf, "-p", self.dir], PROXY_NS)
+            self.ports["nginx-stream"] = 28120
         if shutil.which("socat") and os.environ.get("BENCH_SOCAT", "1") == "1":
-            self.spawn("socat", f"socat TCP-LISTEN:28084,fork,reuseaddr,backlog=4096,bind=127.0.0.1 TCP:127.0.0.1:{HTTP}"
-                                f" & exec socat TCP-LISTEN:28085,fork,reuseaddr,bind=127.0.0.1 TCP:127.0.0.1:{IPERF}")
-            self.ports["socat"] = 28084
+            listen = f"fork,reuseaddr,backlog=4096,bind={LISTEN}"
+            self.spawn("socat", f"socat TCP-LISTEN:28130,{listen} TCP:{BACKEND}:{HTTP}"
+                                f" & socat TCP-LISTEN:28131,{listen} TCP:{BACKEND}:{IPERF}"
+                                f" & exec socat TCP-LISTEN:28132,{listen} TCP:{BACKEND}:{REDIS}", PROXY_NS)
+            self.ports["socat"] = 28130
         for spec in extra:
             name, port, cmd = spec.split("=", 2)
-            self.spawn(name, cmd)
+            self.spawn(name, cmd, PROXY_NS)
             self.ports[name] = int(port)
         only = os.environ.get("BENCH_ONLY")
         for name, port in list(self.ports.items()):
             if only and name not in only.split(",") and name not in HAPROXY:
                 del self.ports[name]
-            elif port and not (wait_port(port) and wait_port(port + 1)):
-                print(f"# {name} did not open ports {port} and {port + 1}: left out", file=sys.stderr)
+            elif port and wait_ports(LISTEN, [port, port + 1, port + 2]):
+                print(f"# {name} did not open ports {port} to {port + 2}: left out", file=sys.stderr)
                 del self.ports[name]
 
     # -- workloads ---------------------------------------------------------
     def wrk(self, name, port, mode):
-        url = f"http://127.0.0.1:{port or HTTP}/"
+        url = f"http://{address(port)}:{port or HTTP}/"
         argv = ["wrk", "-t1", f"-c{CONNS}", f"-d{SECONDS}s", "--latency"]
         if mode == "close":
             argv += ["-H", "Connection: close"]
         elif mode == "pipelined":
             argv += ["-s", self.file("pipeline.lua", PIPELINE.replace("DEPTH", str(DEPTH)))]
         before, host_before = self.cpu_seconds(name), self.host_cpu_seconds()
-        out = subprocess.run(argv + [url], capture_output=True, text=True, timeout=SECONDS + 30).stdout
+        out = client(argv + [url], SECONDS + 30).stdout
         cpu = self.cpu_seconds(name) - before
         self.host_cpu = self.host_cpu_seconds() - host_before
         requests = int(re.search(r"(\d+) requests in", out).group(1))
@@ -217,17 +262,39 @@ stream {{
     def iperf(self, port, streams):
         """Gbit/s received; iperf3's server takes one test at a time, so a
         refused start (the previous test still closing) is retried."""
-        port = port + 1 if port else IPERF
+        host, port = address(port), port + 1 if port else IPERF
         for attempt in range(3):
-            out = subprocess.run(["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", str(SECONDS),
-                                  "-P", str(streams), "-J"], capture_output=True, text=True,
-                                 timeout=SECONDS + 30).stdout
+            out = client(["iperf3", "-c", host, "-p", str(port), "-t", str(SECONDS),
+                          "-P", str(streams), "-J"], SECONDS + 30).stdout
             try:
                 return json.loads(out)["end"]["sum_received"]["bits_per_second"] / 1e9
             except (ValueError, KeyError):
                 time.sleep(1 + attempt)
         print(f"# iperf3 via port {port} failed three times: {out[-300:]}", file=sys.stderr)
         return float("nan")
+
+    def redis(self, name, port, depth):
+        """GET/s and the proxy's CPU µs per GET, redis-benchmark with CONNS
+        clients of depth requests in flight each. The request count is the
+        last run's rate × SECONDS; the first run on a target calibrates."""
+        rate = self.redis_rate.get((name, depth))
+        if rate is None:
+            self.redis_run(name, port, depth, 10_000 * depth)
+            rate = self.redis_rate.get((name, depth), 10_000)
+        return self.redis_run(name, port, depth, max(int(rate * SECONDS), 1000))
+
+    def redis_run(self, name, port, depth, requests):
+        argv = ["redis-benchmark", "-h", address(port), "-p", str(port + 2 if port else REDIS),
+                "-c", str(CONNS), "-n", str(requests), "-P", str(depth), "-t", "get", "--csv"]
+        before = self.cpu_seconds(name)
+        out = client(argv, 3 * SECONDS + 60)
+        cpu = self.cpu_seconds(name) - before
+        rows = [r for r in csv.reader(out.stdout.splitlines()) if r and r[0] == "GET"]
+        if out.returncode or not rows:
+            return float("nan"), float("nan"), [f"redis-benchmark: {(out.stderr or out.stdout)[-200:]}"]
+        rps = float(rows[0][1])
+        self.redis_rate[(name, depth)] = rps
+        return rps, cpu * 1e6 / requests, []
 
     def run(self):
         samples = {n: {k: [] for k, _, _ in COLUMNS} | {"errors": []} for n in self.ports}
@@ -244,6 +311,11 @@ stream {{
                     s["errors"] += errors
                 s["bulk1_gbps"].append(self.iperf(port, 1))
                 s["bulk4_gbps"].append(self.iperf(port, 4))
+                for key, depth in (("redis1", 1), ("redisp", DEPTH)):
+                    rps, cpu, errors = self.redis(name, port, depth)
+                    s[f"{key}_rps"].append(rps)
+                    s[f"{key}_cpu_us"].append(cpu)
+                    s["errors"] += errors
         return {n: {k: statistics.median(s[k]) for k, _, _ in COLUMNS} | {"errors": s["errors"][:3]}
                 for n, s in samples.items()}
 
@@ -259,15 +331,48 @@ request = function() return req end
 """
 
 
-def wait_port(port, timeout=15):
-    end = time.time() + timeout
-    while time.time() < end:
+def in_ns(ns, argv):
+    """argv (a list, or a shell command line) to run in network namespace
+    ns; None: where this script runs."""
+    if isinstance(argv, str):
+        argv = ["sh", "-c", argv]
+    return ["ip", "netns", "exec", ns, *argv] if ns else argv
+
+
+def client(argv, timeout):
+    """Runs a load generator where the clients are; its completed process."""
+    return subprocess.run(in_ns(CLIENT_NS, argv), capture_output=True, text=True, timeout=timeout)
+
+
+def address(port):
+    """Where a client connects: a proxy (port given) or the backend itself
+    (the direct row)."""
+    return LISTEN if port else BACKEND
+
+
+# Run by wait_ports in the clients' namespace: prints the ports that did not
+# accept a connection within their 15 s.
+PROBE = """
+import socket, sys, time
+host, ports = sys.argv[1], sys.argv[2:]
+for port in ports:
+    end = time.time() + 15
+    while True:
         try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
-            return True
+            socket.create_connection((host, int(port)), 0.2).close()
+            break
         except OSError:
+            if time.time() > end:
+                print(port)
+                break
             time.sleep(0.05)
-    return False
+"""
+
+
+def wait_ports(host, ports):
+    """The ports of host that a client could not connect to (empty: all up)."""
+    out = client([sys.executable, "-c", PROBE, host, *map(str, ports)], 15 * len(ports) + 30)
+    return out.stdout.split()
 
 
 def table(summary, value, title):
@@ -280,7 +385,8 @@ def table(summary, value, title):
 
 def report(summary):
     print(f"# medians of {ROUNDS} rounds × {SECONDS} s, {CONNS} connections, pipeline depth {DEPTH}, "
-          f"{os.cpu_count()} CPUs")
+          f"{os.cpu_count()} CPUs, " + (f"netns: clients in {CLIENT_NS}, proxies on {LISTEN} in {PROXY_NS}, "
+                                       f"backends on {BACKEND} in {BACKEND_NS}" if CLIENT_NS else "loopback"))
     def absolute(name, k, _lower):
         v = summary[name][k]
         return f"{v:,.2f}" if k.endswith("gbps") or k.endswith("cpu_us") else f"{v:,.0f}"
@@ -299,12 +405,16 @@ def report(summary):
 
 
 def main():
+    # SIGTERM (peers.sh passes an interrupt on so) unwinds: `finally` stops the processes.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     bench = Bench()
     try:
         bench.backends()
         bench.peers(sys.argv[1:])
         summary = bench.run()
         report(summary)
+        stats = dict(line.split(":", 1) for line in bench.redis_cli("INFO", "stats").split() if ":" in line)
+        print(f"# redis GETs: {stats.get('keyspace_hits')} hits, {stats.get('keyspace_misses')} misses")
         out = os.environ.get("BENCH_JSON")
         if out:
             with open(out, "w") as f:
