@@ -2,11 +2,12 @@
 //! between them per message.
 //!
 //! Each worker is a single-threaded tokio runtime on a thread of its own.
-//! Every TCP service port has one listening socket per worker, all bound
-//! to the same port with `SO_REUSEPORT`, so the kernel spreads new
-//! connections across the workers and each connection lives and dies on
-//! the thread that accepted it: its readiness events, its timers and its
-//! byte moves never wake another thread, and no task is stolen.
+//! A busy TCP service port has one listening socket per worker, all bound
+//! to the same port with `SO_REUSEPORT` ([`super::listener`]), so the
+//! kernel spreads new connections across the workers and each connection
+//! lives and dies on the thread that accepted it: its readiness events,
+//! its timers and its byte moves never wake another thread, and no task
+//! is stolen.
 //!
 //! The control plane (discovery, the run loop, the admin servers, UDP)
 //! runs on the process's main runtime.
