@@ -111,10 +111,10 @@ impl Default for Keepalive {
 }
 
 impl Keepalive {
-    /// The socket option set for socket2.
-    /// `TCP_KEEPCNT` is left out where it equals the kernel's own
-    /// default (`net.ipv4.tcp_keepalive_probes`, 9 unless changed, and
-    /// ours): one `setsockopt` less for every dialled backend socket.
+    /// The socket option set for socket2. `TCP_KEEPCNT` is left out
+    /// where it equals the kernel's own default
+    /// (`net.ipv4.tcp_keepalive_probes`, 9 unless changed, and ours): one
+    /// `setsockopt` less for every dialled backend socket.
     pub fn socket2(&self) -> socket2::TcpKeepalive {
         let keepalive = socket2::TcpKeepalive::new()
             .with_time(self.time)

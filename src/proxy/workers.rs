@@ -26,7 +26,7 @@ pub fn default_count() -> usize {
 /// The period of each worker's anchor timer ([`anchor`]): no longer
 /// than the default first dial timeout, so that no dial arms the
 /// earliest timer.
-pub const ANCHOR_PERIOD: Duration = Duration::from_millis(250);
+const ANCHOR_PERIOD: Duration = Duration::from_millis(250);
 
 /// Keeps one timer pending on the worker for ever. tokio wakes its own
 /// event loop (an `eventfd` write, and an `epoll_wait` that returns at
