@@ -6,11 +6,6 @@ use std::process::ExitCode;
 use kube_userspace_proxy::cli::Command;
 use kube_userspace_proxy::{config_file, demo, init_logging, rules, run, status, ConfigError};
 
-/// mimalloc: every connection's task is a ~2 KiB allocation aligned to
-/// 128 bytes, which glibc serves on its slow path (`_int_memalign`).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> ExitCode {
     // Flags, then `--config` under them: a bad file exits 64 before anything starts.
     let (cli, notes) = match config_file::parse() {
