@@ -118,6 +118,11 @@ floor=()
 if command -v cc >/dev/null && cc -O2 -pthread -o "$work/floor" benches/floor.c; then
   floor=("floor=28180=$work/floor 28180 $(nproc) $listen $backend")
 fi
+# The same floor on io_uring (benches/floor_uring.c), where liburing is
+# there to link: the yardstick of the io_uring gate (benches/README.md).
+if command -v cc >/dev/null && cc -O2 -pthread -o "$work/floor_uring" benches/floor_uring.c -luring 2>/dev/null; then
+  floor+=("floor-uring=28200=$work/floor_uring 28200 $(nproc) $listen $backend")
+fi
 
 base=()
 if [ -n "${BENCH_BASELINE:-}" ]; then
