@@ -64,6 +64,10 @@ pub struct ServiceStatus {
     /// Listening sockets of the port: 1, or one per worker once busy.
     #[serde(default)]
     pub listener_sockets: usize,
+    /// TCP: open connections on each worker (one port's), as dealt at
+    /// accept: HAProxy's per-thread `thr_conn`.
+    #[serde(default)]
+    pub worker_connections: Vec<usize>,
     /// Why it has no listener (`fd_limit: …`, `bind: …`), when it has none.
     #[serde(default)]
     pub unserved: Option<String>,
@@ -243,6 +247,12 @@ pub fn collect(services: &[ServiceView], iptables: &str) -> StatusDoc {
                     .clone(),
                 listener_port: v.listener_port,
                 listener_sockets: s.sockets.load(Relaxed) as usize,
+                worker_connections: s
+                    .dealer
+                    .load()
+                    .as_ref()
+                    .map(|d| d.loads())
+                    .unwrap_or_default(),
                 unserved: v
                     .unserved
                     .as_ref()

@@ -198,6 +198,52 @@ async fn a_busy_port_grows_a_socket_per_worker_and_an_idle_one_does_not() {
     assert_eq!(m.get("kusp_listener_sockets{namespace=\"scale\",service=\"busy-0\",port=\"tcp\",protocol=\"TCP\"}"), Some(&4.0));
     // Still answers after growing.
     assert!(echoes(busy).await);
+
+    // Long connections are dealt evenly over the workers, however the
+    // kernel's hash spread them over the sockets (HAProxy's thr_conn rule),
+    // and counted off again when they close.
+    let loads = || worker_connections(proxy.metrics, "busy-0");
+    let idle = || async {
+        let start = Instant::now();
+        while loads().await != [0, 0, 0, 0] {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "closed connections still counted"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    idle().await;
+    let mut long = Vec::new();
+    for _ in 0..40 {
+        let mut s = TcpStream::connect(("127.0.0.1", busy)).await.unwrap();
+        s.write_all(b"held\n").await.unwrap();
+        let mut line = String::new();
+        BufReader::new(&mut s).read_line(&mut line).await.unwrap();
+        assert_eq!(line, "held\n");
+        long.push(s);
+    }
+    let held = loads().await;
+    assert_eq!(held.len(), 4, "{held:?}");
+    assert_eq!(held.iter().sum::<u64>(), 40, "{held:?}");
+    assert!(
+        held.iter().all(|&n| (8..=12).contains(&n)),
+        "uneven: {held:?}"
+    );
+    drop(long);
+    idle().await;
+}
+
+/// The open connections of service `name`'s port on each worker.
+async fn worker_connections(metrics: SocketAddr, name: &str) -> Vec<u64> {
+    let s = services(metrics).await;
+    let v = s.iter().find(|v| v["name"] == name).unwrap();
+    v["worker_connections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n.as_u64().unwrap())
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

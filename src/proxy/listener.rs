@@ -2,15 +2,16 @@
 //!
 //! A port starts with **one** socket, living on one worker (ports are
 //! dealt out round-robin), whatever the worker count: 10,000 idle Service
-//! ports hold 10,000 fds. While a port has one socket, its accept loop
-//! deals the connections it accepts out over every worker, so even a few
-//! long connections use all of them. Once the port accepts
-//! [`GROW_ACCEPTS`] connections within [`GROW_WINDOW`] it **grows**: one
-//! more `SO_REUSEPORT` socket per other worker, each with its own accept
-//! loop, so the kernel spreads new connections and each connection stays
-//! on the thread that accepted it (no hand-off per connection). A grown
-//! port stays grown until it is removed: closing a `SO_REUSEPORT` socket
-//! would reset the connections in its accept queue.
+//! ports hold 10,000 fds. Once the port accepts [`GROW_ACCEPTS`]
+//! connections within [`GROW_WINDOW`] it **grows**: one more
+//! `SO_REUSEPORT` socket per other worker, each with its own accept loop,
+//! so the kernel spreads new connections. Either way, each accepted
+//! connection runs on the worker [`Dealer`] picks: the accepting one
+//! unless another holds fewer of the port's connections (HAProxy's rule),
+//! so even a few long connections use every worker and a skewed hash
+//! does not load one. A grown port stays grown until it is removed:
+//! closing a `SO_REUSEPORT` socket would reset the connections in its
+//! accept queue.
 //!
 //! No duplicate of a socket is kept for the hand-over: an export shares
 //! the sockets ([`SharedFd`]) and the kernel copies them into the message.
@@ -30,6 +31,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::carry::SharedFd;
 use super::config::Keepalive;
+use super::dealer::{Dealer, Slot};
 use super::fds::FdLease;
 use super::{origin, tcp, udp, Context, Service};
 use crate::model::Protocol;
@@ -258,10 +260,10 @@ struct Group {
     runtimes: Vec<Handle>,
     /// The runtime of the first socket.
     home: usize,
-    /// Whether every worker has a socket of its own (no dealing out).
+    /// Whether every worker has a socket of its own.
     grown: AtomicBool,
-    /// The worker the next dealt-out connection goes to.
-    next: AtomicUsize,
+    /// Which worker each accepted connection runs on.
+    dealer: Arc<Dealer>,
     stop: CancellationToken,
     held: Mutex<Held>,
     /// Not listening, so that the kernel refuses clients (no endpoints).
@@ -388,13 +390,11 @@ impl Group {
         tracing::debug!(service = %self.service.name, added, "busy port: grown to a listening socket per worker");
     }
 
-    /// The runtime a connection accepted on runtime `here` runs on: its
-    /// own once the port is grown, else round-robin over every worker.
-    fn deal(&self, here: usize) -> &Handle {
-        if self.grown.load(Relaxed) {
-            return &self.runtimes[here];
-        }
-        &self.runtimes[self.next.fetch_add(1, Relaxed) % self.runtimes.len()]
+    /// The runtime a connection accepted on runtime `here` runs on, and
+    /// its place in that worker's count ([`Dealer::deal`]).
+    fn deal(&self, here: usize) -> (&Handle, Slot) {
+        let slot = self.dealer.deal(here);
+        (&self.runtimes[slot.worker()], slot)
     }
 }
 
@@ -423,6 +423,8 @@ fn spawn_tcp(
     let runtimes = ctx.runtimes()?;
     let home = ctx.next_home.fetch_add(1, Relaxed) % runtimes.len();
     let grown = runtimes.len() == 1 || listeners.len() > 1;
+    let dealer = Dealer::new(runtimes.len());
+    service.stats.dealer.store(Some(Arc::clone(&dealer)));
     let group = Arc::new(Group {
         stop: ctx.shutdown.child_token(),
         service,
@@ -430,7 +432,7 @@ fn spawn_tcp(
         local,
         home,
         grown: AtomicBool::new(grown),
-        next: AtomicUsize::new(home),
+        dealer,
         held: Mutex::new(Held {
             sockets: Vec::new(),
             leases: vec![lease],
@@ -538,8 +540,8 @@ async fn accept_loop(group: Arc<Group>, listener: Arc<Listening>, here: usize, g
                 }
                 let stream = std::net::TcpStream::from(socket);
                 let permit = permit.take();
-                let rt = group.deal(here);
-                tcp::serve_on(rt, stream, peer, Arc::clone(service), ctx, permit);
+                let (rt, slot) = group.deal(here);
+                tcp::serve_on(rt, stream, peer, Arc::clone(service), ctx, (permit, slot));
             }
             // Out of fds or memory: back off instead of spinning (upstream
             // panicked here).

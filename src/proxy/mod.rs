@@ -18,6 +18,7 @@ pub mod config;
 pub mod conn;
 pub mod connect;
 mod context;
+pub mod dealer;
 pub mod fds;
 pub mod listener;
 pub mod origin;

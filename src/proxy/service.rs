@@ -44,6 +44,8 @@ pub struct ServiceStats {
     /// Listening sockets open now: 1, or one per worker once the port is
     /// busy (0 while unserved).
     pub sockets: AtomicU64,
+    /// TCP: the port's open connections per worker, once it listens.
+    pub dealer: arc_swap::ArcSwapOption<super::dealer::Dealer>,
     /// Connections closed because TCP keepalive found a peer dead
     /// (`ETIMEDOUT` on an established connection).
     pub peers_dead: AtomicU64,

@@ -14,6 +14,7 @@ use tokio::sync::OwnedSemaphorePermit;
 
 use super::balancer::now_ms;
 use super::conn::{Connection, Flow, Stopped};
+use super::dealer::Slot;
 use super::listener::set_keepalive;
 use super::{connect, proxy_protocol, Context, Service};
 
@@ -22,19 +23,20 @@ const FAIL_LOG_INTERVAL_MS: u64 = 10_000;
 
 /// Serves an accepted connection (non-blocking, not yet registered) on
 /// runtime `rt`: it is registered with that runtime's event loop and
-/// stays there.
+/// stays there. `held` (its connection permit, if any, and its place in
+/// the worker's count) is released when it ends.
 pub(super) fn serve_on(
     rt: &tokio::runtime::Handle,
     stream: std::net::TcpStream,
     peer: SocketAddr,
     service: Arc<Service>,
     ctx: &Arc<Context>,
-    permit: Option<OwnedSemaphorePermit>,
+    held: (Option<OwnedSemaphorePermit>, Slot),
 ) {
     let ctx2 = Arc::clone(ctx);
     rt.spawn(ctx.tracker.track_future(async move {
         serve_std(stream, peer, service, &ctx2).await;
-        drop(permit);
+        drop(held);
     }));
 }
 

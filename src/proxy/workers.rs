@@ -4,10 +4,11 @@
 //! Each worker is a single-threaded tokio runtime on a thread of its own.
 //! A busy TCP service port has one listening socket per worker, all bound
 //! to the same port with `SO_REUSEPORT` ([`super::listener`]), so the
-//! kernel spreads new connections across the workers and each connection
-//! lives and dies on the thread that accepted it: its readiness events,
-//! its timers and its byte moves never wake another thread, and no task
-//! is stolen.
+//! kernel spreads new connections across the workers. A connection is
+//! placed on a worker once, at accept ([`super::dealer`]: the accepting
+//! worker unless another holds fewer of the port's connections), and
+//! lives and dies there: its readiness events, its timers and its byte
+//! moves never wake another thread, and no task is stolen.
 //!
 //! The control plane (discovery, the run loop, the admin servers, UDP)
 //! runs on the process's main runtime.
