@@ -18,8 +18,8 @@
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 
-/// One worker's count, alone on its cache line: workers update their own
-/// counts at every accept and close.
+/// One worker's count, alone on its cache line: it changes at every
+/// accept dealt to that worker and at every close there.
 #[derive(Debug, Default)]
 #[repr(align(64))]
 struct Count(AtomicUsize);
