@@ -10,6 +10,7 @@ use crate::iptables::exec::BackendChoice;
 use crate::iptables::Mode as IptablesMode;
 use crate::model::Scheduler;
 use crate::proxy::ports::PortRange;
+use crate::proxy::workers::Idle;
 use crate::proxy::CopyMode;
 
 /// Port of `--healthz-bind-address` (kube-proxy's `ProxyHealthzPort`).
@@ -197,6 +198,11 @@ pub struct RunArgs {
     /// this process may use (affinity and cgroup quota).
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
     pub worker_threads: Option<u16>,
+    /// What a worker does when it runs out of work: `yield` its CPU once
+    /// to threads waiting for it, then sleep until an event (under load it
+    /// wakes to a batch of events, not one), or `sleep` at once.
+    #[arg(long, value_enum, default_value_t = Idle::Yield)]
+    pub worker_idle: Idle,
     /// Manage the iptables redirect of ClusterIP, externalIP and LB-IP traffic.
     #[arg(long, value_enum, default_value_t = IptablesMode::Auto)]
     pub iptables: IptablesMode,

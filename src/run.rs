@@ -95,6 +95,7 @@ fn proxy_config(args: &RunArgs, fd_limit: u64) -> ProxyConfig {
         workers: args
             .worker_threads
             .map_or_else(crate::proxy::workers::default_count, usize::from),
+        worker_idle: args.worker_idle,
         detect_local: args.detect_local(),
     }
 }

@@ -46,6 +46,8 @@ pub struct ProxyConfig {
     /// Threads moving TCP bytes, each with its own event loop
     /// (`--worker-threads`).
     pub workers: usize,
+    /// What a worker does when it runs out of work (`--worker-idle`).
+    pub worker_idle: workers::Idle,
     /// How traffic from this node's pods is recognised
     /// (`--detect-local-mode` and its flags).
     pub detect_local: crate::detect_local::Config,
@@ -67,6 +69,7 @@ impl Default for ProxyConfig {
             tcp_keepalive: Some(Keepalive::default()),
             scheduler: Scheduler::Rr,
             workers: workers::default_count(),
+            worker_idle: workers::Idle::default(),
             detect_local: crate::detect_local::Config::default(),
         }
     }

@@ -113,7 +113,7 @@ impl Proxier {
             PortAllocator::new(config.port_range),
             PortAllocator::new(config.port_range),
         ];
-        let workers = match Workers::start(config.workers) {
+        let workers = match Workers::start(config.workers, config.worker_idle) {
             Ok(w) => Some(w),
             Err(e) => {
                 tracing::error!(error = %e, "cannot start worker threads; TCP runs on the main runtime");

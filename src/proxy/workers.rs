@@ -10,6 +10,16 @@
 //! lives and dies there: its readiness events, its timers and its byte
 //! moves never wake another thread, and no task is stolen.
 //!
+//! A worker that runs out of work yields its CPU once before it sleeps
+//! ([`Idle::Yield`]), which is how HAProxy's threads get their batches
+//! without busy-polling: a worker that sleeps the moment its last task
+//! is done is woken for one event at a time while the client and the
+//! backend on the same CPUs produce the next ones, and each wake-up is a
+//! context switch. After a yield, those threads have run and the next
+//! `epoll_wait` returns a batch without sleeping. With nothing else
+//! runnable on the CPU, the yield returns at once (one syscall per
+//! sleep).
+//!
 //! The control plane (discovery, the run loop, the admin servers, UDP)
 //! runs on the process's main runtime.
 
@@ -22,6 +32,18 @@ use tokio_util::sync::CancellationToken;
 /// and cgroup quota taken into account).
 pub fn default_count() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// What a worker does when it has no task to run (`--worker-idle`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Idle {
+    /// Give the CPU to the threads waiting for it (`sched_yield(2)`), then
+    /// sleep in `epoll_wait`: with clients or backends on the same CPUs,
+    /// they run first and the worker wakes to a fuller batch of events.
+    #[default]
+    Yield,
+    /// Sleep in `epoll_wait` at once.
+    Sleep,
 }
 
 /// The period of each worker's anchor timer ([`anchor`]): no longer
@@ -53,17 +75,20 @@ pub struct Workers {
 }
 
 impl Workers {
-    /// Starts `count` workers (at least one), named `kusp-worker-N`.
-    pub fn start(count: usize) -> std::io::Result<Self> {
+    /// Starts `count` workers (at least one), named `kusp-worker-N`, that
+    /// do `idle` when they run out of work.
+    pub fn start(count: usize, idle: Idle) -> std::io::Result<Self> {
         let stop = CancellationToken::new();
         let mut handles = Vec::with_capacity(count.max(1));
         for i in 0..count.max(1) {
             // I/O and timers only: no signal or process driver to poll at
             // every park.
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_io()
-                .enable_time()
-                .build()?;
+            let mut b = tokio::runtime::Builder::new_current_thread();
+            b.enable_io().enable_time();
+            if idle == Idle::Yield {
+                b.on_thread_park(std::thread::yield_now);
+            }
+            let rt = b.build()?;
             handles.push(rt.handle().clone());
             let stop = stop.clone();
             std::thread::Builder::new()
@@ -89,5 +114,48 @@ impl Workers {
     /// Stops every worker: their threads end and their tasks are dropped.
     pub fn stop(&self) {
         self.stop.cancel();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A ping-pong between two workers over loopback, in each idle mode:
+    /// every message makes both workers run out of work and wait.
+    #[test]
+    fn both_idle_modes_carry_a_ping_pong_between_workers() {
+        for idle in [Idle::Yield, Idle::Sleep] {
+            let workers = Workers::start(2, idle).unwrap();
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            listener.set_nonblocking(true).unwrap();
+            let addr = listener.local_addr().unwrap();
+            workers.handles()[0].spawn(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                let (mut s, _) = listener.accept().await.unwrap();
+                let mut b = [0u8; 1];
+                while s.read_exact(&mut b).await.is_ok() {
+                    s.write_all(&b).await.unwrap();
+                }
+            });
+            let (done, rounds) = std::sync::mpsc::channel();
+            workers.handles()[1].spawn(async move {
+                let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+                let mut n = 0u32;
+                for i in 0..2_000u32 {
+                    let byte = [i as u8];
+                    c.write_all(&byte).await.unwrap();
+                    let mut back = [0u8; 1];
+                    c.read_exact(&mut back).await.unwrap();
+                    assert_eq!(back, byte);
+                    n += 1;
+                }
+                done.send(n).unwrap();
+            });
+            let n = rounds.recv_timeout(Duration::from_secs(20));
+            workers.stop();
+            assert_eq!(n, Ok(2_000), "{idle:?}");
+        }
     }
 }
