@@ -18,10 +18,12 @@
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 
-/// One worker's count, alone on its cache line: it changes at every
-/// accept dealt to that worker and at every close there.
+/// One worker's count: it changes at every accept dealt to that worker
+/// and at every close there. Not padded to a cache line: every Service
+/// port has a dealer, idle or not, and 64-byte counts cost 64 bytes ×
+/// workers a port (41 MB at 10,000 ports × 64 workers, `benches/scale.py`)
+/// to spare a busy port's workers a shared line at accept and close.
 #[derive(Debug, Default)]
-#[repr(align(64))]
 struct Count(AtomicUsize);
 
 /// One port's open connections on each worker, and the rotation that
