@@ -16,7 +16,8 @@
 //! the same CPUs are still producing the next ones; after a yield they
 //! have run, and the next `epoll_wait` returns a batch without sleeping:
 //! a fifth of the `epoll_wait`s and half the reads per pipelined request
-//! (`benches/README.md`). It is not busy-polling: the worker still
+//! (`benches/README.md`; with one request in flight per connection it
+//! gains nothing measurable either way). It is not busy-polling: the worker still
 //! sleeps, one syscall later; with nothing else runnable on its CPU the
 //! yield returns at once.
 //!
