@@ -18,19 +18,16 @@
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 
-/// One worker's count: it changes at every accept dealt to that worker
-/// and at every close there. Not padded to a cache line: every Service
-/// port has a dealer, idle or not, and 64-byte counts cost 64 bytes ×
-/// workers a port (41 MB at 10,000 ports × 64 workers, `benches/scale.py`)
-/// to spare a busy port's workers a shared line at accept and close.
-#[derive(Debug, Default)]
-struct Count(AtomicUsize);
-
 /// One port's open connections on each worker, and the rotation that
 /// names the second candidate.
 #[derive(Debug)]
 pub struct Dealer {
-    counts: Box<[Count]>,
+    /// Each worker's count: it changes at every accept dealt to that
+    /// worker and at every close there. Not padded to cache lines: every
+    /// Service port has a dealer, idle or not, and 64-byte counts cost 64
+    /// bytes × workers a port (41 MB at 10,000 ports × 64 workers,
+    /// `benches/scale.py`) to spare a busy port's workers a shared line.
+    counts: Box<[AtomicUsize]>,
     next: AtomicUsize,
 }
 
@@ -38,7 +35,7 @@ impl Dealer {
     /// A dealer over `workers` workers (at least one), none loaded.
     pub fn new(workers: usize) -> Arc<Self> {
         Arc::new(Self {
-            counts: (0..workers.max(1)).map(|_| Count::default()).collect(),
+            counts: (0..workers.max(1)).map(|_| AtomicUsize::new(0)).collect(),
             next: AtomicUsize::new(0),
         })
     }
@@ -56,7 +53,7 @@ impl Dealer {
             let other = (here + step) % n;
             choose(here, self.load(here), other, self.load(other))
         };
-        self.counts[worker].0.fetch_add(1, Relaxed);
+        self.counts[worker].fetch_add(1, Relaxed);
         Slot {
             dealer: Arc::clone(self),
             worker,
@@ -65,7 +62,7 @@ impl Dealer {
 
     /// Open connections counted on `worker`.
     pub fn load(&self, worker: usize) -> usize {
-        self.counts[worker].0.load(Relaxed)
+        self.counts[worker].load(Relaxed)
     }
 
     /// Open connections on each worker, in worker order.
@@ -103,7 +100,7 @@ impl Slot {
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.dealer.counts[self.worker].0.fetch_sub(1, Relaxed);
+        self.dealer.counts[self.worker].fetch_sub(1, Relaxed);
     }
 }
 

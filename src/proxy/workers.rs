@@ -17,9 +17,9 @@
 //! have run, and the next `epoll_wait` returns a batch without sleeping:
 //! a fifth of the `epoll_wait`s and half the reads per pipelined request
 //! (`benches/README.md`; with one request in flight per connection it
-//! gains nothing measurable either way). It is not busy-polling: the worker still
-//! sleeps, one syscall later; with nothing else runnable on its CPU the
-//! yield returns at once.
+//! gains nothing measurable either way). It is not busy-polling: the
+//! worker still sleeps, one syscall later; with nothing else runnable on
+//! its CPU the yield returns at once.
 //!
 //! The control plane (discovery, the run loop, the admin servers, UDP)
 //! runs on the process's main runtime.
