@@ -18,6 +18,7 @@
 #![deny(unsafe_code)]
 
 pub mod admin;
+pub mod allocator;
 pub mod changes;
 pub mod cli;
 pub mod config_file;

@@ -6,6 +6,12 @@ use std::process::ExitCode;
 use kube_userspace_proxy::cli::Command;
 use kube_userspace_proxy::{config_file, demo, init_logging, rules, run, status, ConfigError};
 
+/// glibc's malloc, without its slow path for over-aligned blocks
+/// (`allocator`'s doc says why).
+#[global_allocator]
+static ALLOCATOR: kube_userspace_proxy::allocator::Allocator =
+    kube_userspace_proxy::allocator::Allocator;
+
 fn main() -> ExitCode {
     // Flags, then `--config` under them: a bad file exits 64 before anything starts.
     let (cli, notes) = match config_file::parse() {

@@ -162,7 +162,8 @@ pub async fn dial(
     timeouts: &[Duration],
 ) -> Result<Dialed, Error> {
     let started = std::time::Instant::now();
-    let mut tried: Vec<SocketAddr> = Vec::with_capacity(timeouts.len());
+    // Allocated only by a failed attempt.
+    let mut tried: Vec<SocketAddr> = Vec::new();
     let mut last = None;
     let mut attempts = 0;
     // Out of local fds/ports, a client waits (as in the backlog) for up to
@@ -179,7 +180,12 @@ pub async fn dial(
         }
         // Counted as load while in flight, for the load-aware schedulers.
         let in_flight = InFlight::new(&backend);
-        let mut attempt_started = std::time::Instant::now();
+        // The first attempt starts with the dial: one clock read less.
+        let mut attempt_started = if attempt == 0 {
+            started
+        } else {
+            std::time::Instant::now()
+        };
         let mut result = connect_once(backend.addr, timeout).await;
         while let Err(e) = &result {
             if !super::is_local_exhaustion(e) || local_budget.is_zero() {
@@ -197,8 +203,13 @@ pub async fn dial(
         match result {
             Ok(stream) => {
                 stats.count_dial(DialResult::Ok);
-                stats.connect_latency.observe(started.elapsed());
-                backend.observe_connect(attempt_started.elapsed());
+                let took = started.elapsed();
+                stats.connect_latency.observe(took);
+                backend.observe_connect(if attempt_started == started {
+                    took
+                } else {
+                    attempt_started.elapsed()
+                });
                 balancer.report_success(&backend);
                 return Ok(Dialed { stream, backend });
             }
