@@ -575,12 +575,39 @@ enum Burst {
 /// Waits until `src` is readable (true) or `park` is raised (false).
 /// `poll_read_ready` keeps one waker slot per socket instead of a waiter
 /// list entry per wait; only this direction reads `src`.
+///
+/// One task moves both directions, so every wake-up polls both, and the
+/// direction that was not woken would take the socket's waiter lock
+/// again only to store the same waker. Once a `Pending` has stored this
+/// task's waker (and not the coop budget: it stores none), the slot keeps
+/// it until the socket turns readable or read-closed, which sets the
+/// readiness a lock-free look sees; until then a poll only looks. (The
+/// driver's shutdown wakes without readiness, but a runtime drops its
+/// tasks before it shuts its driver down.)
 async fn readable(src: &TcpStream, park: &Park) -> io::Result<bool> {
+    let mut armed = false;
     std::future::poll_fn(|cx| {
         if park.is_raised() {
             return Poll::Ready(Ok(false));
         }
-        src.poll_read_ready(cx).map_ok(|()| true)
+        if armed {
+            // Readiness without clearing it: `try_io` runs the closure
+            // only when some is set.
+            return match src.try_io(Interest::READABLE, || Ok(())) {
+                Ok(()) => Poll::Ready(Ok(true)),
+                Err(e) => {
+                    // tokio's `ErrorKind::WouldBlock.into()`: nothing to
+                    // free, and its drop is an out-of-line call.
+                    std::mem::forget(e);
+                    Poll::Pending
+                }
+            };
+        }
+        let polled = src.poll_read_ready(cx).map_ok(|()| true);
+        // Out of budget, the `Pending` stored no waker on the socket (it
+        // rescheduled the task): the next poll asks the socket again.
+        armed = polled.is_pending() && tokio::task::coop::has_budget_remaining();
+        polled
     })
     .await
 }
@@ -701,6 +728,44 @@ mod tests {
             conn.run_parkable(mode, &pipes, Duration::from_secs(60), &park)
                 .await
         })
+    }
+
+    /// A wait whose first poll finds the task out of coop budget stored no
+    /// waker on the socket: it must ask the socket again, not only look at
+    /// the readiness, or bytes that arrive later never wake it.
+    #[tokio::test]
+    async fn a_wait_begun_out_of_budget_still_wakes_on_bytes() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut writer = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (src, _) = listener.accept().await.unwrap();
+        // No bytes yet, and the readiness the registration began with
+        // cleared: only an event can set it again.
+        let probe = src.try_read(&mut [0; 1]).unwrap_err();
+        assert_eq!(probe.kind(), io::ErrorKind::WouldBlock);
+        // On a task of its own: nothing but the socket (or coop) wakes it.
+        let task = tokio::spawn(async move {
+            let park = Park::default();
+            let waiting = readable(&src, &park);
+            tokio::pin!(waiting);
+            std::future::poll_fn(|cx| {
+                // Spend the task's budget, as a busy task would have.
+                while let Poll::Ready(spent) = tokio::task::coop::poll_proceed(cx) {
+                    spent.made_progress();
+                }
+                assert!(std::future::Future::poll(waiting.as_mut(), cx).is_pending());
+                Poll::Ready(())
+            })
+            .await;
+            waiting.await
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        writer.write_all(b"x").await.unwrap();
+        let woke = tokio::time::timeout(Duration::from_secs(2), task)
+            .await
+            .expect("bytes arrived but the wait was never woken");
+        assert!(woke.unwrap().unwrap());
     }
 
     /// The hand-over must reach a connection that waits for bytes and will
