@@ -34,10 +34,13 @@ pub(super) fn serve_on(
     held: (Option<OwnedSemaphorePermit>, Slot),
 ) {
     let ctx2 = Arc::clone(ctx);
-    rt.spawn(ctx.tracker.track_future(async move {
+    // Boxed: the future is ~2.4 KB, and tokio moves a task's stage (the
+    // future, then its output) whole, three times over a task's life;
+    // a boxed one is moved once, into its box.
+    rt.spawn(Box::pin(ctx.tracker.track_future(async move {
         serve_std(stream, peer, service, &ctx2).await;
         drop(held);
-    }));
+    })));
 }
 
 /// Registers an accepted socket with the current runtime and serves it.
