@@ -56,8 +56,12 @@ static void kill_conn(struct conn *c) {
     graveyard = c;
 }
 
-/* Moves what direction d has: first what is pending, then fresh reads. */
-static void pump(struct conn *c, int d) {
+/* Moves what direction d has: first what is pending, then fresh reads.
+ * hup: the event said the peer has shut down its side; a short read is then
+ * not the end (edge-triggered: no further event will come for the FIN), so
+ * read on to the EOF and pass it on now, not when an ACK happens to wake
+ * the other end. */
+static void pump(struct conn *c, int d, int hup) {
     int src = c->fd[d], dst = c->fd[!d];
     static __thread char buf[CHUNK];
     while (c->plen[d] > 0) {
@@ -96,7 +100,7 @@ static void pump(struct conn *c, int d) {
             c->poff[d] = 0;
             return;
         }
-        if (r < CHUNK) return; /* drained */
+        if (r < CHUNK && !hup) return; /* drained */
     }
 }
 
@@ -159,10 +163,11 @@ static void *worker(void *arg) {
             }
             struct conn *c = (struct conn *)(v & ~1UL);
             int end = v & 1;
-            if (!c->dead && (evs[i].events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)))
-                pump(c, end); /* end is readable: its direction */
-            if (!c->dead && (evs[i].events & EPOLLOUT))
-                pump(c, !end); /* end is writable: what was waiting for it */
+            unsigned e = evs[i].events;
+            if (!c->dead && (e & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)))
+                pump(c, end, e & (EPOLLRDHUP | EPOLLHUP | EPOLLERR)); /* its direction */
+            if (!c->dead && (e & EPOLLOUT))
+                pump(c, !end, 0); /* end is writable: what was waiting for it */
         }
         while (graveyard) { /* freed after the batch: later events may name it */
             struct conn *c = graveyard;
