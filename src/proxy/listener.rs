@@ -487,10 +487,19 @@ async fn accept_loop(group: Arc<Group>, listener: Arc<Listening>, here: usize, g
         accepts: 0,
     };
     let mut permit = None;
+    // Made once for the loop and polled only when the listener has
+    // nothing: a `cancelled()` polled at each accept took the token's lock
+    // twice a connection (register, then drop), on a line every worker's
+    // loop of this service writes. A stop while connections keep coming
+    // is seen by the flag.
+    let cancelled = stop.cancelled();
+    tokio::pin!(cancelled);
     loop {
+        if stop.is_cancelled() {
+            break;
+        }
         let mut ready = tokio::select! {
             biased;
-            _ = stop.cancelled() => break,
             r = listener.readable() => match r {
                 Ok(r) => r,
                 Err(e) => {
@@ -498,6 +507,7 @@ async fn accept_loop(group: Arc<Group>, listener: Arc<Listening>, here: usize, g
                     break;
                 }
             },
+            _ = &mut cancelled => break,
         };
         if group.generation.load(Relaxed) != generation {
             break; // paused, or listening again on a fresh registration
@@ -510,7 +520,7 @@ async fn accept_loop(group: Arc<Group>, listener: Arc<Listening>, here: usize, g
                         ctx.limit_waits.fetch_add(1, Relaxed);
                         tokio::select! {
                             biased;
-                            _ = stop.cancelled() => break,
+                            _ = &mut cancelled => break,
                             p = Arc::clone(limit).acquire_owned() => match p {
                                 Ok(p) => Some(p),
                                 Err(_) => break, // closed: shutting down
@@ -549,7 +559,7 @@ async fn accept_loop(group: Arc<Group>, listener: Arc<Listening>, here: usize, g
                 service.stats.accept_errors.fetch_add(1, Relaxed);
                 tracing::warn!(service = %service.name, error = %e, backoff = ?backoff, "accept failed: out of resources, backing off");
                 tokio::select! {
-                    _ = stop.cancelled() => break,
+                    _ = &mut cancelled => break,
                     _ = tokio::time::sleep(backoff) => {}
                 }
                 backoff = (backoff * 2).min(Duration::from_secs(1));
