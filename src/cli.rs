@@ -200,8 +200,9 @@ pub struct RunArgs {
     pub worker_threads: Option<u16>,
     /// What a worker does when it runs out of work: `yield` its CPU once
     /// to threads waiting for it, then sleep until an event (under load it
-    /// wakes to a batch of events, not one), or `sleep` at once.
-    #[arg(long, value_enum, default_value_t = Idle::Yield)]
+    /// wakes to a batch of events, not one), `sleep` at once, or `auto`:
+    /// whichever of the two costs that worker less CPU per byte moved.
+    #[arg(long, value_enum, default_value_t = Idle::Auto)]
     pub worker_idle: Idle,
     /// Manage the iptables redirect of ClusterIP, externalIP and LB-IP traffic.
     #[arg(long, value_enum, default_value_t = IptablesMode::Auto)]

@@ -20,6 +20,7 @@ pub mod connect;
 mod context;
 pub mod dealer;
 pub mod fds;
+pub mod idle;
 pub mod listener;
 pub mod origin;
 pub mod ports;

@@ -10,16 +10,18 @@
 //! lives and dies there: its readiness events, its timers and its byte
 //! moves never wake another thread, and no task is stolen.
 //!
-//! A worker that runs out of work yields its CPU once before it sleeps
+//! A worker that runs out of work may yield its CPU once before it sleeps
 //! ([`Idle::Yield`]). A worker that sleeps the moment its last task is
 //! done is woken for the first event while the client and the backend on
 //! the same CPUs are still producing the next ones; after a yield they
 //! have run, and the next `epoll_wait` returns a batch without sleeping:
-//! a fifth of the `epoll_wait`s and half the reads per pipelined request
-//! (`benches/README.md`; with one request in flight per connection it
-//! gains nothing measurable either way). It is not busy-polling: the
-//! worker still sleeps, one syscall later; with nothing else runnable on
-//! its CPU the yield returns at once.
+//! a fifth of the `epoll_wait`s and half the reads per pipelined request.
+//! With one request in flight per connection the yield is two context
+//! switches for nothing, on a quiet machine a fifth more CPU a request
+//! (`benches/README.md`). So by default ([`Idle::Auto`]) each worker
+//! measures both and keeps to the cheaper ([`super::idle`]). It is not
+//! busy-polling: the worker still sleeps, one syscall later; with nothing
+//! else runnable on its CPU the yield returns at once.
 //!
 //! The control plane (discovery, the run loop, the admin servers, UDP)
 //! runs on the process's main runtime.
@@ -38,10 +40,13 @@ pub fn default_count() -> usize {
 /// What a worker does when it has no task to run (`--worker-idle`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum Idle {
+    /// Each worker measures its CPU time per byte moved under `yield` and
+    /// under `sleep`, and keeps to the cheaper ([`super::idle`]).
+    #[default]
+    Auto,
     /// Give the CPU to the threads waiting for it (`sched_yield(2)`), then
     /// sleep in `epoll_wait`: with clients or backends on the same CPUs,
     /// they run first and the worker wakes to a fuller batch of events.
-    #[default]
     Yield,
     /// Sleep in `epoll_wait` at once.
     Sleep,
@@ -86,9 +91,11 @@ impl Workers {
             // every park.
             let mut b = tokio::runtime::Builder::new_current_thread();
             b.enable_io().enable_time();
-            if idle == Idle::Yield {
-                b.on_thread_park(std::thread::yield_now);
-            }
+            match idle {
+                Idle::Auto => b.on_thread_park(super::idle::on_park),
+                Idle::Yield => b.on_thread_park(std::thread::yield_now),
+                Idle::Sleep => &mut b,
+            };
             let rt = b.build()?;
             handles.push(rt.handle().clone());
             let stop = stop.clone();
@@ -127,7 +134,7 @@ mod tests {
     /// every message makes both workers run out of work and wait.
     #[test]
     fn both_idle_modes_carry_a_ping_pong_between_workers() {
-        for idle in [Idle::Yield, Idle::Sleep] {
+        for idle in [Idle::Auto, Idle::Yield, Idle::Sleep] {
             let workers = Workers::start(2, idle).unwrap();
             let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             listener.set_nonblocking(true).unwrap();

@@ -1,0 +1,349 @@
+//! `--worker-idle auto`: each worker measures which idle policy costs it
+//! less and keeps to that one.
+//!
+//! Yielding before sleeping ([`super::workers::Idle::Yield`]) pays where
+//! the client and the backend on the same CPUs fill the worker's next
+//! batch while it waits for the CPU (pipelined HTTP: half the reads a
+//! request and two thirds of the CPU), and costs where they do not
+//! (one request in flight a connection: the yield becomes two context
+//! switches, a fifth more CPU a request). Which one wins depends on the
+//! traffic and on what else the machine runs, and both change while a
+//! proxy runs, so neither is a good fixed default (`benches/README.md`
+//! has the figures).
+//!
+//! So each worker thread works in windows of [`WINDOW`] and, at the first
+//! park after a window ends, divides the CPU time its thread used by the
+//! bytes its connections moved: the cost of that window's policy. It
+//! keeps to the cheaper one and tries the other now and then (after
+//! [`EXPLORE`] windows, less often while the tries confirm the choice),
+//! and at once when its cost was off by more than [`CHANGE`] two windows
+//! running (the traffic changed). The first window after a
+//! switch is a shorter warm-up, not judged. A window that moved less than
+//! [`MIN_BYTES`] (an idle worker) judges nothing and starts the measures
+//! afresh, since what comes next may be other traffic. All of it is the
+//! worker's own: a thread-local count added to by the movers, a clock
+//! read at each park and one `clock_gettime` of the thread's CPU time a
+//! window.
+
+use std::cell::{Cell, RefCell};
+use std::time::{Duration, Instant};
+
+/// How long a policy runs before it is judged.
+const WINDOW: Duration = Duration::from_millis(100);
+
+/// The unjudged start of a policy's run, after the other policy's.
+const WARM_UP: Duration = Duration::from_millis(50);
+
+/// After this many judged windows the policy that is not the cheaper one
+/// is tried; each try that confirms the choice doubles the wait, up to
+/// [`EXPLORE_MAX`], and one that overturns it starts it again from here.
+const EXPLORE: u32 = 8;
+
+/// The longest wait between two tries.
+const EXPLORE_MAX: u32 = 64;
+
+/// A change of a policy's cost by more than this fraction from one of its
+/// windows to the next counts as a change of traffic.
+const CHANGE: f64 = 0.4;
+
+/// A window that moved fewer bytes than this is not judged (too little
+/// traffic for its CPU time to say anything), and what was measured
+/// before it is forgotten.
+const MIN_BYTES: u64 = 256 * 1024;
+
+/// Weight of a new window in the running cost of its policy, within a run
+/// of windows of that policy.
+const WEIGHT: f64 = 0.25;
+
+thread_local! {
+    /// Bytes moved by this thread's connections, ever.
+    static MOVED: Cell<u64> = const { Cell::new(0) };
+    static CHOOSER: RefCell<Chooser> = RefCell::new(Chooser::new(Instant::now(), 0, thread_cpu()));
+}
+
+/// Counts `n` bytes moved by a connection on this thread.
+#[inline]
+pub fn moved(n: u64) {
+    MOVED.with(|m| m.set(m.get().wrapping_add(n)));
+}
+
+/// The park hook of an `auto` worker: judges the window when it is over,
+/// then yields or not as the cheaper policy says.
+pub fn on_park() {
+    let now = Instant::now();
+    let yielding = CHOOSER.with(|c| {
+        let mut c = c.borrow_mut();
+        if now.duration_since(c.since) >= c.length() {
+            let moved = MOVED.with(Cell::get);
+            c.judge(now, moved, thread_cpu());
+        }
+        c.yielding
+    });
+    if yielding {
+        std::thread::yield_now();
+    }
+}
+
+/// CPU time this thread has used; zero if the clock cannot be read (the
+/// windows then judge nothing).
+fn thread_cpu() -> Duration {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
+    Duration::new(
+        t.tv_sec.max(0) as u64,
+        t.tv_nsec.clamp(0, 999_999_999) as u32,
+    )
+}
+
+/// One worker's choice between yielding and sleeping.
+#[derive(Debug)]
+struct Chooser {
+    /// The policy of the running window.
+    yielding: bool,
+    /// The running window is the first of its policy's run, not judged:
+    /// the traffic still carries the other policy's batches (the first
+    /// window of sleep after a run of yields cost a fifth more than the
+    /// ones after it, enough to keep the dearer policy for ever).
+    warming: bool,
+    /// Where the running window began: wall clock, bytes moved, CPU used.
+    since: Instant,
+    moved: u64,
+    cpu: Duration,
+    /// Running CPU nanoseconds a byte of each policy: `[sleep, yield]`.
+    cost: [Option<f64>; 2],
+    /// The policy of the last window judged.
+    last: Option<bool>,
+    /// Windows judged since the other policy was last tried.
+    windows: u32,
+    /// Judged windows between two tries of the other policy.
+    every: u32,
+    /// The running window's policy is a try of the dearer one.
+    trying: bool,
+    /// Whether the last window's cost was beyond [`CHANGE`] of the
+    /// running one: 1 above, -1 below, 0 neither.
+    drift: i8,
+}
+
+impl Chooser {
+    /// A chooser whose first judged window yields (the second one sleeps).
+    fn new(now: Instant, moved: u64, cpu: Duration) -> Self {
+        Self {
+            yielding: true,
+            warming: false,
+            since: now,
+            moved,
+            cpu,
+            cost: [None, None],
+            last: None,
+            windows: 0,
+            every: EXPLORE,
+            trying: false,
+            drift: 0,
+        }
+    }
+
+    /// How long the running window lasts.
+    fn length(&self) -> Duration {
+        if self.warming {
+            WARM_UP
+        } else {
+            WINDOW
+        }
+    }
+
+    /// Ends the running window with `moved` bytes and `cpu` time counted
+    /// so far, and picks the next window's policy.
+    fn judge(&mut self, now: Instant, moved: u64, cpu: Duration) {
+        let bytes = moved.wrapping_sub(self.moved);
+        if bytes < MIN_BYTES {
+            // Idle: what comes next may be other traffic, measured afresh
+            // (yield, then sleep) once it comes.
+            *self = Self::new(now, moved, cpu);
+            return;
+        }
+        if self.warming {
+            self.warming = false;
+        } else {
+            let sample = cpu.saturating_sub(self.cpu).as_nanos() as f64 / bytes as f64;
+            let next = self.next(sample);
+            self.warming = next != self.yielding;
+            self.yielding = next;
+        }
+        self.since = now;
+        self.moved = moved;
+        self.cpu = cpu;
+    }
+
+    /// Adds a judged window's cost to its policy's and says which policy
+    /// runs next.
+    fn next(&mut self, sample: f64) -> bool {
+        // Averaged only over an unbroken run of the policy's windows: a
+        // cost from before the other policy ran may be of other traffic,
+        // and a try after a change of traffic must be believed at once.
+        // A cost beyond `CHANGE` of the running one, twice running and
+        // the same way, says the traffic changed (once is a window's
+        // noise): the other policy is tried next.
+        let mut changed = false;
+        let mut drift = 0;
+        let slot = &mut self.cost[usize::from(self.yielding)];
+        *slot = Some(match *slot {
+            Some(old) if self.last == Some(self.yielding) => {
+                if (sample - old).abs() > CHANGE * old {
+                    drift = if sample > old { 1 } else { -1 };
+                    changed = drift == self.drift;
+                }
+                old + WEIGHT * (sample - old)
+            }
+            _ => sample,
+        });
+        self.drift = if changed { 0 } else { drift };
+        self.last = Some(self.yielding);
+        self.windows += 1;
+        let tried = std::mem::take(&mut self.trying);
+        match self.cost {
+            [Some(sleep), Some(yielding)] => {
+                let cheaper = yielding < sleep;
+                if tried {
+                    self.every = if cheaper == self.yielding {
+                        EXPLORE
+                    } else {
+                        (self.every * 2).min(EXPLORE_MAX)
+                    };
+                }
+                if changed {
+                    self.every = EXPLORE;
+                }
+                if changed || self.windows >= self.every {
+                    self.windows = 0;
+                    self.trying = true;
+                    !cheaper
+                } else {
+                    cheaper
+                }
+            }
+            // Each policy is measured once before any is preferred.
+            [None, _] => false,
+            [_, None] => true,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Feeds a chooser windows in which yielding costs `yield_cost` and
+    /// sleeping `sleep_cost` CPU nanoseconds a byte (1 MB a window);
+    /// returns the policy of each judged window (warm-ups left out).
+    fn run(chooser: &mut Chooser, windows: usize, sleep_cost: u64, yield_cost: u64) -> Vec<bool> {
+        let (mut now, mut moved, mut cpu) = (chooser.since, chooser.moved, chooser.cpu);
+        let mut policies = Vec::new();
+        while policies.len() < windows {
+            if !chooser.warming {
+                policies.push(chooser.yielding);
+            }
+            let cost = if chooser.yielding {
+                yield_cost
+            } else {
+                sleep_cost
+            };
+            now += chooser.length();
+            moved += 1_000_000;
+            cpu += Duration::from_nanos(cost * 1_000_000);
+            chooser.judge(now, moved, cpu);
+        }
+        policies
+    }
+
+    /// Tries of the dearer policy (`false` where yielding is cheaper),
+    /// after the two first windows.
+    fn tries(p: &[bool], cheaper: bool) -> Vec<usize> {
+        (2..p.len()).filter(|&i| p[i] != cheaper).collect()
+    }
+
+    #[test]
+    fn measures_both_then_keeps_to_the_cheaper_trying_the_other_less_and_less() {
+        let mut c = Chooser::new(Instant::now(), 0, Duration::ZERO);
+        let p = run(&mut c, 200, 10, 7);
+        assert_eq!(&p[..2], &[true, false], "yield once, then sleep once");
+        // Tries after 6 kept windows, then 15, 31, 63, 63.
+        assert_eq!(tries(&p, true), [8, 24, 56, 120, 184], "{p:?}");
+
+        let mut c = Chooser::new(Instant::now(), 0, Duration::ZERO);
+        let p = run(&mut c, 200, 7, 10);
+        assert_eq!(
+            tries(&p, false),
+            [8, 24, 56, 120, 184],
+            "the other way round"
+        );
+    }
+
+    #[test]
+    fn follows_the_traffic_when_the_cheaper_policy_changes() {
+        let mut c = Chooser::new(Instant::now(), 0, Duration::ZERO);
+        run(&mut c, 40, 10, 5);
+        // Now sleeping is the cheaper: yielding's lasting jump in cost has
+        // it tried after two windows, and kept; yielding is then tried
+        // after eight.
+        let p = run(&mut c, 12, 5, 10);
+        assert!(p[1] && !p[2], "{p:?}");
+        assert_eq!(tries(&p, false), [10], "{p:?}");
+    }
+
+    /// Sleeping was measured on one traffic, yielding keeps being cheaper
+    /// on the next: one try of yielding on the new traffic is enough.
+    #[test]
+    fn a_try_is_believed_over_a_cost_measured_on_other_traffic() {
+        let mut c = Chooser::new(Instant::now(), 0, Duration::ZERO);
+        run(&mut c, 40, 10, 50);
+        let p = run(&mut c, EXPLORE_MAX as usize + 4, 12, 8);
+        assert!(p[p.len() - 3..].iter().all(|y| *y), "{p:?}");
+    }
+
+    /// The kept policy's cost jumps and stays up (new traffic): the other
+    /// one is tried after the second such window, not up to sixteen
+    /// windows later.
+    #[test]
+    fn a_lasting_jump_in_cost_tries_the_other_policy_soon() {
+        let mut c = Chooser::new(Instant::now(), 0, Duration::ZERO);
+        run(&mut c, 20, 10, 40);
+        run(&mut c, 1, 10, 40);
+        let p = run(&mut c, 4, 30, 12);
+        assert!(!p[1], "one window off is noise: {p:?}");
+        assert!(p[2], "two are a change, the other is tried: {p:?}");
+        assert!(p[3], "and kept: {p:?}");
+    }
+
+    #[test]
+    fn an_idle_window_judges_nothing() {
+        let start = Instant::now();
+        let mut c = Chooser::new(start, 0, Duration::ZERO);
+        c.judge(start + WINDOW, MIN_BYTES - 1, Duration::from_millis(40));
+        assert_eq!((c.cost, c.windows, c.yielding), ([None, None], 0, true));
+        assert_eq!(c.moved, MIN_BYTES - 1, "the next window starts here");
+    }
+
+    /// The first window after a switch is a shorter warm-up whose cost,
+    /// however high, counts for nothing.
+    #[test]
+    fn the_window_after_a_switch_is_not_judged() {
+        let start = Instant::now();
+        let mut c = Chooser::new(start, 0, Duration::ZERO);
+        c.judge(start + WINDOW, 1_000_000, Duration::from_millis(5));
+        assert!(!c.yielding && c.warming, "sleep is tried next, warming up");
+        assert_eq!(c.length(), WARM_UP);
+        c.judge(
+            start + WINDOW + WARM_UP,
+            2_000_000,
+            Duration::from_millis(500),
+        );
+        assert!(!c.yielding && !c.warming);
+        assert_eq!(c.cost, [None, Some(5.0)]);
+    }
+
+    #[test]
+    fn the_park_hook_runs_on_any_thread() {
+        moved(1);
+        on_park();
+        on_park();
+    }
+}
