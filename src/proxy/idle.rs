@@ -46,6 +46,9 @@ const EXPLORE_MAX: u32 = 64;
 /// windows to the next counts as a change of traffic.
 const CHANGE: f64 = 0.4;
 
+/// How much cheaper the other policy must look to be taken.
+const MARGIN: f64 = 0.1;
+
 /// A window that moved fewer bytes than this is not judged (too little
 /// traffic for its CPU time to say anything), and what was measured
 /// before it is forgotten.
@@ -201,7 +204,21 @@ impl Chooser {
         let tried = std::mem::take(&mut self.trying);
         match self.cost {
             [Some(sleep), Some(yielding)] => {
-                let cheaper = yielding < sleep;
+                // The policy in place (the one a try was made against) is
+                // left only for one cheaper by `MARGIN`: one window's noise
+                // (a fifth either way on pipelined traffic) must not flip
+                // a choice the averaged cost made.
+                let incumbent = self.yielding != tried;
+                let (mine, other) = if incumbent {
+                    (yielding, sleep)
+                } else {
+                    (sleep, yielding)
+                };
+                let cheaper = if other < mine * (1.0 - MARGIN) {
+                    !incumbent
+                } else {
+                    incumbent
+                };
                 if tried {
                     self.every = if cheaper == self.yielding {
                         EXPLORE
@@ -311,6 +328,23 @@ mod tests {
         assert!(!p[1], "one window off is noise: {p:?}");
         assert!(p[2], "two are a change, the other is tried: {p:?}");
         assert!(p[3], "and kept: {p:?}");
+    }
+
+    /// Within `MARGIN` the policy in place stays, whichever is cheaper.
+    #[test]
+    fn a_policy_is_left_only_for_one_cheaper_by_the_margin() {
+        let mut c = Chooser::new(Instant::now(), 0, Duration::ZERO);
+        let p = run(&mut c, 40, 100, 95);
+        assert_eq!(
+            tries(&p, false),
+            [8, 24],
+            "sleep, measured second, stays: {p:?}"
+        );
+        let p = run(&mut c, 40, 100, 85);
+        assert!(
+            p[16..].iter().filter(|y| **y).count() >= 22,
+            "beyond it, yield from the next try: {p:?}"
+        );
     }
 
     #[test]
