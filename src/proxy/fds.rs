@@ -239,6 +239,23 @@ impl FdBudget {
         let Ok(mut cap) = self.cap.lock() else {
             return 0;
         };
+        self.rebalance_locked(&mut cap, wanted)
+    }
+
+    /// Makes room for `k` more listening sockets ([`Self::rebalance`])
+    /// and takes up to `k` leases of one fd, under the same lock: a
+    /// rebalance elsewhere in between (the run loop's, after each sync)
+    /// would otherwise give the room back to connections first.
+    pub fn try_take_listeners(self: &Arc<Self>, k: usize) -> Vec<FdLease> {
+        let Ok(mut cap) = self.cap.lock() else {
+            return Vec::new();
+        };
+        self.rebalance_locked(&mut cap, k);
+        (0..k).map_while(|_| self.try_take_listener()).collect()
+    }
+
+    /// [`Self::rebalance`] with its lock held.
+    fn rebalance_locked(&self, cap: &mut Cap, wanted: usize) -> usize {
         let Some(conns) = self.conns.as_ref().filter(|_| !self.explicit) else {
             return cap.in_force;
         };
@@ -337,6 +354,25 @@ mod tests {
         assert_eq!(b.rebalance(0), limit, "stable once bound");
         drop(leases);
         assert_eq!(b.rebalance(0), (20_000 - 388 - 2_500) / 2, "fds came back");
+    }
+
+    #[test]
+    fn listeners_taken_with_their_room_survive_a_rebalance_elsewhere() {
+        let b = FdBudget::new(4_096, 100, None).unwrap();
+        b.rebalance(0);
+        // Room made, then given back by another thread's rebalance before
+        // the take: nothing fits (what a busy port's growth once met).
+        b.rebalance(3);
+        b.rebalance(0);
+        assert!(b.try_take_listener().is_none());
+        // Made and taken under one lock: all three are held, and a
+        // rebalance after cannot take them back.
+        let leases = b.try_take_listeners(3);
+        assert_eq!(leases.len(), 3);
+        let limit = b.rebalance(0);
+        assert!(limit * FDS_PER_CONNECTION + b.held() + 100 + headroom(4_096) <= 4_096);
+        drop(leases);
+        assert!(b.rebalance(0) >= limit, "fds came back");
     }
 
     #[test]

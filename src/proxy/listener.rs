@@ -369,13 +369,18 @@ impl Group {
             return;
         }
         let mut added = 0;
-        // A busy port's sockets come before connection slots: make room.
-        self.ctx.fds.rebalance(self.runtimes.len() - 1);
+        // A busy port's sockets come before connection slots: room is
+        // made and taken at once.
+        let mut leases = self
+            .ctx
+            .fds
+            .try_take_listeners(self.runtimes.len() - 1)
+            .into_iter();
         for rt in (0..self.runtimes.len()).filter(|&rt| rt != self.home) {
             if self.stop.is_cancelled() {
                 return;
             }
-            let Some(lease) = self.ctx.fds.try_take_listener() else {
+            let Some(lease) = leases.next() else {
                 tracing::info!(service = %self.service.name, added, "busy port: the fd budget holds no more sockets for it; it stays on fewer workers");
                 break;
             };
