@@ -77,23 +77,33 @@ async fn settled(metrics: SocketAddr, n: usize, timeout: Duration) -> Vec<serde_
 
 /// Sends a line through `port` and waits for its echo.
 async fn echoes(port: u16) -> bool {
-    let Ok(Ok(mut s)) = tokio::time::timeout(
+    echo_error(port).await.is_none()
+}
+
+/// Sends a line through `port` and waits for its echo; says what went
+/// wrong, if anything.
+async fn echo_error(port: u16) -> Option<String> {
+    let mut s = match tokio::time::timeout(
         Duration::from_secs(5),
         TcpStream::connect(("127.0.0.1", port)),
     )
     .await
-    else {
-        return false;
+    {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return Some(format!("connect: {e}")),
+        Err(_) => return Some("connect: timed out".into()),
     };
-    if s.write_all(b"ping\n").await.is_err() {
-        return false;
+    if let Err(e) = s.write_all(b"ping\n").await {
+        return Some(format!("write: {e}"));
     }
     let mut line = String::new();
     let mut r = BufReader::new(&mut s);
-    matches!(
-        tokio::time::timeout(Duration::from_secs(5), r.read_line(&mut line)).await,
-        Ok(Ok(5))
-    ) && line == "ping\n"
+    match tokio::time::timeout(Duration::from_secs(5), r.read_line(&mut line)).await {
+        Ok(Ok(5)) if line == "ping\n" => None,
+        Ok(Ok(n)) => Some(format!("read {n} bytes: {line:?}")),
+        Ok(Err(e)) => Some(format!("read: {e}")),
+        Err(_) => Some("read: timed out".into()),
+    }
 }
 
 fn listener_ports(s: &[serde_json::Value]) -> Vec<u16> {
@@ -170,7 +180,7 @@ async fn a_busy_port_grows_a_socket_per_worker_and_an_idle_one_does_not() {
     let dir = tempfile::tempdir().unwrap();
     write_services(dir.path(), "busy", 1, backend);
     write_services(dir.path(), "idle", 1, backend);
-    let proxy = Proxy::start(dir, &["--worker-threads", "4"], 4_096);
+    let mut proxy = Proxy::start(dir, &["--worker-threads", "4"], 4_096);
     let s = settled(proxy.metrics, 2, Duration::from_secs(10)).await;
     let port_of = |s: &[serde_json::Value], name: &str| {
         s.iter()
@@ -181,17 +191,40 @@ async fn a_busy_port_grows_a_socket_per_worker_and_an_idle_one_does_not() {
     let busy = port_of(&s, "busy-0");
     // Far more than 64 connections within a second, every one answered,
     // those accepted before the growth and those after.
-    let clients: Vec<_> = (0..200).map(|_| tokio::spawn(echoes(busy))).collect();
+    let clients: Vec<_> = (0..200).map(|_| tokio::spawn(echo_error(busy))).collect();
+    let mut failed = Vec::new();
     for c in clients {
-        assert!(c.await.unwrap(), "every connection answered");
+        failed.extend(c.await.unwrap());
     }
+    let exited = proxy.child.try_wait().ok().flatten();
+    assert!(
+        exited.is_none(),
+        "the proxy exited: {exited:?}; clients: {failed:?}"
+    );
     let s = services(proxy.metrics).await;
+    let busy_view = s.iter().find(|v| v["name"] == "busy-0");
+    assert!(
+        failed.is_empty(),
+        "every connection answered; {} did not: {:?}; the port: {busy_view:?}",
+        failed.len(),
+        &failed[..failed.len().min(5)]
+    );
     let sockets = |name: &str| {
         s.iter()
             .find(|v| v["name"] == name)
             .map(|v| v["listener_sockets"].clone())
     };
-    assert_eq!(sockets("busy-0"), Some(4.into()), "one per worker");
+    assert_eq!(
+        sockets("busy-0"),
+        Some(4.into()),
+        "one per worker; the port: {busy_view:?}; metrics: {:?}",
+        proxy
+            .scrape()
+            .await
+            .range("kusp_fd".to_string()..)
+            .take(8)
+            .collect::<Vec<_>>()
+    );
     assert_eq!(sockets("idle-0"), Some(1.into()));
     assert_eq!(port_of(&s, "busy-0"), busy, "same port");
     let m = proxy.scrape().await;
