@@ -183,10 +183,9 @@ async fn a_busy_port_grows_a_socket_per_worker_and_an_idle_one_does_not() {
     let mut proxy = Proxy::start(dir, &["--worker-threads", "4"], 4_096);
     let s = settled(proxy.metrics, 2, Duration::from_secs(10)).await;
     let port_of = |s: &[serde_json::Value], name: &str| {
-        s.iter()
-            .find(|v| v["name"] == name)
-            .and_then(|v| v["listener_port"].as_u64())
-            .unwrap() as u16
+        let view = s.iter().find(|v| v["name"] == name);
+        view.and_then(|v| v["listener_port"].as_u64())
+            .unwrap_or_else(|| panic!("{name} has no listener: {view:?}")) as u16
     };
     let busy = port_of(&s, "busy-0");
     // Far more than 64 connections within a second, every one answered,
