@@ -381,7 +381,7 @@ impl Group {
                 return;
             }
             let Some(lease) = leases.next() else {
-                tracing::info!(service = %self.service.name, added, "busy port: the fd budget holds no more sockets for it; it stays on fewer workers");
+                tracing::warn!(service = %self.service.name, added, "busy port: the fd budget holds no more sockets for it; it stays on fewer workers");
                 break;
             };
             let bound = bind_tcp(self.local).and_then(|s| self.add(s, rt));
