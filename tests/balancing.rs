@@ -224,9 +224,7 @@ async fn internal_policy_local_keeps_clusterip_traffic_on_this_node() {
     let v = service(&p, "split");
     assert_eq!(v.routing().reason, "node-local");
     // With a nodePort, the listener's own port is external traffic.
-    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let np = free.local_addr().unwrap().port();
-    drop(free);
+    let np = procs::free_port();
     let addr = serve(&mut p, &split(Some(np)), "split");
     let mut seen = std::collections::BTreeSet::new();
     for _ in 0..6 {

@@ -855,7 +855,7 @@ async fn tls_with_the_kubeconfigs_ca_or_insecure_skip_verify_and_a_token() {
 // === the binary ===
 
 fn free_port() -> u16 {
-    refusing_addr().port()
+    common::procs::free_port()
 }
 
 /// Starts the binary on the host: loopback only, no iptables.

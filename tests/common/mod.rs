@@ -1,5 +1,6 @@
 //! Fake peers and helpers for the integration tests: every address is on
-//! 127.0.0.1, every port is chosen by the kernel.
+//! 127.0.0.1; ports are chosen by the kernel, or by [`procs::free_port`]
+//! for a port another process binds.
 #![allow(dead_code)]
 
 pub mod lab;
@@ -212,12 +213,9 @@ pub fn blackhole() -> Blackhole {
     panic!("could not fill the blackhole's backlog");
 }
 
-/// A port on which nothing listens (bound, then closed).
+/// A port on which nothing listens ([`procs::free_port`]).
 pub fn refusing_addr() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let a = l.local_addr().unwrap();
-    drop(l);
-    a
+    SocketAddr::from(([127, 0, 0, 1], procs::free_port()))
 }
 
 pub fn endpoint(addr: SocketAddr) -> Endpoint {

@@ -16,8 +16,40 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_kube-userspace-proxy");
 /// Env var that makes a re-run test binary act as a peer.
 const ROLE_ENV: &str = "KUSP_TEST_ROLE";
 
-/// A free TCP port on 127.0.0.1 (bound then released).
+/// A free port on 127.0.0.1 (TCP and UDP), for a process to bind later.
+///
+/// Taken below the kernel's ephemeral range (`ip_local_port_range`),
+/// never one the kernel chose: a port bound then released in that range
+/// could be handed to any socket (another test's `bind(0)` or `connect`)
+/// before the process binds it, which failed a test one run in forty
+/// ("cannot serve metrics: Address already in use"). Ports are dealt in
+/// turn from a start set by the process id, so two tests of one binary
+/// never get the same one, and each is checked free before it is given.
 pub fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
+    // Above kube-proxy's own 10249 and 10256, below the NodePorts.
+    const WINDOW: std::ops::Range<u32> = 11_000..30_000;
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let (low, high) = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| {
+            let mut it = s.split_whitespace().map(|v| v.parse::<u32>().ok());
+            Some((it.next()??, it.next()??))
+        })
+        .unwrap_or((32_768, 60_999));
+    let len = WINDOW.end - WINDOW.start;
+    let _ = NEXT.compare_exchange(u32::MAX, std::process::id() * 7919 % len, Relaxed, Relaxed);
+    for _ in 0..len {
+        let port = WINDOW.start + NEXT.fetch_add(1, Relaxed) % len;
+        if (low..=high).contains(&port) {
+            continue;
+        }
+        let addr = ("127.0.0.1", port as u16);
+        if std::net::TcpListener::bind(addr).is_ok() && std::net::UdpSocket::bind(addr).is_ok() {
+            return port as u16;
+        }
+    }
+    // The ephemeral range covers the window: what the kernel gives.
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
