@@ -51,12 +51,20 @@ async fn services(metrics: SocketAddr) -> Vec<serde_json::Value> {
 async fn settled(metrics: SocketAddr, n: usize, timeout: Duration) -> Vec<serde_json::Value> {
     let start = Instant::now();
     loop {
-        if let Ok(Ok((_, body))) = tokio::time::timeout(
-            Duration::from_secs(5),
-            tokio::spawn(async move { http(metrics, "GET", "/debug/services").await }),
-        )
-        .await
-        {
+        // Not up yet is refused: checked first, so that no panic's
+        // backtrace per try buries a real failure in the output.
+        let fetched = if TcpStream::connect(metrics).await.is_ok() {
+            tokio::time::timeout(
+                Duration::from_secs(5),
+                tokio::spawn(async move { http(metrics, "GET", "/debug/services").await }),
+            )
+            .await
+            .ok()
+            .and_then(Result::ok)
+        } else {
+            None
+        };
+        if let Some((_, body)) = fetched {
             let doc: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
             let s = doc["services"].as_array().cloned().unwrap_or_default();
             let done = s
