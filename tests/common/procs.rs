@@ -38,7 +38,8 @@ pub fn free_port() -> u16 {
         })
         .unwrap_or((32_768, 60_999));
     let len = WINDOW.end - WINDOW.start;
-    let _ = NEXT.compare_exchange(u32::MAX, std::process::id() * 7919 % len, Relaxed, Relaxed);
+    let start = std::process::id().wrapping_mul(7919) % len;
+    let _ = NEXT.compare_exchange(u32::MAX, start, Relaxed, Relaxed);
     for _ in 0..len {
         let port = WINDOW.start + NEXT.fetch_add(1, Relaxed) % len;
         if (low..=high).contains(&port) {
