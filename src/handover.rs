@@ -162,7 +162,15 @@ fn send(sock: &socket2::Socket, msg: &Msg, fds: &[RawFd]) -> Result<(), Error> {
     let iov = [IoSlice::new(&body)];
     let cmsgs = [ControlMessage::ScmRights(fds)];
     let cmsgs: &[ControlMessage] = if fds.is_empty() { &[] } else { &cmsgs };
-    let n = sendmsg::<()>(sock.as_raw_fd(), &iov, cmsgs, MsgFlags::MSG_NOSIGNAL, None)?;
+    // A socket with a send timeout fails with EINTR at any signal, even
+    // one installed with SA_RESTART (signal(7)): SIGCHLD of an
+    // iptables-restore child broke a hand-over that way.
+    let n = loop {
+        match sendmsg::<()>(sock.as_raw_fd(), &iov, cmsgs, MsgFlags::MSG_NOSIGNAL, None) {
+            Err(nix::errno::Errno::EINTR) => continue,
+            r => break r?,
+        }
+    };
     if n != body.len() {
         return Err(Error::Protocol(format!(
             "short send: {n} of {}",
@@ -179,12 +187,18 @@ fn recv(sock: &socket2::Socket) -> Result<(Msg, Vec<OwnedFd>), Error> {
     let mut cmsg = nix::cmsg_space!([RawFd; MAX_FDS]);
     let (n, raw, truncated) = {
         let mut iov = [IoSliceMut::new(&mut buf)];
-        let msg = recvmsg::<()>(
-            sock.as_raw_fd(),
-            &mut iov,
-            Some(&mut cmsg),
-            MsgFlags::MSG_CMSG_CLOEXEC,
-        )?;
+        // EINTR at any signal, as in `send`.
+        let msg = loop {
+            match recvmsg::<()>(
+                sock.as_raw_fd(),
+                &mut iov,
+                Some(&mut cmsg),
+                MsgFlags::MSG_CMSG_CLOEXEC,
+            ) {
+                Err(nix::errno::Errno::EINTR) => continue,
+                r => break r?,
+            }
+        };
         let mut raw = Vec::new();
         for c in msg.cmsgs()? {
             if let ControlMessageOwned::ScmRights(fds) = c {
@@ -686,4 +700,47 @@ fn hand_connections(sock: &socket2::Socket, ctx: &Arc<Context>) -> usize {
     }
     tracing::info!(sent, not_parked = left, parked_in = ?parked_in, took = ?started.elapsed(), "hand-over: connections sent");
     sent
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A signal while a step waits (a successor's SIGCHLD of an
+    /// iptables-restore, say) does not end the step: sockets with a
+    /// timeout fail with EINTR even under SA_RESTART.
+    #[test]
+    #[allow(unsafe_code)]
+    fn a_signal_during_a_step_does_not_end_it() {
+        use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
+        extern "C" fn nothing(_: libc::c_int) {}
+        let action = SigAction::new(
+            SigHandler::Handler(nothing),
+            SaFlags::SA_RESTART,
+            SigSet::empty(),
+        );
+        // SAFETY: the handler does nothing, which is async-signal-safe.
+        unsafe { sigaction(Signal::SIGURG, &action) }.unwrap();
+        let (a, b) =
+            socket2::Socket::pair(socket2::Domain::UNIX, socket2::Type::SEQPACKET, None).unwrap();
+        for s in [&a, &b] {
+            s.set_read_timeout(Some(STEP_TIMEOUT)).unwrap();
+            s.set_write_timeout(Some(STEP_TIMEOUT)).unwrap();
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        let reader = std::thread::spawn(move || {
+            // SAFETY: plain FFI call without arguments.
+            tx.send(unsafe { libc::pthread_self() }).unwrap();
+            recv(&b).map(|(m, _)| m)
+        });
+        let thread = rx.recv().unwrap();
+        for _ in 0..20 {
+            std::thread::sleep(Duration::from_millis(5));
+            // SAFETY: the reader thread is alive until it has a message.
+            assert_eq!(unsafe { libc::pthread_kill(thread, libc::SIGURG) }, 0);
+        }
+        send(&a, &Msg::End { connections: 7 }, &[]).unwrap();
+        let got = reader.join().unwrap();
+        assert!(matches!(got, Ok(Msg::End { connections: 7 })), "{got:?}");
+    }
 }
