@@ -777,6 +777,21 @@ pub fn render_services(services: &[ServiceView]) -> String {
 pub fn render_process(ctx: &Context) -> String {
     let pipes = &ctx.pipes;
     let mut out = String::new();
+    if ctx.config.worker_idle == crate::proxy::workers::Idle::Auto {
+        let [sleep, yielding] = crate::proxy::idle::policy_seconds();
+        let (name, switches) = (
+            "kusp_worker_idle_policy_seconds_total",
+            "kusp_worker_idle_switches_total",
+        );
+        let _ = writeln!(
+            out,
+            "# HELP {name} Seconds --worker-idle auto workers spent moving traffic under each idle policy, summed over the workers.\n\
+             # TYPE {name} counter\n{name}{{policy=\"sleep\"}} {sleep}\n{name}{{policy=\"yield\"}} {yielding}\n\
+             # HELP {switches} Times a --worker-idle auto worker changed its idle policy.\n\
+             # TYPE {switches} counter\n{switches} {}",
+            crate::proxy::idle::switches()
+        );
+    }
     let mut series = |name: &str, kind: &str, help: &str, value: f64| {
         let _ = writeln!(
             out,

@@ -105,6 +105,12 @@ async fn metrics_count_exactly_and_vanish_with_their_service() {
         "no client addresses"
     );
     assert!(m.contains_key("process_open_fds"));
+    // Workers in `auto` (the default) say how long each idle policy ran.
+    for policy in ["sleep", "yield"] {
+        let k = format!("kusp_worker_idle_policy_seconds_total{{policy=\"{policy}\"}}");
+        assert!(m.contains_key(&k), "{k}");
+    }
+    assert!(m.contains_key("kusp_worker_idle_switches_total"));
 
     // Delete the service: every series of it is gone from the next scrape.
     p.sync(&Default::default());

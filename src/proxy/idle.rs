@@ -26,6 +26,7 @@
 //! window.
 
 use std::cell::{Cell, RefCell};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 /// How long a policy runs before it is judged.
@@ -64,6 +65,26 @@ thread_local! {
     static CHOOSER: RefCell<Chooser> = RefCell::new(Chooser::new(Instant::now(), 0, thread_cpu()));
 }
 
+/// Nanoseconds `auto` workers spent in windows that moved traffic, under
+/// `[sleep, yield]`, summed over the workers (warm-ups included).
+static POLICY_NANOS: [AtomicU64; 2] = [AtomicU64::new(0), AtomicU64::new(0)];
+
+/// Times an `auto` worker changed its policy.
+static SWITCHES: AtomicU64 = AtomicU64::new(0);
+
+/// Seconds `auto` workers spent moving traffic while sleeping at once and
+/// while yielding first (`[sleep, yield]`), summed over the workers.
+pub fn policy_seconds() -> [f64; 2] {
+    POLICY_NANOS
+        .each_ref()
+        .map(|n| n.load(Relaxed) as f64 / 1e9)
+}
+
+/// Times an `auto` worker changed its idle policy.
+pub fn switches() -> u64 {
+    SWITCHES.load(Relaxed)
+}
+
 /// Counts `n` bytes moved by a connection on this thread.
 #[inline]
 pub fn moved(n: u64) {
@@ -76,9 +97,16 @@ pub fn on_park() {
     let now = Instant::now();
     let yielding = CHOOSER.with(|c| {
         let mut c = c.borrow_mut();
-        if now.duration_since(c.since) >= c.length() {
-            let moved = MOVED.with(Cell::get);
-            c.judge(now, moved, thread_cpu());
+        let ran = now.duration_since(c.since);
+        if ran >= c.length() {
+            let (before, moved) = (c.yielding, MOVED.with(Cell::get));
+            if c.judge(now, moved, thread_cpu()) {
+                let nanos = u64::try_from(ran.as_nanos()).unwrap_or(u64::MAX);
+                POLICY_NANOS[usize::from(before)].fetch_add(nanos, Relaxed);
+            }
+            if c.yielding != before {
+                SWITCHES.fetch_add(1, Relaxed);
+            }
         }
         c.yielding
     });
@@ -166,14 +194,15 @@ impl Chooser {
     }
 
     /// Ends the running window with `moved` bytes and `cpu` time counted
-    /// so far, and picks the next window's policy.
-    fn judge(&mut self, now: Instant, moved: u64, cpu: Duration) {
+    /// so far, and picks the next window's policy; false when the window
+    /// was idle (it judged nothing).
+    fn judge(&mut self, now: Instant, moved: u64, cpu: Duration) -> bool {
         let bytes = moved.wrapping_sub(self.moved);
         if bytes < MIN_BYTES {
             // Idle: what comes next may be other traffic, measured afresh
             // (yield, then sleep) once it comes.
             *self = Self::new(now, moved, cpu);
-            return;
+            return false;
         }
         if self.warming {
             self.warming = false;
@@ -186,6 +215,7 @@ impl Chooser {
         self.since = now;
         self.moved = moved;
         self.cpu = cpu;
+        true
     }
 
     /// Adds a judged window's cost to its policy's and says which policy
