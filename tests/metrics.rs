@@ -39,12 +39,13 @@ async fn metrics_count_exactly_and_vanish_with_their_service() {
         parse_exposition(&body)
     };
     let svc = service(&p, "m");
+    // A connection counts as completed when its `Connection` drops and stops
+    // being active a moment later, when its task ends: wait for both.
+    let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
     assert!(
-        eventually(Duration::from_secs(3), || svc
-            .stats
-            .completed
-            .load(std::sync::atomic::Ordering::Relaxed)
-            == N as u64)
+        eventually(Duration::from_secs(3), || load(&svc.stats.completed)
+            == N as u64
+            && load(&svc.stats.active) == 0)
         .await
     );
     let m = scrape().await;
