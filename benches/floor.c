@@ -8,7 +8,9 @@
  * proxy costs above this row is its own work; what this row costs is the
  * kernel's (loopback TCP, wake-ups, epoll).
  *
- * Usage: floor PORT THREADS [LISTEN BACKEND]
+ * Usage: [FLOOR_SHARED=1] floor PORT THREADS [LISTEN BACKEND]
+ *   FLOOR_SHARED=1 shares one listener a port among the threads, HAProxy's
+ *   way, instead of one SO_REUSEPORT listener a thread (see below);
  *   forwards LISTEN:PORT   -> BACKEND:18080 (the bench's HTTP backend),
  *            LISTEN:PORT+1 -> BACKEND:15201 (its iperf3 backend)
  *   and      LISTEN:PORT+2 -> BACKEND:16379 (its redis backend);
@@ -32,6 +34,12 @@
 #define NPORTS 3
 static const int BACKENDS[NPORTS] = {18080, 15201, 16379};
 static int port;
+/* FLOOR_SHARED=1: one listener per port shared by every thread, in each
+ * thread's epoll with EPOLLEXCLUSIVE, level-triggered, at most MAXACCEPT
+ * accepts a wake-up (HAProxy's way); otherwise one SO_REUSEPORT listener
+ * per thread. */
+static int shared, shared_ls[NPORTS];
+#define MAXACCEPT 16
 static struct in_addr listen_ip, backend_ip;
 
 /* One proxied connection: fd[0] the client, fd[1] the backend. Direction d
@@ -109,7 +117,7 @@ static int listen_on(int p) {
     struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons(p)};
     a.sin_addr = listen_ip;
     setsockopt(s, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
-    setsockopt(s, SOL_SOCKET, SO_REUSEPORT, &one, sizeof one);
+    if (!shared) setsockopt(s, SOL_SOCKET, SO_REUSEPORT, &one, sizeof one);
     setsockopt(s, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
     if (bind(s, (void *)&a, sizeof a) || listen(s, 4096)) {
         perror("floor: bind");
@@ -122,7 +130,7 @@ static void accept_all(int ep, int ls, int backend) {
     struct sockaddr_in b = {.sin_family = AF_INET, .sin_port = htons(backend)};
     b.sin_addr = backend_ip;
     int one = 1;
-    for (;;) {
+    for (int n = 0; !shared || n < MAXACCEPT; n++) {
         int c = accept4(ls, NULL, NULL, SOCK_NONBLOCK);
         if (c < 0) return;
         int s = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);
@@ -147,9 +155,10 @@ static void *worker(void *arg) {
     (void)arg;
     int ep = epoll_create1(0), ls[NPORTS];
     for (int i = 0; i < NPORTS; i++) {
-        ls[i] = listen_on(port + i);
+        ls[i] = shared ? shared_ls[i] : listen_on(port + i);
         /* listeners carry a small integer, never a (16-byte aligned) conn */
-        struct epoll_event ev = {.events = EPOLLIN, .data.u64 = 2 + i};
+        struct epoll_event ev = {.events = EPOLLIN | (shared ? EPOLLEXCLUSIVE : 0),
+                                 .data.u64 = 2 + i};
         epoll_ctl(ep, EPOLL_CTL_ADD, ls[i], &ev);
     }
     struct epoll_event evs[256];
@@ -190,6 +199,9 @@ int main(int argc, char **argv) {
     }
     port = atoi(argv[1]);
     int threads = atoi(argv[2]);
+    shared = getenv("FLOOR_SHARED") && atoi(getenv("FLOOR_SHARED"));
+    if (shared)
+        for (int i = 0; i < NPORTS; i++) shared_ls[i] = listen_on(port + i);
     pthread_t t;
     for (int i = 1; i < threads; i++) pthread_create(&t, NULL, worker, NULL);
     worker(NULL);

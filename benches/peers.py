@@ -32,7 +32,9 @@ per request, the proxy's cost on a node whose CPUs it shares with workloads.
 
 Environment: BENCH_SECONDS (4), BENCH_ROUNDS (3), BENCH_CONNS (32),
 BENCH_DEPTH (16), BENCH_JSON (where to write the medians as JSON),
-BENCH_ONLY (comma-separated target names to keep).
+BENCH_ONLY (comma-separated target names to keep), BENCH_ROWS (which
+workloads to run, of keepalive,close,pipelined,bulk,redis: all by
+default; the others read 0).
 """
 import csv
 import json
@@ -55,6 +57,7 @@ SECONDS = int(os.environ.get("BENCH_SECONDS", "4"))
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
 CONNS = int(os.environ.get("BENCH_CONNS", "32"))
 DEPTH = int(os.environ.get("BENCH_DEPTH", "16"))
+ROWS = os.environ.get("BENCH_ROWS", "keepalive,close,pipelined,bulk,redis").split(",")
 LISTEN = os.environ.get("BENCH_LISTEN", "127.0.0.1")
 BACKEND = os.environ.get("BENCH_BACKEND", "127.0.0.1")
 if os.environ.get("BENCH_NS"):
@@ -301,7 +304,7 @@ stream {{
         for _ in range(ROUNDS):
             for name, port in self.ports.items():
                 s = samples[name]
-                for mode in ("keepalive", "close", "pipelined"):
+                for mode in [m for m in ("keepalive", "close", "pipelined") if m in ROWS]:
                     rps, p99, cpu, errors = self.wrk(name, port, mode)
                     s[f"{mode}_rps"].append(rps)
                     s[f"{mode}_cpu_us"].append(cpu)
@@ -309,14 +312,15 @@ stream {{
                         s["keepalive_p99_us"].append(p99)
                         s["keepalive_host_us"].append(self.host_cpu * 1e6 / max(rps * SECONDS, 1))
                     s["errors"] += errors
-                s["bulk1_gbps"].append(self.iperf(port, 1))
-                s["bulk4_gbps"].append(self.iperf(port, 4))
-                for key, depth in (("redis1", 1), ("redisp", DEPTH)):
+                if "bulk" in ROWS:
+                    s["bulk1_gbps"].append(self.iperf(port, 1))
+                    s["bulk4_gbps"].append(self.iperf(port, 4))
+                for key, depth in (("redis1", 1), ("redisp", DEPTH)) if "redis" in ROWS else ():
                     rps, cpu, errors = self.redis(name, port, depth)
                     s[f"{key}_rps"].append(rps)
                     s[f"{key}_cpu_us"].append(cpu)
                     s["errors"] += errors
-        return {n: {k: statistics.median(s[k]) for k, _, _ in COLUMNS} | {"errors": s["errors"][:3]}
+        return {n: {k: statistics.median(s[k] or [0]) for k, _, _ in COLUMNS} | {"errors": s["errors"][:3]}
                 for n, s in samples.items()}
 
 

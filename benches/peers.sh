@@ -117,6 +117,12 @@ common="--bind-address $listen --iptables off --metrics-bind-address 127.0.0.1:0
 floor=()
 if command -v cc >/dev/null && cc -O2 -pthread -o "$work/floor" benches/floor.c; then
   floor=("floor=28180=$work/floor 28180 $(nproc) $listen $backend")
+  # BENCH_FLOOR_SHARED=1: also the floor sharing each port HAProxy's way
+  # (one listener in every thread's epoll with EPOLLEXCLUSIVE, a bounded
+  # batch of accepts a wake-up); benches/README.md has what it measured.
+  if [ "${BENCH_FLOOR_SHARED:-0}" = 1 ]; then
+    floor+=("floor-shared=28210=env FLOOR_SHARED=1 $work/floor 28210 $(nproc) $listen $backend")
+  fi
 fi
 # The same floor on io_uring (benches/floor_uring.c), where liburing is
 # there to link: the yardstick of the io_uring gate (benches/README.md).
