@@ -315,11 +315,12 @@ stream {{
                 if "bulk" in ROWS:
                     s["bulk1_gbps"].append(self.iperf(port, 1))
                     s["bulk4_gbps"].append(self.iperf(port, 4))
-                for key, depth in (("redis1", 1), ("redisp", DEPTH)) if "redis" in ROWS else ():
-                    rps, cpu, errors = self.redis(name, port, depth)
-                    s[f"{key}_rps"].append(rps)
-                    s[f"{key}_cpu_us"].append(cpu)
-                    s["errors"] += errors
+                if "redis" in ROWS:
+                    for key, depth in (("redis1", 1), ("redisp", DEPTH)):
+                        rps, cpu, errors = self.redis(name, port, depth)
+                        s[f"{key}_rps"].append(rps)
+                        s[f"{key}_cpu_us"].append(cpu)
+                        s["errors"] += errors
         return {n: {k: statistics.median(s[k] or [0]) for k, _, _ in COLUMNS} | {"errors": s["errors"][:3]}
                 for n, s in samples.items()}
 
