@@ -224,6 +224,9 @@ enum Read {
     Eof,
     /// This many bytes, all passed on or held.
     Moved(usize),
+    /// Bytes passed on or held, and then end of stream: the peer's FIN
+    /// was already queued behind them.
+    Last,
 }
 
 impl Connection {
@@ -414,7 +417,7 @@ impl Connection {
                             .read_through(dir, COPY_CHUNK, &mut held, park, false)
                             .await?
                         {
-                            Read::Eof => break,
+                            Read::Eof | Read::Last => break,
                             Read::Parked => return Ok(Stopped::Parked),
                             Read::Moved(_) => {}
                         }
@@ -431,7 +434,7 @@ impl Connection {
                 .read_through(dir, cap, &mut held, park, drained)
                 .await?
             {
-                Read::Eof => break,
+                Read::Eof | Read::Last => break,
                 Read::Parked => return Ok(Stopped::Parked),
                 Read::Moved(n) => {
                     drained = n < cap;
@@ -458,6 +461,15 @@ impl Connection {
     /// less than it asked for, so the source's readiness is already
     /// cleared and the read starts by waiting for it (a read tried first
     /// would only find it clear: a request and its reply each paid that).
+    ///
+    /// Bytes that the peer's FIN already follows (a short read from a
+    /// socket tokio saw read-closed, and a second read that finds the end)
+    /// are written with `MSG_MORE`, so the `shutdown` or close that passes
+    /// the end on sends them and the FIN in one segment: the receiver
+    /// then acknowledges both with its own FIN instead of acknowledging
+    /// the bytes alone (two segments fewer for a reply that ends its
+    /// connection, as HAProxy sends it: `sc_conn_send` sets
+    /// `CO_SFL_MSG_MORE` when a shutdown is wanted after the data).
     async fn read_through(
         &self,
         dir: Dir,
@@ -472,11 +484,14 @@ impl Connection {
         }
         loop {
             let mut got = 0;
-            let read = SCRATCH.with_borrow_mut(|buf| -> io::Result<Option<usize>> {
+            let mut fin_next = false;
+            let read = SCRATCH.with_borrow_mut(|buf| -> io::Result<Option<Read>> {
                 let buf = &mut buf[..cap];
                 let r = src.try_io(Interest::READABLE, || {
                     got = recv(src, buf)?;
                     if got > 0 && got < cap {
+                        // Seen before this read: its bytes reach the FIN.
+                        fin_next = read_closed(src);
                         // A short read drained the queue: clear readiness
                         // now rather than with a read bound to fail.
                         Err(io::ErrorKind::WouldBlock.into())
@@ -494,12 +509,21 @@ impl Connection {
                     Err(e) => return Err(e),
                 }
                 if got == 0 {
-                    return Ok(Some(0));
+                    return Ok(Some(Read::Eof));
                 }
-                let sent = write_now(dst, &buf[..got])?;
+                // The read that would have found the end anyway, made
+                // before the write so the write knows the end follows. A
+                // reset shows here as an error, never as a FIN.
+                let last = fin_next && recv(src, &mut buf[got..])? == 0;
+                let more = if last {
+                    SendFlags::MORE
+                } else {
+                    SendFlags::empty()
+                };
+                let sent = write_now(dst, &buf[..got], more)?;
                 self.count(dir, sent);
                 held.extend_from_slice(&buf[sent..got]);
-                Ok(Some(got))
+                Ok(Some(if last { Read::Last } else { Read::Moved(got) }))
             })?;
             match read {
                 // Waiting for bytes with none held: a safe point.
@@ -508,10 +532,10 @@ impl Connection {
                         return Ok(Read::Parked);
                     }
                 }
-                Some(0) => return Ok(Read::Eof),
-                Some(n) => {
+                Some(Read::Eof) => return Ok(Read::Eof),
+                Some(moved) => {
                     self.flush(dir, held).await?;
-                    return Ok(Read::Moved(n));
+                    return Ok(moved);
                 }
             }
         }
@@ -523,7 +547,7 @@ impl Connection {
         let mut off = 0;
         while off < held.len() {
             writable(dst).await?;
-            let m = write_now(dst, &held[off..])?;
+            let m = write_now(dst, &held[off..], SendFlags::empty())?;
             self.count(dir, m);
             off += m;
         }
@@ -638,6 +662,19 @@ async fn readable(src: &TcpStream, park: &Park) -> io::Result<bool> {
     .await
 }
 
+/// Whether tokio has seen `src`'s peer end its writes (`EPOLLRDHUP`, or
+/// `EPOLLHUP`), looked up without a system call. Called while the socket
+/// is readable, when the look finds readiness at once and queues no
+/// waiter; the closed bits stay set once seen.
+fn read_closed(src: &TcpStream) -> bool {
+    let ready = std::pin::pin!(src.ready(Interest::READABLE));
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    matches!(
+        std::future::Future::poll(ready, &mut cx),
+        Poll::Ready(Ok(r)) if r.is_read_closed()
+    )
+}
+
 /// Waits until `dst` is writable; only the other direction writes it.
 async fn writable(dst: &TcpStream) -> io::Result<()> {
     std::future::poll_fn(|cx| dst.poll_write_ready(cx)).await
@@ -656,12 +693,14 @@ fn recv(s: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
         .map_err(io::Error::from)
 }
 
-/// Writes as much of `buf` as the socket takes now, without waiting.
-fn write_now(dst: &TcpStream, buf: &[u8]) -> io::Result<usize> {
+/// Writes as much of `buf` as the socket takes now, without waiting;
+/// `flags` beyond `MSG_NOSIGNAL` (`MSG_MORE`) go with every `send`.
+fn write_now(dst: &TcpStream, buf: &[u8], flags: SendFlags) -> io::Result<usize> {
     let mut off = 0;
     while off < buf.len() {
         let r = dst.try_io(Interest::WRITABLE, || {
-            rustix::net::send(dst, &buf[off..], SendFlags::NOSIGNAL).map_err(io::Error::from)
+            rustix::net::send(dst, &buf[off..], flags | SendFlags::NOSIGNAL)
+                .map_err(io::Error::from)
         });
         match r {
             Ok(m) => off += m,
@@ -868,5 +907,90 @@ mod tests {
             .expect("a half-closed connection parks");
         assert_eq!(stopped.unwrap().unwrap(), Stopped::Parked);
         assert!(conn.up.ended() && !conn.down.ended());
+    }
+
+    /// Segments the socket has received so far (`tcpi_segs_in`).
+    #[allow(unsafe_code)]
+    fn segments_in(s: &TcpStream) -> u32 {
+        use std::os::fd::AsRawFd;
+        // SAFETY: `info` is a plain C struct the kernel fills up to `len`.
+        let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+        let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+        let rc = unsafe {
+            libc::getsockopt(
+                s.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_INFO,
+                (&raw mut info).cast(),
+                &mut len,
+            )
+        };
+        assert_eq!(rc, 0, "TCP_INFO: {}", io::Error::last_os_error());
+        info.tcpi_segs_in
+    }
+
+    /// A reply the backend ended with its FIN before we read it reaches
+    /// the client as one segment carrying the bytes and the FIN, as from
+    /// HAProxy (`sc_conn_send`'s `CO_SFL_MSG_MORE` before a shutdown), in
+    /// every mode that reads small replies through user memory.
+    #[tokio::test]
+    async fn a_reply_followed_by_its_fin_leaves_with_the_fin() {
+        for mode in [CopyMode::Auto, CopyMode::Copy] {
+            let (conn, mut client, mut backend) = connection().await;
+            backend.write_all(b"reply").await.unwrap();
+            backend.shutdown().await.unwrap();
+            // Both edges reach the runtime's readiness before the first read.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let before = segments_in(&client);
+            let pipes = Arc::new(PipePool::new(
+                4,
+                4,
+                crate::proxy::fds::FdBudget::unlimited(),
+            ));
+            let run = spawn_parkable(Arc::new(conn), mode, &pipes, &Arc::default());
+            let mut got = Vec::new();
+            client.read_to_end(&mut got).await.unwrap();
+            assert_eq!(got, b"reply", "{mode}");
+            assert_eq!(
+                segments_in(&client) - before,
+                1,
+                "{mode}: bytes and FIN apart"
+            );
+            // The half-close went on as before: the client's end follows.
+            client.shutdown().await.unwrap();
+            let mut rest = Vec::new();
+            backend.read_to_end(&mut rest).await.unwrap();
+            assert!(rest.is_empty());
+            run.await.unwrap().unwrap();
+        }
+    }
+
+    /// A reply cut short by a reset is never passed on as a clean end:
+    /// the early look at the end confirms it with a read, which finds the
+    /// reset, and the client is reset too.
+    #[tokio::test]
+    async fn a_reply_followed_by_a_reset_is_not_passed_on_as_an_end() {
+        let (conn, mut client, backend) = connection().await;
+        let mut backend = backend.into_std().unwrap();
+        std::io::Write::write_all(&mut backend, b"reply").unwrap();
+        socket2::SockRef::from(&backend)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+        drop(backend);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let pipes = Arc::new(PipePool::new(
+            4,
+            4,
+            crate::proxy::fds::FdBudget::unlimited(),
+        ));
+        let run = spawn_parkable(Arc::new(conn), CopyMode::Auto, &pipes, &Arc::default());
+        let mut got = Vec::new();
+        let read = client.read_to_end(&mut got).await;
+        assert_eq!(
+            read.map_err(|e| e.kind()).err(),
+            Some(io::ErrorKind::ConnectionReset),
+            "read {got:?}"
+        );
+        assert!(run.await.unwrap().is_err());
     }
 }
