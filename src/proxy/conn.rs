@@ -484,14 +484,11 @@ impl Connection {
         }
         loop {
             let mut got = 0;
-            let mut fin_next = false;
             let read = SCRATCH.with_borrow_mut(|buf| -> io::Result<Option<Read>> {
                 let buf = &mut buf[..cap];
                 let r = src.try_io(Interest::READABLE, || {
                     got = recv(src, buf)?;
                     if got > 0 && got < cap {
-                        // Seen before this read: its bytes reach the FIN.
-                        fin_next = read_closed(src);
                         // A short read drained the queue: clear readiness
                         // now rather than with a read bound to fail.
                         Err(io::ErrorKind::WouldBlock.into())
@@ -511,10 +508,21 @@ impl Connection {
                 if got == 0 {
                     return Ok(Some(Read::Eof));
                 }
-                // The read that would have found the end anyway, made
-                // before the write so the write knows the end follows. A
-                // reset shows here as an error, never as a FIN.
-                let last = fin_next && recv(src, &mut buf[got..])? == 0;
+                // A short read just cleared the readable bit: readiness
+                // left is tokio's read-closed bit, set before the read, so
+                // these bytes reach the FIN. The read that would have
+                // found the end anyway is made now, before the write, so
+                // that the write knows the end follows; a reset shows
+                // here as an error, never as an end.
+                let mut last = false;
+                if got < cap && still_ready(src) {
+                    match recv(src, &mut buf[got..]) {
+                        Ok(0) => last = true,
+                        Ok(n) => got += n,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                        Err(e) => return Err(e),
+                    }
+                }
                 let more = if last {
                     SendFlags::MORE
                 } else {
@@ -641,16 +649,10 @@ async fn readable(src: &TcpStream, park: &Park) -> io::Result<bool> {
             return Poll::Ready(Ok(false));
         }
         if armed {
-            // Readiness without clearing it: `try_io` runs the closure
-            // only when some is set.
-            return match src.try_io(Interest::READABLE, || Ok(())) {
-                Ok(()) => Poll::Ready(Ok(true)),
-                Err(e) => {
-                    // tokio's `ErrorKind::WouldBlock.into()`: nothing to
-                    // free, and its drop is an out-of-line call.
-                    std::mem::forget(e);
-                    Poll::Pending
-                }
+            return if still_ready(src) {
+                Poll::Ready(Ok(true))
+            } else {
+                Poll::Pending
             };
         }
         let polled = src.poll_read_ready(cx).map_ok(|()| true);
@@ -662,17 +664,18 @@ async fn readable(src: &TcpStream, park: &Park) -> io::Result<bool> {
     .await
 }
 
-/// Whether tokio has seen `src`'s peer end its writes (`EPOLLRDHUP`, or
-/// `EPOLLHUP`), looked up without a system call. Called while the socket
-/// is readable, when the look finds readiness at once and queues no
-/// waiter; the closed bits stay set once seen.
-fn read_closed(src: &TcpStream) -> bool {
-    let ready = std::pin::pin!(src.ready(Interest::READABLE));
-    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-    matches!(
-        std::future::Future::poll(ready, &mut cx),
-        Poll::Ready(Ok(r)) if r.is_read_closed()
-    )
+/// Whether `src` shows readiness, looked up without a system call and
+/// without clearing it: `try_io` runs its closure only when some is set.
+fn still_ready(src: &TcpStream) -> bool {
+    match src.try_io(Interest::READABLE, || Ok(())) {
+        Ok(()) => true,
+        Err(e) => {
+            // tokio's `ErrorKind::WouldBlock.into()`: nothing to free, and
+            // its drop is an out-of-line call.
+            std::mem::forget(e);
+            false
+        }
+    }
 }
 
 /// Waits until `dst` is writable; only the other direction writes it.
