@@ -31,8 +31,10 @@
 //! Half-close: EOF one way becomes `shutdown(SHUT_WR)` on the other socket
 //! while the reverse direction goes on, until it idles for
 //! `--tcp-fin-timeout` (when both directions end cleanly, the last one
-//! skips the `shutdown`: closing the socket sends the same FIN). An error
-//! on either side resets both sockets (SO_LINGER 0), so a truncated
+//! skips the `shutdown`: closing the socket sends the same FIN). Bytes
+//! that the peer's FIN already follows in the receive queue are sent with
+//! `MSG_MORE`, so they and the FIN passed on leave in one segment. An
+//! error on either side resets both sockets (SO_LINGER 0), so a truncated
 //! transfer never looks like a clean end.
 //!
 //! Parking ([`Connection::run_parkable`]): for a hand-over to the next
