@@ -918,17 +918,19 @@ mod tests {
     #[allow(unsafe_code)]
     fn segments_in(s: &TcpStream) -> u32 {
         use std::os::fd::AsRawFd;
-        // SAFETY: `info` is a plain C struct the kernel fills up to `len`.
-        let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
         let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
-        let rc = unsafe {
-            libc::getsockopt(
+        // SAFETY: `tcp_info` is a plain C struct, valid all zeroes, and the
+        // kernel writes at most `len` bytes of it.
+        let (rc, info) = unsafe {
+            let mut info: libc::tcp_info = std::mem::zeroed();
+            let rc = libc::getsockopt(
                 s.as_raw_fd(),
                 libc::IPPROTO_TCP,
                 libc::TCP_INFO,
                 (&raw mut info).cast(),
                 &mut len,
-            )
+            );
+            (rc, info)
         };
         assert_eq!(rc, 0, "TCP_INFO: {}", io::Error::last_os_error());
         info.tcpi_segs_in
