@@ -774,6 +774,15 @@ mod tests {
         (conn, client_end, backend_end)
     }
 
+    /// A small pipe pool outside any fd budget, for the connections here.
+    fn pipe_pool() -> Arc<PipePool> {
+        Arc::new(PipePool::new(
+            4,
+            16,
+            super::super::fds::FdBudget::unlimited(),
+        ))
+    }
+
     /// One message each way through whatever drives `conn`.
     async fn exchange(client: &mut TcpStream, backend: &mut TcpStream) {
         let mut buf = [0; 4];
@@ -842,11 +851,7 @@ mod tests {
     /// get none: its task is woken by the raise, not by traffic.
     #[tokio::test]
     async fn an_idle_connection_parks_when_the_park_is_raised_and_runs_on_after() {
-        let pipes = Arc::new(PipePool::new(
-            4,
-            16,
-            super::super::fds::FdBudget::unlimited(),
-        ));
+        let pipes = pipe_pool();
         for mode in [CopyMode::Auto, CopyMode::Splice, CopyMode::Copy] {
             let (conn, mut client, mut backend) = connection().await;
             let conn = Arc::new(conn);
@@ -882,11 +887,7 @@ mod tests {
     /// direction is already half-closed, both park at once.
     #[tokio::test]
     async fn a_park_raised_early_or_on_a_half_closed_connection_parks() {
-        let pipes = Arc::new(PipePool::new(
-            4,
-            16,
-            super::super::fds::FdBudget::unlimited(),
-        ));
+        let pipes = pipe_pool();
 
         let (conn, _client, _backend) = connection().await;
         let park = Arc::new(Park::default());
@@ -949,11 +950,7 @@ mod tests {
             // Both edges reach the runtime's readiness before the first read.
             tokio::time::sleep(Duration::from_millis(50)).await;
             let before = segments_in(&client);
-            let pipes = Arc::new(PipePool::new(
-                4,
-                4,
-                crate::proxy::fds::FdBudget::unlimited(),
-            ));
+            let pipes = pipe_pool();
             let run = spawn_parkable(Arc::new(conn), mode, &pipes, &Arc::default());
             let mut got = Vec::new();
             client.read_to_end(&mut got).await.unwrap();
@@ -985,11 +982,7 @@ mod tests {
             .unwrap();
         drop(backend);
         tokio::time::sleep(Duration::from_millis(50)).await;
-        let pipes = Arc::new(PipePool::new(
-            4,
-            4,
-            crate::proxy::fds::FdBudget::unlimited(),
-        ));
+        let pipes = pipe_pool();
         let run = spawn_parkable(Arc::new(conn), CopyMode::Auto, &pipes, &Arc::default());
         let mut got = Vec::new();
         let read = client.read_to_end(&mut got).await;
