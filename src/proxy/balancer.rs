@@ -78,9 +78,21 @@ pub struct Backend {
     pub pending: AtomicU64,
     /// Smoothed connect time in microseconds (EWMA, 1/8); 0 until measured.
     pub connect_us: AtomicU64,
+    /// Dials in a row whose handshake had not completed when `connect`
+    /// returned: 0 for a backend on this host, where it always has
+    /// ([`Backend::look_first`]).
+    late_connects: AtomicU32,
     /// Stable hash of the address: its rendezvous key for `sh`.
     key: u64,
 }
+
+/// Dials in a row that find a backend's handshake still in flight before
+/// [`Backend::look_first`] stops looking.
+const LATE_CONNECTS: u32 = 4;
+
+/// How often (in connections) a backend that stopped being looked at is
+/// looked at again.
+const LATE_RELOOK: u64 = 64;
 
 /// Connect times below this count as equal for `sed`/`nq`: loopback and
 /// same-zone jitter must not decide, only real differences in distance
@@ -99,6 +111,7 @@ impl Backend {
             addr,
             pending: AtomicU64::new(0),
             connect_us: AtomicU64::new(0),
+            late_connects: AtomicU32::new(0),
             key: addr_key(addr),
             active: AtomicU64::new(0),
             total: AtomicU64::new(0),
@@ -137,6 +150,26 @@ impl Backend {
             old - old / 8 + sample / 8
         };
         self.connect_us.store(new.max(1), Relaxed);
+    }
+
+    /// Whether a dial should look for an already completed handshake
+    /// before it waits for one: yes until [`LATE_CONNECTS`] dials in a row
+    /// found it still in flight (a remote backend, a round trip away),
+    /// then one dial in [`LATE_RELOOK`], so a backend on this host that
+    /// was slow for a moment (its SYN queue, softirqs deferred under
+    /// load) is looked at again.
+    pub fn look_first(&self) -> bool {
+        self.late_connects.load(Relaxed) < LATE_CONNECTS
+            || self.total.load(Relaxed).is_multiple_of(LATE_RELOOK)
+    }
+
+    /// Notes what a look found: the handshake completed (`true`) or not.
+    pub fn observe_look(&self, completed: bool) {
+        let late = self.late_connects.load(Relaxed);
+        let new = if completed { 0 } else { late.saturating_add(1) };
+        if new != late {
+            self.late_connects.store(new, Relaxed);
+        }
     }
 
     /// `sed`'s expected delay of one more connection.
@@ -992,5 +1025,31 @@ mod tests {
                 assert_eq!(b.pick(client(7), &[]).unwrap().addr, first, "{s}");
             }
         }
+    }
+
+    /// `look_first` as a table over a backend's dials: looked at while its
+    /// handshakes complete inside `connect`; after `LATE_CONNECTS` late
+    /// ones in a row, only one connection in `LATE_RELOOK`; one completed
+    /// handshake found there starts it over.
+    #[test]
+    fn a_backend_is_looked_at_until_its_handshakes_are_late_four_times_running() {
+        let b = Backend::new(SocketAddr::from(([127, 0, 0, 1], 1)));
+        assert!(b.look_first(), "unknown: looked at");
+        b.observe_look(true);
+        for late in 0..LATE_CONNECTS {
+            assert!(b.look_first(), "after {late} late");
+            b.observe_look(false);
+        }
+        b.total.store(1, Relaxed);
+        assert!(!b.look_first(), "four late in a row");
+        b.total.store(LATE_RELOOK, Relaxed);
+        assert!(b.look_first(), "one connection in LATE_RELOOK");
+        b.observe_look(false);
+        b.total.store(LATE_RELOOK + 1, Relaxed);
+        assert!(!b.look_first(), "still late");
+        b.total.store(2 * LATE_RELOOK, Relaxed);
+        b.observe_look(true);
+        b.total.store(2 * LATE_RELOOK + 1, Relaxed);
+        assert!(b.look_first(), "completed again: looked at every time");
     }
 }

@@ -130,7 +130,22 @@ impl Drop for InFlight<'_> {
 /// every connect; here the first event says it: writable alone is
 /// established, and only an error or hang-up (a refused or unreachable
 /// dial) costs the `getsockopt` that names the errno.
-async fn connect_once(addr: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
+///
+/// `look_first` ([`Backend::look_first`]): a zero-timeout `poll` right
+/// after `connect`; whether the handshake had completed (established or
+/// not) goes to `observe`. To a backend on this
+/// host the kernel has run the whole handshake inside `connect`, so the
+/// socket is already writable and the connection goes on within this
+/// task's run instead of after the next event-loop turn (HAProxy sends
+/// on a fresh connection at once, `tcp_connect_server` then the stream's
+/// first `snd_buf`, without waiting for a poller event). A remote
+/// backend is never looked at: its handshake is a round trip away.
+async fn connect_once(
+    addr: SocketAddr,
+    timeout: Duration,
+    look_first: bool,
+    observe: impl FnOnce(bool),
+) -> io::Result<TcpStream> {
     let socket = socket2::Socket::new(
         socket2::Domain::for_address(addr),
         socket2::Type::STREAM.nonblocking(),
@@ -143,6 +158,13 @@ async fn connect_once(addr: SocketAddr, timeout: Duration) -> io::Result<TcpStre
         Err(e) => return Err(e),
     }
     let stream = TcpStream::from_std(socket.into())?;
+    if look_first {
+        let done = handshake_done(&stream);
+        observe(done.is_some());
+        if done == Some(true) {
+            return Ok(stream);
+        }
+    }
     match tokio::time::timeout(timeout, stream.ready(Interest::WRITABLE)).await {
         Ok(Ok(ready)) if !ready.is_error() && !ready.is_write_closed() => Ok(stream),
         Ok(Ok(_)) => Err(stream
@@ -150,6 +172,23 @@ async fn connect_once(addr: SocketAddr, timeout: Duration) -> io::Result<TcpStre
             .unwrap_or_else(|| io::Error::from_raw_os_error(libc::ECONNRESET))),
         Ok(Err(e)) => Err(e),
         Err(_) => Err(io::Error::from_raw_os_error(libc::ETIMEDOUT)),
+    }
+}
+
+/// What a zero-timeout `poll` finds on a connect in progress: `None`
+/// while the handshake is in flight, else whether it was established
+/// (writable alone; an error or hang-up is left to the event, which
+/// names it).
+fn handshake_done(stream: &TcpStream) -> Option<bool> {
+    use rustix::event::{poll, PollFd, PollFlags, Timespec};
+    let mut fds = [PollFd::new(stream, PollFlags::OUT)];
+    let now = Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    match poll(&mut fds, Some(&now)) {
+        Ok(1) => Some(fds[0].revents() == PollFlags::OUT),
+        _ => None,
     }
 }
 
@@ -186,7 +225,8 @@ pub async fn dial(
         } else {
             std::time::Instant::now()
         };
-        let mut result = connect_once(backend.addr, timeout).await;
+        let look = |completed| backend.observe_look(completed);
+        let mut result = connect_once(backend.addr, timeout, backend.look_first(), look).await;
         while let Err(e) = &result {
             if !super::is_local_exhaustion(e) || local_budget.is_zero() {
                 break;
@@ -197,7 +237,7 @@ pub async fn dial(
             local_budget -= pause;
             local_backoff = (local_backoff * 2).min(Duration::from_millis(500));
             attempt_started = std::time::Instant::now();
-            result = connect_once(backend.addr, timeout).await;
+            result = connect_once(backend.addr, timeout, backend.look_first(), look).await;
         }
         drop(in_flight);
         match result {
@@ -235,5 +275,50 @@ pub async fn dial(
             last_addr,
             last,
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// On loopback the kernel runs the whole handshake inside `connect`
+    /// (unless its softirqs were deferred to `ksoftirqd` under load, so a
+    /// few tries): the look finds it established, and a refused one
+    /// completed, with the error left to the event, which names it.
+    #[tokio::test]
+    async fn a_look_after_connect_finds_a_loopback_handshake_done() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let mut seen = Vec::new();
+        for _ in 0..50 {
+            let s = connect_once(addr, Duration::from_secs(5), true, |done| seen.push(done))
+                .await
+                .unwrap();
+            assert_eq!(s.peer_addr().unwrap(), addr);
+            drop(l.accept().unwrap());
+            if seen.contains(&true) {
+                break;
+            }
+        }
+        assert!(seen.contains(&true), "{seen:?}");
+
+        drop(l);
+        let e = connect_once(addr, Duration::from_secs(5), true, |_| {})
+            .await
+            .unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::ECONNREFUSED), "{e}");
+
+        // Not looked at: the event says it, as before.
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let s = connect_once(
+            l.local_addr().unwrap(),
+            Duration::from_secs(5),
+            false,
+            |_| panic!("not looked at"),
+        )
+        .await
+        .unwrap();
+        assert_eq!(s.peer_addr().unwrap(), l.local_addr().unwrap());
     }
 }

@@ -13,10 +13,12 @@ use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 
 use super::balancer::now_ms;
-use super::conn::{Connection, Flow, Stopped};
+use super::conn::{first_bytes, Connection, CopyMode, Flow, Stopped};
 use super::dealer::Slot;
 use super::listener::set_keepalive;
-use super::{connect, proxy_protocol, Context, Service};
+use super::proxy_protocol;
+use super::{connect, Context, Service};
+use crate::model::ProxyProtocol;
 
 /// Minimum interval between two "no backend" log lines of one service.
 const FAIL_LOG_INTERVAL_MS: u64 = 10_000;
@@ -43,26 +45,62 @@ pub(super) fn serve_on(
     })));
 }
 
-/// Registers an accepted socket with the current runtime and serves it.
+/// Reads an accepted socket's first bytes, registers it with the current
+/// runtime and serves it.
+///
+/// The first bytes are read before the socket is registered, as HAProxy
+/// does (`session_accept_fd`, then the stream's first `recv`, before the
+/// fd is polled): a client usually sends its request right after the
+/// handshake, so it is queued by now, and a socket registered with an
+/// empty queue reports nothing stale (registered first, the queued
+/// request is an event the next event-loop turn delivers after the read
+/// took it, and the connection would wait that turn for the request).
+/// Not with a PROXY header to send (it reads the first bytes itself, to
+/// send them with the header) nor in `splice` mode (every byte through a
+/// pipe); the PROXY setting is read once, so both decisions agree.
 async fn serve_std(
     stream: std::net::TcpStream,
     peer: SocketAddr,
     service: Arc<Service>,
     ctx: &Context,
 ) {
+    let header = service.proxy_protocol();
+    let first = if header.is_none() && ctx.config.copy_mode != CopyMode::Splice {
+        first_bytes(&stream)
+    } else {
+        Ok(Vec::new())
+    };
     match TcpStream::from_std(stream) {
-        Ok(stream) => serve(stream, peer, service, ctx).await,
+        Ok(stream) => serve(stream, peer, service, ctx, header, first).await,
         Err(e) => {
             tracing::debug!(service = %service.name, error = %e, "cannot register a connection")
         }
     }
 }
 
-/// Serves one accepted client connection to its end.
-async fn serve(client: TcpStream, peer: SocketAddr, service: Arc<Service>, ctx: &Context) {
+/// Serves one accepted client connection to its end: `header` is the
+/// PROXY header to send, `first` what was read from the client already.
+async fn serve(
+    client: TcpStream,
+    peer: SocketAddr,
+    service: Arc<Service>,
+    ctx: &Context,
+    header: Option<ProxyProtocol>,
+    first: io::Result<Vec<u8>>,
+) {
     let stats = &service.stats;
     stats.accepted.fetch_add(1, Relaxed);
     stats.active.fetch_add(1, Relaxed);
+    let first = match first {
+        Ok(first) => first,
+        Err(e) => {
+            // Reset before a byte: no backend needs to hear of it.
+            tracing::debug!(service = %service.name, peer = %peer, error = %e, "client connection failed before its first byte");
+            stats.active.fetch_sub(1, Relaxed);
+            ctx.closed_since_release.fetch_add(1, Relaxed);
+            return;
+        }
+    };
     let dialed = connect::dial(
         service.balancer_for(&client, peer.ip(), &ctx.origin),
         stats,
@@ -80,7 +118,11 @@ async fn serve(client: TcpStream, peer: SocketAddr, service: Arc<Service>, ctx: 
             }
             let conn = Connection::new(client, stream, peer, Arc::clone(&service), backend);
             // The PROXY header, when the service wants one, precedes any client byte.
-            match proxy_protocol::send(service.proxy_protocol(), &conn).await {
+            let sent = match proxy_protocol::send(header, &conn).await {
+                Ok(()) => conn.send_first(&first).await,
+                Err(e) => Err(e),
+            };
+            match sent {
                 Ok(()) => drive(conn, ctx).await,
                 Err(e) => {
                     tracing::debug!(service = %service.name, backend = %conn.endpoint.addr, error = %e, "connection ended with an error")
