@@ -1,7 +1,8 @@
 //! The life of each TCP connection once accepted (the sockets that accept
-//! them are [`super::listener`]'s): pick → dial with retry (in the
-//! connection's own task, so a slow backend never delays accepting) →
-//! move bytes until both sides are done.
+//! them are [`super::listener`]'s): its first bytes read → pick → dial
+//! with retry (in the connection's own task, so a slow backend never
+//! delays accepting) → the first bytes sent → move bytes until both sides
+//! are done.
 
 use std::io;
 use std::net::SocketAddr;
