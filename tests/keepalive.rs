@@ -104,12 +104,14 @@ fn established() -> Vec<SsSocket> {
 }
 
 /// The proxy's two sockets of the connection from `client` (its accepted
-/// socket on `listener`, its socket to `backend`), once ss shows both.
+/// socket on `listener`, its socket to `backend`), once ss shows both
+/// (with `timers`, both with a keepalive timer, for up to 5 s).
 fn proxy_sockets(
     pid: i32,
     listener: SocketAddr,
     client: SocketAddr,
     backend: SocketAddr,
+    timers: bool,
 ) -> (SsSocket, SsSocket) {
     let end = Instant::now() + Duration::from_secs(5);
     loop {
@@ -124,6 +126,16 @@ fn proxy_sockets(
             }
         }
         if let (Some(a), [b]) = (accepted, to_backend.as_slice()) {
+            // Waiting for timers, a sighting without one is looked at
+            // again until the deadline: once, in a loaded full-suite run,
+            // ss showed the accepted socket with no timer at all (not
+            // reproduced in 15 runs after); the caller's assertion judges
+            // the last sighting.
+            let without = |s: &SsSocket| s.keepalive_left().is_none();
+            if timers && (without(a) || without(b)) && Instant::now() < end {
+                std::thread::sleep(Duration::from_millis(50));
+                continue;
+            }
             assert!(
                 a.owned_by(pid),
                 "the accepted client socket belongs to the proxy (pid {pid}): {}",
@@ -165,8 +177,9 @@ fn unshared_port() -> u16 {
 
 /// Starts the proxy in front of an echo backend with `extra` flags, passes
 /// one line through it, and returns the proxy's two sockets of that
-/// connection as ss shows them while it is open.
-async fn one_connection(extra: &[&str]) -> (SsSocket, SsSocket) {
+/// connection as ss shows them while it is open (`timers`: see
+/// `proxy_sockets`).
+async fn one_connection(extra: &[&str], timers: bool) -> (SsSocket, SsSocket) {
     let backend = echo_backend().await;
     let port = unshared_port();
     let proxy = ProxyProc::start(
@@ -186,9 +199,10 @@ async fn one_connection(extra: &[&str]) -> (SsSocket, SsSocket) {
     assert_eq!(line, "hello\n", "the echo through the proxy");
     let me = client.local_addr().unwrap();
     let (pid, listener) = (proxy.pid(), proxy.addr);
-    let found = tokio::task::spawn_blocking(move || proxy_sockets(pid, listener, me, backend))
-        .await
-        .unwrap();
+    let found =
+        tokio::task::spawn_blocking(move || proxy_sockets(pid, listener, me, backend, timers))
+            .await
+            .unwrap();
     drop(client);
     drop(proxy);
     found
@@ -220,7 +234,7 @@ async fn both_sockets_of_a_proxied_connection_carry_a_keepalive_timer() {
     .await;
 
     // 0: keepalive off on both.
-    let (accepted, to_backend) = one_connection(&["--tcp-keepalive-time", "0"]).await;
+    let (accepted, to_backend) = one_connection(&["--tcp-keepalive-time", "0"], false).await;
     eprintln!(
         "--tcp-keepalive-time 0:\n  {}\n  {}",
         accepted.line, to_backend.line
@@ -238,7 +252,7 @@ async fn both_sockets_of_a_proxied_connection_carry_a_keepalive_timer() {
 /// that both of its sockets have a keepalive timer whose first probe is
 /// more than `above` and at most `at_most` away (`want` says which).
 async fn first_probes_within(flags: &[&str], want: &str, above: Duration, at_most: Duration) {
-    let (accepted, to_backend) = one_connection(flags).await;
+    let (accepted, to_backend) = one_connection(flags, true).await;
     eprintln!("{flags:?}:\n  {}\n  {}", accepted.line, to_backend.line);
     for (what, s) in [("accepted client", &accepted), ("backend", &to_backend)] {
         let left = s.keepalive_left().unwrap_or_else(|| {
