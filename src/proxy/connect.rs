@@ -133,13 +133,14 @@ impl Drop for InFlight<'_> {
 ///
 /// `look_first` ([`Backend::look_first`]): a zero-timeout `poll` right
 /// after `connect`; whether the handshake had completed (established or
-/// not) goes to `observe`. To a backend on this
-/// host the kernel has run the whole handshake inside `connect`, so the
-/// socket is already writable and the connection goes on within this
-/// task's run instead of after the next event-loop turn (HAProxy sends
-/// on a fresh connection at once, `tcp_connect_server` then the stream's
-/// first `snd_buf`, without waiting for a poller event). A remote
-/// backend is never looked at: its handshake is a round trip away.
+/// not) goes to `observe`. To a backend on this host the kernel has
+/// usually run the whole handshake inside `connect`, so the socket is
+/// already writable and the connection goes on within this task's run
+/// instead of after the next event-loop turn (HAProxy sends on a fresh
+/// connection at once, `tcp_connect_server` then the stream's first
+/// `snd_buf`, without waiting for a poller event). A remote backend's
+/// handshake is a round trip away: after a few looks that find it in
+/// flight, it is rarely looked at.
 async fn connect_once(
     addr: SocketAddr,
     timeout: Duration,
