@@ -80,7 +80,9 @@ async fn serve_std(
 }
 
 /// Serves one accepted client connection to its end: `header` is the
-/// PROXY header to send, `first` what was read from the client already.
+/// PROXY header to send, `first` what was read from the client already
+/// (an error: the client reset before its first byte, and no backend
+/// needs to hear of it).
 async fn serve(
     client: TcpStream,
     peer: SocketAddr,
@@ -92,16 +94,27 @@ async fn serve(
     let stats = &service.stats;
     stats.accepted.fetch_add(1, Relaxed);
     stats.active.fetch_add(1, Relaxed);
-    let first = match first {
-        Ok(first) => first,
+    match first {
+        Ok(first) => dial_and_drive(client, peer, &service, ctx, header, &first).await,
         Err(e) => {
-            // Reset before a byte: no backend needs to hear of it.
-            tracing::debug!(service = %service.name, peer = %peer, error = %e, "client connection failed before its first byte");
-            stats.active.fetch_sub(1, Relaxed);
-            ctx.closed_since_release.fetch_add(1, Relaxed);
-            return;
+            tracing::debug!(service = %service.name, peer = %peer, error = %e, "client connection failed before its first byte")
         }
-    };
+    }
+    stats.active.fetch_sub(1, Relaxed);
+    ctx.closed_since_release.fetch_add(1, Relaxed);
+}
+
+/// Dials a backend for `client`, sends it the PROXY header and `first`,
+/// and drives the connection; a client no backend takes is reset.
+async fn dial_and_drive(
+    client: TcpStream,
+    peer: SocketAddr,
+    service: &Arc<Service>,
+    ctx: &Context,
+    header: Option<ProxyProtocol>,
+    first: &[u8],
+) {
+    let stats = &service.stats;
     let dialed = connect::dial(
         service.balancer_for(&client, peer.ip(), &ctx.origin),
         stats,
@@ -117,10 +130,10 @@ async fn serve(
                     tracing::debug!(service = %service.name, error = %e, "cannot set TCP keepalive on the backend socket");
                 }
             }
-            let conn = Connection::new(client, stream, peer, Arc::clone(&service), backend);
+            let conn = Connection::new(client, stream, peer, Arc::clone(service), backend);
             // The PROXY header, when the service wants one, precedes any client byte.
             let sent = match proxy_protocol::send(header, &conn).await {
-                Ok(()) => conn.send_first(&first).await,
+                Ok(()) => conn.send_first(first).await,
                 Err(e) => Err(e),
             };
             match sent {
@@ -146,8 +159,6 @@ async fn serve(
             let _ = socket2::SockRef::from(&client).set_linger(Some(Duration::ZERO));
         }
     }
-    stats.active.fetch_sub(1, Relaxed);
-    ctx.closed_since_release.fetch_add(1, Relaxed);
 }
 
 /// Runs a connection to its end, or until a hand-over parks it and takes
