@@ -314,12 +314,14 @@ impl Connection {
     }
 
     /// Sends `first` (the client's bytes read by [`first_bytes`]) to the
-    /// backend before the movers start, counted as moved up. Sent without
-    /// asking tokio first: a connect that `poll` saw complete has had no
-    /// event yet. What the socket does not take now is flushed on its
-    /// event. On error both sockets are set to reset on close.
-    pub async fn send_first(&self, first: &[u8]) -> io::Result<()> {
-        let mut off = 0;
+    /// backend before the movers start, after the `sent` bytes of it that
+    /// the dial's look already sent; all of it is counted as moved up.
+    /// Sent without asking tokio first: a connect that the look saw
+    /// complete has had no event yet. What the socket does not take now
+    /// is flushed on its event. On error both sockets are set to reset on
+    /// close.
+    pub async fn send_first(&self, first: &[u8], sent: usize) -> io::Result<()> {
+        let mut off = sent;
         while off < first.len() {
             match rustix::net::send(&self.backend, &first[off..], SendFlags::NOSIGNAL) {
                 Ok(m) => off += m,
@@ -1103,7 +1105,7 @@ mod tests {
     #[tokio::test]
     async fn first_bytes_go_before_the_rest_and_are_counted() {
         let (conn, mut client_end, mut backend_end) = connection().await;
-        conn.send_first(b"first ").await.unwrap();
+        conn.send_first(b"first ", 0).await.unwrap();
         assert_eq!(conn.flow(Dir::Up).bytes(), 6);
         assert_eq!(conn.service.stats.bytes_in.load(Relaxed), 6);
         let pipes = pipe_pool();

@@ -106,6 +106,9 @@ pub struct Dialed {
     pub stream: TcpStream,
     /// The backend it goes to.
     pub backend: Arc<Backend>,
+    /// How many of the client's first bytes the look right after
+    /// `connect` already sent (see [`connect_once`]).
+    pub sent: usize,
 }
 
 /// A dial in flight, counted in [`Backend::pending`] until dropped (also
@@ -126,27 +129,32 @@ impl Drop for InFlight<'_> {
 }
 
 /// One non-blocking connect to `addr` within `timeout`, `TCP_NODELAY` set
-/// before the SYN. tokio's `TcpStream::connect` asks `SO_ERROR` after
-/// every connect; here the first event says it: writable alone is
-/// established, and only an error or hang-up (a refused or unreachable
-/// dial) costs the `getsockopt` that names the errno.
+/// before the SYN; returns the stream and how many bytes of `first` it
+/// already sent. tokio's `TcpStream::connect` asks `SO_ERROR` after every
+/// connect; here the first event says it: writable alone is established,
+/// and only an error or hang-up (a refused or unreachable dial) costs the
+/// `getsockopt` that names the errno.
 ///
-/// `look_first` ([`Backend::look_first`]): a zero-timeout `poll` right
-/// after `connect`; whether the handshake had completed (established or
+/// `look_first` ([`Backend::look_first`]): a look right after `connect`,
+/// before any event; whether the handshake had completed (established or
 /// not) goes to `observe`. To a backend on this host the kernel has
-/// usually run the whole handshake inside `connect`, so the socket is
-/// already writable and the connection goes on within this task's run
-/// instead of after the next event-loop turn (HAProxy sends on a fresh
-/// connection at once, `tcp_connect_server` then the stream's first
-/// `snd_buf`, without waiting for a poller event). A remote backend's
-/// handshake is a round trip away: after a few looks that find it in
-/// flight, it is rarely looked at.
+/// usually run the whole handshake inside `connect`, so the connection
+/// goes on within this task's run instead of after the next event-loop
+/// turn (HAProxy sends on a fresh connection at once, `tcp_connect_server`
+/// then the stream's first `snd_buf`, without waiting for a poller
+/// event). With client bytes to send (`first`), the look is their `send`:
+/// a connect in flight answers `EAGAIN` (`sk_stream_wait_connect` with no
+/// time to wait) and a failed one its errno, so the look costs no system
+/// call of its own. Without, it is a zero-timeout `poll`. A remote
+/// backend's handshake is a round trip away: after a few looks that find
+/// it in flight, it is rarely looked at.
 async fn connect_once(
     addr: SocketAddr,
     timeout: Duration,
     look_first: bool,
+    first: &[u8],
     observe: impl FnOnce(bool),
-) -> io::Result<TcpStream> {
+) -> io::Result<(TcpStream, usize)> {
     let socket = socket2::Socket::new(
         socket2::Domain::for_address(addr),
         socket2::Type::STREAM.nonblocking(),
@@ -160,27 +168,42 @@ async fn connect_once(
     }
     let stream = TcpStream::from_std(socket.into())?;
     if look_first {
-        let done = handshake_done(&stream);
-        observe(done.is_some());
-        if done == Some(true) {
-            return Ok(stream);
+        let look = look(&stream, first);
+        observe(!matches!(look, Look::InFlight));
+        match look {
+            Look::InFlight => {}
+            Look::Established(sent) => return Ok((stream, sent)),
+            Look::Failed(e) => return Err(e),
         }
     }
     match tokio::time::timeout(timeout, stream.ready(Interest::WRITABLE)).await {
-        Ok(Ok(ready)) if !ready.is_error() && !ready.is_write_closed() => Ok(stream),
-        Ok(Ok(_)) => Err(stream
-            .take_error()?
-            .unwrap_or_else(|| io::Error::from_raw_os_error(libc::ECONNRESET))),
+        Ok(Ok(ready)) if !ready.is_error() && !ready.is_write_closed() => Ok((stream, 0)),
+        Ok(Ok(_)) => Err(failure(&stream)),
         Ok(Err(e)) => Err(e),
         Err(_) => Err(io::Error::from_raw_os_error(libc::ETIMEDOUT)),
     }
 }
 
-/// What a zero-timeout `poll` finds on a connect in progress: `None`
-/// while the handshake is in flight, else whether it was established
-/// (writable alone; an error or hang-up is left to the event, which
-/// names it).
-fn handshake_done(stream: &TcpStream) -> Option<bool> {
+/// What a look right after `connect` found ([`look`]).
+enum Look {
+    /// The handshake is still in flight: the event will say.
+    InFlight,
+    /// Established; this many of the first bytes were sent.
+    Established(usize),
+    /// The dial failed (refused, unreachable).
+    Failed(io::Error),
+}
+
+/// Looks at a connect in progress without waiting: sends `first` when
+/// there is any, else asks a zero-timeout `poll`.
+fn look(stream: &TcpStream, first: &[u8]) -> Look {
+    if !first.is_empty() {
+        return match rustix::net::send(stream, first, rustix::net::SendFlags::NOSIGNAL) {
+            Ok(sent) => Look::Established(sent),
+            Err(rustix::io::Errno::AGAIN | rustix::io::Errno::INTR) => Look::InFlight,
+            Err(e) => Look::Failed(e.into()),
+        };
+    }
     use rustix::event::{poll, PollFd, PollFlags, Timespec};
     let mut fds = [PollFd::new(stream, PollFlags::OUT)];
     let now = Timespec {
@@ -188,18 +211,31 @@ fn handshake_done(stream: &TcpStream) -> Option<bool> {
         tv_nsec: 0,
     };
     match poll(&mut fds, Some(&now)) {
-        Ok(1) => Some(fds[0].revents() == PollFlags::OUT),
-        _ => None,
+        Ok(1) if fds[0].revents() == PollFlags::OUT => Look::Established(0),
+        Ok(1) => Look::Failed(failure(stream)),
+        _ => Look::InFlight,
+    }
+}
+
+/// Why a dial that completed was not established: the socket's pending
+/// error (`SO_ERROR`), or a reset when it has none (a hang-up).
+fn failure(stream: &TcpStream) -> io::Error {
+    match stream.take_error() {
+        Ok(e) => e.unwrap_or_else(|| io::Error::from_raw_os_error(libc::ECONNRESET)),
+        Err(e) => e,
     }
 }
 
 /// Dials the service's next endpoint for `client`, moving on to another one
-/// (with the next, longer timeout) on every failure.
+/// (with the next, longer timeout) on every failure. `first` (the client's
+/// bytes read so far; empty when a PROXY header must precede them) may
+/// go out with the dial's look: [`Dialed::sent`] says how much did.
 pub async fn dial(
     balancer: &Balancer,
     stats: &ServiceStats,
     client: IpAddr,
     timeouts: &[Duration],
+    first: &[u8],
 ) -> Result<Dialed, Error> {
     let started = std::time::Instant::now();
     // Allocated only by a failed attempt.
@@ -227,7 +263,8 @@ pub async fn dial(
             std::time::Instant::now()
         };
         let look = |completed| backend.observe_look(completed);
-        let mut result = connect_once(backend.addr, timeout, backend.look_first(), look).await;
+        let mut result =
+            connect_once(backend.addr, timeout, backend.look_first(), first, look).await;
         while let Err(e) = &result {
             if !super::is_local_exhaustion(e) || local_budget.is_zero() {
                 break;
@@ -238,11 +275,11 @@ pub async fn dial(
             local_budget -= pause;
             local_backoff = (local_backoff * 2).min(Duration::from_millis(500));
             attempt_started = std::time::Instant::now();
-            result = connect_once(backend.addr, timeout, backend.look_first(), look).await;
+            result = connect_once(backend.addr, timeout, backend.look_first(), first, look).await;
         }
         drop(in_flight);
         match result {
-            Ok(stream) => {
+            Ok((stream, sent)) => {
                 stats.count_dial(DialResult::Ok);
                 let took = started.elapsed();
                 stats.connect_latency.observe(took);
@@ -252,7 +289,11 @@ pub async fn dial(
                     attempt_started.elapsed()
                 });
                 balancer.report_success(&backend);
-                return Ok(Dialed { stream, backend });
+                return Ok(Dialed {
+                    stream,
+                    backend,
+                    sent,
+                });
             }
             Err(e) => {
                 let result = DialResult::of(&e);
@@ -286,17 +327,19 @@ mod tests {
     /// On loopback the kernel runs the whole handshake inside `connect`
     /// (unless its softirqs were deferred to `ksoftirqd` under load, so a
     /// few tries): the look finds it established, and a refused one
-    /// completed, with the error left to the event, which names it.
+    /// completed, with the errno named.
     #[tokio::test]
     async fn a_look_after_connect_finds_a_loopback_handshake_done() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap();
         let mut seen = Vec::new();
         for _ in 0..50 {
-            let s = connect_once(addr, Duration::from_secs(5), true, |done| seen.push(done))
-                .await
-                .unwrap();
-            assert_eq!(s.peer_addr().unwrap(), addr);
+            let (s, sent) = connect_once(addr, Duration::from_secs(5), true, &[], |done| {
+                seen.push(done)
+            })
+            .await
+            .unwrap();
+            assert_eq!((s.peer_addr().unwrap(), sent), (addr, 0));
             drop(l.accept().unwrap());
             if seen.contains(&true) {
                 break;
@@ -305,21 +348,61 @@ mod tests {
         assert!(seen.contains(&true), "{seen:?}");
 
         drop(l);
-        let e = connect_once(addr, Duration::from_secs(5), true, |_| {})
+        let e = connect_once(addr, Duration::from_secs(5), true, &[], |_| {})
             .await
             .unwrap_err();
         assert_eq!(e.raw_os_error(), Some(libc::ECONNREFUSED), "{e}");
 
-        // Not looked at: the event says it, as before.
+        // Not looked at: the event says it, as before, and nothing is sent.
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let s = connect_once(
+        let (s, sent) = connect_once(
             l.local_addr().unwrap(),
             Duration::from_secs(5),
             false,
+            b"not sent",
             |_| panic!("not looked at"),
         )
         .await
         .unwrap();
         assert_eq!(s.peer_addr().unwrap(), l.local_addr().unwrap());
+        assert_eq!(sent, 0);
+    }
+
+    /// With client bytes to send, the look is their `send`: a completed
+    /// handshake takes them at once, one still in flight (`EAGAIN`) sends
+    /// nothing and leaves them to the caller, and a refused dial names
+    /// its errno with nothing sent.
+    #[tokio::test]
+    async fn with_first_bytes_the_look_is_their_send() {
+        use std::io::Read;
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let mut seen = Vec::new();
+        for _ in 0..50 {
+            let mut done = None;
+            let (_s, sent) = connect_once(addr, Duration::from_secs(5), true, b"hello", |d| {
+                done = Some(d)
+            })
+            .await
+            .unwrap();
+            let done = done.expect("looked at");
+            seen.push(done);
+            let (mut a, _) = l.accept().unwrap();
+            if done {
+                assert_eq!(sent, 5);
+                let mut got = [0u8; 5];
+                a.read_exact(&mut got).unwrap();
+                assert_eq!(&got, b"hello");
+                break;
+            }
+            assert_eq!(sent, 0, "in flight: nothing sent");
+        }
+        assert!(seen.contains(&true), "{seen:?}");
+
+        drop(l);
+        let e = connect_once(addr, Duration::from_secs(5), true, b"hello", |_| {})
+            .await
+            .unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::ECONNREFUSED), "{e}");
     }
 }

@@ -115,15 +115,22 @@ async fn dial_and_drive(
     first: &[u8],
 ) {
     let stats = &service.stats;
+    // A PROXY header goes first: no client byte may leave with the dial.
+    let early = if header.is_some() { &[][..] } else { first };
     let dialed = connect::dial(
         service.balancer_for(&client, peer.ip(), &ctx.origin),
         stats,
         peer.ip(),
         &ctx.config.dial_timeouts,
+        early,
     )
     .await;
     match dialed {
-        Ok(connect::Dialed { stream, backend }) => {
+        Ok(connect::Dialed {
+            stream,
+            backend,
+            sent: sent_early,
+        }) => {
             // A new socket has keepalive off: only turning it on costs a syscall.
             if let Some(k) = &ctx.config.tcp_keepalive {
                 if let Err(e) = set_keepalive(&stream, Some(k)) {
@@ -133,7 +140,7 @@ async fn dial_and_drive(
             let conn = Connection::new(client, stream, peer, Arc::clone(service), backend);
             // The PROXY header, when the service wants one, precedes any client byte.
             let sent = match proxy_protocol::send(header, &conn).await {
-                Ok(()) => conn.send_first(first).await,
+                Ok(()) => conn.send_first(first, sent_early).await,
                 Err(e) => Err(e),
             };
             match sent {
