@@ -135,19 +135,20 @@ impl Drop for InFlight<'_> {
 /// and only an error or hang-up (a refused or unreachable dial) costs the
 /// `getsockopt` that names the errno.
 ///
-/// `look_first` ([`Backend::look_first`]): a look right after `connect`,
-/// before any event; whether the handshake had completed (established or
-/// not) goes to `observe`. To a backend on this host the kernel has
-/// usually run the whole handshake inside `connect`, so the connection
-/// goes on within this task's run instead of after the next event-loop
-/// turn (HAProxy sends on a fresh connection at once, `tcp_connect_server`
-/// then the stream's first `snd_buf`, without waiting for a poller
-/// event). With client bytes to send (`first`), the look is their `send`:
-/// a connect in flight answers `EAGAIN` (`sk_stream_wait_connect` with no
-/// time to wait) and a failed one its errno, so the look costs no system
-/// call of its own. Without, it is a zero-timeout `poll`. A remote
-/// backend's handshake is a round trip away: after a few looks that find
-/// it in flight, it is rarely looked at.
+/// `look_first` ([`Backend::look_first`]) with client bytes to send: they
+/// are sent right after `connect`, before any event. To a backend on this
+/// host the kernel has usually run the whole handshake inside `connect`,
+/// so they go out within this task's run instead of after the next
+/// event-loop turn. HAProxy does the same: `tcp_connect_server`, then
+/// the stream's first `raw_sock_from_buf`, whose `send` succeeding is
+/// what clears `CO_FL_WAIT_L4_CONN` ("a send succeeded, so we can
+/// consider ourself connected"), before any poller event. A connect
+/// still in flight answers `EAGAIN` (`sk_stream_wait_connect` with no
+/// time to wait) and sends nothing; a failed one answers its errno.
+/// Whether the handshake had completed goes to `observe`. A remote
+/// backend's handshake is a round trip away: after a few sends that find
+/// it in flight, it is rarely tried. With nothing to send there is
+/// nothing to gain before the event, and HAProxy waits for it too.
 async fn connect_once(
     addr: SocketAddr,
     timeout: Duration,
@@ -167,62 +168,26 @@ async fn connect_once(
         Err(e) => return Err(e),
     }
     let stream = TcpStream::from_std(socket.into())?;
-    if look_first {
-        let look = look(&stream, first);
-        observe(!matches!(look, Look::InFlight));
-        match look {
-            Look::InFlight => {}
-            Look::Established(sent) => return Ok((stream, sent)),
-            Look::Failed(e) => return Err(e),
+    if look_first && !first.is_empty() {
+        match rustix::net::send(&stream, first, rustix::net::SendFlags::NOSIGNAL) {
+            Ok(sent) => {
+                observe(true);
+                return Ok((stream, sent));
+            }
+            Err(rustix::io::Errno::AGAIN | rustix::io::Errno::INTR) => observe(false),
+            Err(e) => {
+                observe(true);
+                return Err(e.into());
+            }
         }
     }
     match tokio::time::timeout(timeout, stream.ready(Interest::WRITABLE)).await {
         Ok(Ok(ready)) if !ready.is_error() && !ready.is_write_closed() => Ok((stream, 0)),
-        Ok(Ok(_)) => Err(failure(&stream)),
+        Ok(Ok(_)) => Err(stream
+            .take_error()?
+            .unwrap_or_else(|| io::Error::from_raw_os_error(libc::ECONNRESET))),
         Ok(Err(e)) => Err(e),
         Err(_) => Err(io::Error::from_raw_os_error(libc::ETIMEDOUT)),
-    }
-}
-
-/// What a look right after `connect` found ([`look`]).
-enum Look {
-    /// The handshake is still in flight: the event will say.
-    InFlight,
-    /// Established; this many of the first bytes were sent.
-    Established(usize),
-    /// The dial failed (refused, unreachable).
-    Failed(io::Error),
-}
-
-/// Looks at a connect in progress without waiting: sends `first` when
-/// there is any, else asks a zero-timeout `poll`.
-fn look(stream: &TcpStream, first: &[u8]) -> Look {
-    if !first.is_empty() {
-        return match rustix::net::send(stream, first, rustix::net::SendFlags::NOSIGNAL) {
-            Ok(sent) => Look::Established(sent),
-            Err(rustix::io::Errno::AGAIN | rustix::io::Errno::INTR) => Look::InFlight,
-            Err(e) => Look::Failed(e.into()),
-        };
-    }
-    use rustix::event::{poll, PollFd, PollFlags, Timespec};
-    let mut fds = [PollFd::new(stream, PollFlags::OUT)];
-    let now = Timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    match poll(&mut fds, Some(&now)) {
-        Ok(1) if fds[0].revents() == PollFlags::OUT => Look::Established(0),
-        Ok(1) => Look::Failed(failure(stream)),
-        _ => Look::InFlight,
-    }
-}
-
-/// Why a dial that completed was not established: the socket's pending
-/// error (`SO_ERROR`), or a reset when it has none (a hang-up).
-fn failure(stream: &TcpStream) -> io::Error {
-    match stream.take_error() {
-        Ok(e) => e.unwrap_or_else(|| io::Error::from_raw_os_error(libc::ECONNRESET)),
-        Err(e) => e,
     }
 }
 
@@ -326,65 +291,23 @@ mod tests {
 
     /// On loopback the kernel runs the whole handshake inside `connect`
     /// (unless its softirqs were deferred to `ksoftirqd` under load, so a
-    /// few tries): the look finds it established, and a refused one
-    /// completed, with the errno named.
+    /// few tries): client bytes sent right after it go out at once. A
+    /// handshake still in flight (`EAGAIN`) sends nothing and leaves them
+    /// to the caller; a refused dial names its errno with nothing sent.
     #[tokio::test]
-    async fn a_look_after_connect_finds_a_loopback_handshake_done() {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = l.local_addr().unwrap();
-        let mut seen = Vec::new();
-        for _ in 0..50 {
-            let (s, sent) = connect_once(addr, Duration::from_secs(5), true, &[], |done| {
-                seen.push(done)
-            })
-            .await
-            .unwrap();
-            assert_eq!((s.peer_addr().unwrap(), sent), (addr, 0));
-            drop(l.accept().unwrap());
-            if seen.contains(&true) {
-                break;
-            }
-        }
-        assert!(seen.contains(&true), "{seen:?}");
-
-        drop(l);
-        let e = connect_once(addr, Duration::from_secs(5), true, &[], |_| {})
-            .await
-            .unwrap_err();
-        assert_eq!(e.raw_os_error(), Some(libc::ECONNREFUSED), "{e}");
-
-        // Not looked at: the event says it, as before, and nothing is sent.
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let (s, sent) = connect_once(
-            l.local_addr().unwrap(),
-            Duration::from_secs(5),
-            false,
-            b"not sent",
-            |_| panic!("not looked at"),
-        )
-        .await
-        .unwrap();
-        assert_eq!(s.peer_addr().unwrap(), l.local_addr().unwrap());
-        assert_eq!(sent, 0);
-    }
-
-    /// With client bytes to send, the look is their `send`: a completed
-    /// handshake takes them at once, one still in flight (`EAGAIN`) sends
-    /// nothing and leaves them to the caller, and a refused dial names
-    /// its errno with nothing sent.
-    #[tokio::test]
-    async fn with_first_bytes_the_look_is_their_send() {
+    async fn first_bytes_go_out_with_a_loopback_dial() {
         use std::io::Read;
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap();
         let mut seen = Vec::new();
         for _ in 0..50 {
             let mut done = None;
-            let (_s, sent) = connect_once(addr, Duration::from_secs(5), true, b"hello", |d| {
+            let (s, sent) = connect_once(addr, Duration::from_secs(5), true, b"hello", |d| {
                 done = Some(d)
             })
             .await
             .unwrap();
+            assert_eq!(s.peer_addr().unwrap(), addr);
             let done = done.expect("looked at");
             seen.push(done);
             let (mut a, _) = l.accept().unwrap();
@@ -401,6 +324,28 @@ mod tests {
 
         drop(l);
         let e = connect_once(addr, Duration::from_secs(5), true, b"hello", |_| {})
+            .await
+            .unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::ECONNREFUSED), "{e}");
+    }
+
+    /// Nothing to send, or a backend no longer looked at: the event says
+    /// the dial is established (or why not), and nothing is sent.
+    #[tokio::test]
+    async fn without_a_look_the_event_says_it() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        for (look_first, first) in [(true, &b""[..]), (false, &b"not sent"[..])] {
+            let (s, sent) = connect_once(addr, Duration::from_secs(5), look_first, first, |_| {
+                panic!("not looked at")
+            })
+            .await
+            .unwrap();
+            assert_eq!((s.peer_addr().unwrap(), sent), (addr, 0));
+            drop(l.accept().unwrap());
+        }
+        drop(l);
+        let e = connect_once(addr, Duration::from_secs(5), true, &[], |_| {})
             .await
             .unwrap_err();
         assert_eq!(e.raw_os_error(), Some(libc::ECONNREFUSED), "{e}");
