@@ -152,18 +152,21 @@ impl Backend {
         self.connect_us.store(new.max(1), Relaxed);
     }
 
-    /// Whether a dial should look for an already completed handshake
-    /// before it waits for one: yes until [`LATE_CONNECTS`] dials in a row
-    /// found it still in flight (a remote backend, a round trip away),
-    /// then one dial in [`LATE_RELOOK`], so a backend on this host that
-    /// was slow for a moment (its SYN queue, softirqs deferred under
-    /// load) is looked at again.
+    /// Whether a dial should send the client's first bytes right after
+    /// `connect`, betting that the handshake already completed, instead
+    /// of waiting for its event first (`connect::connect_once`): yes
+    /// until [`LATE_CONNECTS`] dials in a row found it still in flight (a
+    /// remote backend, a round trip away), then one dial in
+    /// [`LATE_RELOOK`], so a backend on this host that was slow for a
+    /// moment (its SYN queue, softirqs deferred under load) is tried
+    /// again.
     pub fn look_first(&self) -> bool {
         self.late_connects.load(Relaxed) < LATE_CONNECTS
             || self.total.load(Relaxed).is_multiple_of(LATE_RELOOK)
     }
 
-    /// Notes what a look found: the handshake completed (`true`) or not.
+    /// Notes what an early send found: the handshake completed (`true`:
+    /// the bytes went, or the dial failed) or still in flight (`EAGAIN`).
     pub fn observe_look(&self, completed: bool) {
         let late = self.late_connects.load(Relaxed);
         let new = if completed { 0 } else { late.saturating_add(1) };
