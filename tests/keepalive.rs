@@ -430,12 +430,16 @@ fn a_client_that_vanishes_is_found_dead_and_its_fds_freed() {
     eprintln!("proxy fds: {before} before, {open} with the connection open");
 
     // The client vanishes: nothing sent to it arrives, and it sends nothing.
+    // Only this connection's packets: a later `/metrics` poll may be given
+    // the same ephemeral port, and its SYN-ACK must not be dropped.
     ns.run(&[
         "iptables",
         "-A",
         "INPUT",
         "-p",
         "tcp",
+        "--sport",
+        &port.to_string(),
         "--dport",
         &client_port.to_string(),
         "-j",
