@@ -18,10 +18,10 @@
 //! [`EXPLORE`] windows, less often while the tries confirm the choice),
 //! and at once when its cost was off by more than [`CHANGE`] two windows
 //! running (the traffic changed). The first window after a
-//! switch is a shorter warm-up, not judged. A window that moved bytes at
-//! less than [`MIN_RATE`] (an idle worker) judges nothing and starts the
-//! measures afresh, since what comes next may be other traffic. All of it
-//! is the worker's own: a thread-local count added to by the movers, a clock
+//! switch is a shorter warm-up, not judged. A window that moved less than
+//! [`MIN_BYTES`] (an idle worker) judges nothing and starts the measures
+//! afresh, since what comes next may be other traffic. All of it is the
+//! worker's own: a thread-local count added to by the movers, a clock
 //! read at each park and one `clock_gettime` of the thread's CPU time a
 //! window.
 
@@ -50,15 +50,10 @@ const CHANGE: f64 = 0.4;
 /// How much cheaper the other policy must look to be taken.
 const MARGIN: f64 = 0.1;
 
-/// A window that moved bytes slower than this, in bytes a second, is not
-/// judged (too little traffic for its CPU time to say anything), and what
-/// was measured before it is forgotten: 256 KiB a [`WINDOW`]. A rate, not
-/// a count, so that the half-length warm-up is held to the same bar.
-/// Counted in bytes, it was not: keep-alive HTTP (~190 bytes a request
-/// both ways) moves 256 KiB in a 50-ms warm-up only above 27.6k requests
-/// a second a worker, so at 25k to 30k about every other warm-up was
-/// judged idle and restarted the measures, yield first.
-const MIN_RATE: u64 = 256 * 1024 * 10;
+/// A window that moved fewer bytes than this is not judged (too little
+/// traffic for its CPU time to say anything), and what was measured
+/// before it is forgotten.
+const MIN_BYTES: u64 = 256 * 1024;
 
 /// Weight of a new window in the running cost of its policy, within a run
 /// of windows of that policy.
@@ -203,8 +198,7 @@ impl Chooser {
     /// was idle (it judged nothing).
     fn judge(&mut self, now: Instant, moved: u64, cpu: Duration) -> bool {
         let bytes = moved.wrapping_sub(self.moved);
-        let ran = now.saturating_duration_since(self.since);
-        if u128::from(bytes) * 1_000_000_000 < u128::from(MIN_RATE) * ran.as_nanos() {
+        if bytes < MIN_BYTES {
             // Idle: what comes next may be other traffic, measured afresh
             // (yield, then sleep) once it comes.
             *self = Self::new(now, moved, cpu);
@@ -395,39 +389,13 @@ mod tests {
         );
     }
 
-    /// What a [`WINDOW`] (100 ms) must move not to be idle.
-    const PER_WINDOW: u64 = MIN_RATE / 10;
-
     #[test]
     fn an_idle_window_judges_nothing() {
         let start = Instant::now();
         let mut c = Chooser::new(start, 0, Duration::ZERO);
-        let under = PER_WINDOW - 1;
-        c.judge(start + WINDOW, under, Duration::from_millis(40));
+        c.judge(start + WINDOW, MIN_BYTES - 1, Duration::from_millis(40));
         assert_eq!((c.cost, c.windows, c.yielding), ([None, None], 0, true));
-        assert_eq!(c.moved, under, "the next window starts here");
-    }
-
-    /// Idle is a rate: a warm-up half a window long that moved 60% of what
-    /// a full window needs is busy, and ends as a warm-up; the same bytes
-    /// over a full window are idle.
-    #[test]
-    fn idle_is_judged_by_rate_so_a_warm_up_is_held_to_the_same_bar() {
-        let start = Instant::now();
-        let mut c = Chooser::new(start, 0, Duration::ZERO);
-        c.judge(start + WINDOW, 1_000_000, Duration::from_millis(5));
-        assert!(!c.yielding && c.warming);
-        let bytes = PER_WINDOW * 6 / 10;
-        c.judge(
-            start + WINDOW + WARM_UP,
-            1_000_000 + bytes,
-            Duration::from_millis(8),
-        );
-        assert!(!c.yielding && !c.warming, "warmed up, still sleeping");
-        assert_eq!(c.cost, [None, Some(5.0)], "nothing forgotten");
-        let at = start + WINDOW + WARM_UP + WINDOW;
-        c.judge(at, 1_000_000 + 2 * bytes, Duration::from_millis(9));
-        assert_eq!(c.cost, [None, None], "a slow full window is idle");
+        assert_eq!(c.moved, MIN_BYTES - 1, "the next window starts here");
     }
 
     /// The first window after a switch is a shorter warm-up whose cost,
