@@ -19,9 +19,11 @@
 //! [`EXPLORE`] windows, less often while the tries confirm the choice),
 //! and at once when its cost was off by more than [`CHANGE`] two windows
 //! running (the traffic changed). The first window after a
-//! switch is a shorter warm-up, not judged. A window that moved bytes at
-//! less than [`MIN_RATE`] (an idle worker) judges nothing and starts the
-//! measures afresh, since what comes next may be other traffic. All of it
+//! switch is a shorter warm-up, not judged. A window in which the thread
+//! ran less than [`MIN_BUSY`] of the time (an idle worker) is skipped: it judges nothing
+//! and ends a try, and what was learned stands. Traffic that comes back
+//! after a pause is most often the traffic that paused; other traffic is
+//! told by its cost, as it is without a pause. All of it
 //! is the worker's own: a thread-local count added to by the movers, a clock
 //! read at each park and one `clock_gettime` of the thread's CPU time a
 //! window.
@@ -58,15 +60,16 @@ const MARGIN: f64 = 0.1;
 /// and CPU: `benches/README.md`).
 const KEEP: f64 = 0.05;
 
-/// A window that moved bytes slower than this, in bytes a second, is not
-/// judged (too little traffic for its CPU time to say anything), and what
-/// was measured before it is forgotten: 256 KiB a [`WINDOW`]. A rate, not
-/// a count, so that the half-length warm-up is held to the same bar.
-/// Counted in bytes, it was not: keep-alive HTTP (~190 bytes a request
-/// both ways) moves 256 KiB in a 50-ms warm-up only above 27.6k requests
-/// a second a worker, so at 25k to 30k about every other warm-up was
-/// judged idle and restarted the measures, yield first.
-const MIN_RATE: u64 = 256 * 1024 * 10;
+/// A window in which the worker's thread ran less than this share of
+/// its time is not judged: too little work for its CPU time to say
+/// anything. A share of the time, so that the half-length warm-up is held
+/// to the same bar; of CPU time, not of bytes, so that traffic of few
+/// bytes a unit of work is judged too. A bar of 256 KiB a window missed
+/// both: keep-alive HTTP (~190 bytes a request both ways) moved that in a
+/// 50-ms warm-up only above 27.6k requests a second a worker, and a new
+/// connection a request (~250 bytes) never did, so that traffic kept
+/// whatever policy it found.
+const MIN_BUSY: f64 = 0.05;
 
 /// Weight of a new window in the running cost of its policy, within a run
 /// of windows of that policy.
@@ -212,16 +215,22 @@ impl Chooser {
     fn judge(&mut self, now: Instant, moved: u64, cpu: Duration) -> bool {
         let bytes = moved.wrapping_sub(self.moved);
         let ran = now.saturating_duration_since(self.since);
-        if u128::from(bytes) * 1_000_000_000 < u128::from(MIN_RATE) * ran.as_nanos() {
-            // Idle: what comes next may be other traffic, measured afresh
-            // (yield, then sleep) once it comes.
-            *self = Self::new(now, moved, cpu);
-            return false;
-        }
-        if self.warming {
+        let used = cpu.saturating_sub(self.cpu);
+        let idle = bytes == 0 || used.as_secs_f64() < MIN_BUSY * ran.as_secs_f64();
+        if idle {
+            // Skipped. A try ends unjudged (the policy in place is back), and
+            // so does a warm-up: the batches it waited out have drained.
+            // Forgetting instead cost each burst of the same traffic a
+            // measure of both policies afresh: 250 ms of the dearer one in
+            // a 4-s pipelined run.
+            if std::mem::take(&mut self.trying) {
+                self.yielding = !self.yielding;
+            }
+            self.warming = false;
+        } else if self.warming {
             self.warming = false;
         } else {
-            let sample = cpu.saturating_sub(self.cpu).as_nanos() as f64 / bytes as f64;
+            let sample = used.as_nanos() as f64 / bytes as f64;
             let next = self.next(sample);
             self.warming = next != self.yielding;
             self.yielding = next;
@@ -229,7 +238,7 @@ impl Chooser {
         self.since = now;
         self.moved = moved;
         self.cpu = cpu;
-        true
+        !idle
     }
 
     /// Adds a judged window's cost to its policy's and says which policy
@@ -240,7 +249,8 @@ impl Chooser {
         // and a try after a change of traffic must be believed at once.
         // A cost beyond `CHANGE` of the running one, twice running and
         // the same way, says the traffic changed (once is a window's
-        // noise): the other policy is tried next.
+        // noise): the running cost restarts from this window, which is of
+        // the new traffic, and the other policy is tried next.
         let mut changed = false;
         let mut drift = 0;
         let slot = &mut self.cost[usize::from(self.yielding)];
@@ -250,7 +260,11 @@ impl Chooser {
                     drift = if sample > old { 1 } else { -1 };
                     changed = drift == self.drift;
                 }
-                old + WEIGHT * (sample - old)
+                if changed {
+                    sample
+                } else {
+                    old + WEIGHT * (sample - old)
+                }
             }
             _ => sample,
         });
@@ -277,9 +291,14 @@ impl Chooser {
                     };
                 }
                 if changed {
+                    // The other policy is measured on the new traffic: a
+                    // try while the costs still favour this one (the
+                    // other's is of the old traffic), a switch if not.
                     self.every = EXPLORE;
-                }
-                if changed || self.windows >= self.every {
+                    self.windows = 0;
+                    self.trying = cheaper == self.yielding;
+                    !self.yielding
+                } else if self.windows >= self.every {
                     self.windows = 0;
                     self.trying = true;
                     !cheaper
@@ -299,7 +318,8 @@ mod tests {
     use super::*;
 
     /// Feeds a chooser windows in which yielding costs `yield_cost` and
-    /// sleeping `sleep_cost` CPU nanoseconds a byte (1 MB a window);
+    /// sleeping `sleep_cost` CPU nanoseconds a byte (10 MB a window, so
+    /// that even a cost of 5 keeps the thread half busy);
     /// returns the policy of each judged window (warm-ups left out).
     fn run(chooser: &mut Chooser, windows: usize, sleep_cost: u64, yield_cost: u64) -> Vec<bool> {
         let (mut now, mut moved, mut cpu) = (chooser.since, chooser.moved, chooser.cpu);
@@ -314,8 +334,8 @@ mod tests {
                 sleep_cost
             };
             now += chooser.length();
-            moved += 1_000_000;
-            cpu += Duration::from_nanos(cost * 1_000_000);
+            moved += 10_000_000;
+            cpu += Duration::from_nanos(cost * 10_000_000);
             chooser.judge(now, moved, cpu);
         }
         policies
@@ -411,39 +431,69 @@ mod tests {
         );
     }
 
-    /// What a [`WINDOW`] (100 ms) must move not to be idle.
-    const PER_WINDOW: u64 = MIN_RATE / 10;
-
     #[test]
     fn an_idle_window_judges_nothing() {
         let start = Instant::now();
         let mut c = Chooser::new(start, 0, Duration::ZERO);
-        let under = PER_WINDOW - 1;
-        c.judge(start + WINDOW, under, Duration::from_millis(40));
+        // 4 ms of CPU in 100 ms: under `MIN_BUSY`, however many bytes.
+        c.judge(start + WINDOW, 1_000_000, Duration::from_millis(4));
         assert_eq!((c.cost, c.windows, c.yielding), ([None, None], 0, true));
-        assert_eq!(c.moved, under, "the next window starts here");
+        assert_eq!(c.moved, 1_000_000, "the next window starts here");
+        c.judge(start + 2 * WINDOW, 1_000_000, Duration::from_millis(40));
+        assert_eq!(c.cost, [None, None], "no bytes: nothing to divide by");
     }
 
-    /// Idle is a rate: a warm-up half a window long that moved 60% of what
-    /// a full window needs is busy, and ends as a warm-up; the same bytes
-    /// over a full window are idle.
+    /// Idle is a share of the time: a warm-up half a window long is busy
+    /// with the CPU time that leaves a full window idle.
     #[test]
-    fn idle_is_judged_by_rate_so_a_warm_up_is_held_to_the_same_bar() {
+    fn idle_is_a_share_of_the_time_so_a_warm_up_is_held_to_the_same_bar() {
         let start = Instant::now();
         let mut c = Chooser::new(start, 0, Duration::ZERO);
-        c.judge(start + WINDOW, 1_000_000, Duration::from_millis(5));
+        c.judge(start + WINDOW, 1_000_000, Duration::from_millis(10));
         assert!(!c.yielding && c.warming);
-        let bytes = PER_WINDOW * 6 / 10;
-        c.judge(
+        let judged = c.judge(
             start + WINDOW + WARM_UP,
-            1_000_000 + bytes,
-            Duration::from_millis(8),
+            1_100_000,
+            Duration::from_millis(13),
         );
-        assert!(!c.yielding && !c.warming, "warmed up, still sleeping");
-        assert_eq!(c.cost, [None, Some(5.0)], "nothing forgotten");
+        assert!(judged && !c.yielding && !c.warming, "warmed up, sleeping");
         let at = start + WINDOW + WARM_UP + WINDOW;
-        c.judge(at, 1_000_000 + 2 * bytes, Duration::from_millis(9));
-        assert_eq!(c.cost, [None, None], "a slow full window is idle");
+        let judged = c.judge(at, 1_200_000, Duration::from_millis(16));
+        assert!(!judged, "the same over a full window is idle");
+        assert_eq!(c.cost, [None, Some(10.0)], "nothing forgotten");
+    }
+
+    /// A pause (an idle window) keeps what was learned, and a try of the
+    /// dearer policy that it interrupts ends, unjudged.
+    #[test]
+    fn a_pause_keeps_what_was_learned_and_ends_a_try() {
+        let mut c = Chooser::new(Instant::now(), 0, Duration::ZERO);
+        run(&mut c, 30, 100, 60);
+        let (cost, every) = (c.cost, c.every);
+        assert!(c.yielding && !c.trying);
+        let pause = |c: &mut Chooser| c.judge(c.since + WINDOW, c.moved, c.cpu);
+        assert!(!pause(&mut c));
+        assert_eq!((c.cost, c.every, c.yielding), (cost, every, true));
+        while !c.trying {
+            let cost = if c.yielding { 60 } else { 100 };
+            let cpu = c.cpu + Duration::from_nanos(cost * 1_000_000);
+            c.judge(c.since + c.length(), c.moved + 1_000_000, cpu);
+        }
+        assert!(!c.yielding && c.warming, "a try of sleep begins");
+        pause(&mut c);
+        assert!(c.yielding && !c.trying && !c.warming, "yield is back");
+        assert_eq!(c.cost, cost, "the try judged nothing");
+    }
+
+    /// A lasting change of cost is new traffic: the running cost restarts
+    /// from it instead of blending the old traffic's in.
+    #[test]
+    fn a_change_of_traffic_restarts_the_running_cost() {
+        let mut c = Chooser::new(Instant::now(), 0, Duration::ZERO);
+        run(&mut c, 20, 300, 20);
+        assert!(c.yielding);
+        run(&mut c, 2, 300, 100);
+        assert_eq!(c.cost[1], Some(100.0), "{:?}", c.cost);
     }
 
     /// The first window after a switch is a shorter warm-up whose cost,
@@ -452,7 +502,7 @@ mod tests {
     fn the_window_after_a_switch_is_not_judged() {
         let start = Instant::now();
         let mut c = Chooser::new(start, 0, Duration::ZERO);
-        c.judge(start + WINDOW, 1_000_000, Duration::from_millis(5));
+        c.judge(start + WINDOW, 1_000_000, Duration::from_millis(10));
         assert!(!c.yielding && c.warming, "sleep is tried next, warming up");
         assert_eq!(c.length(), WARM_UP);
         c.judge(
@@ -461,7 +511,7 @@ mod tests {
             Duration::from_millis(500),
         );
         assert!(!c.yielding && !c.warming);
-        assert_eq!(c.cost, [None, Some(5.0)]);
+        assert_eq!(c.cost, [None, Some(10.0)]);
     }
 
     #[test]
