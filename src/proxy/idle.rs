@@ -323,23 +323,26 @@ mod tests {
     /// that even a cost of 5 keeps the thread half busy);
     /// returns the policy of each judged window (warm-ups left out).
     fn run(chooser: &mut Chooser, windows: usize, sleep_cost: u64, yield_cost: u64) -> Vec<bool> {
-        let (mut now, mut moved, mut cpu) = (chooser.since, chooser.moved, chooser.cpu);
         let mut policies = Vec::new();
         while policies.len() < windows {
             if !chooser.warming {
                 policies.push(chooser.yielding);
             }
-            let cost = if chooser.yielding {
-                yield_cost
-            } else {
-                sleep_cost
-            };
-            now += chooser.length();
-            moved += 10_000_000;
-            cpu += Duration::from_nanos(cost * 10_000_000);
-            chooser.judge(now, moved, cpu);
+            step(chooser, sleep_cost, yield_cost);
         }
         policies
+    }
+
+    /// Ends the running window (a warm-up or not) as [`run`] does.
+    fn step(chooser: &mut Chooser, sleep_cost: u64, yield_cost: u64) {
+        let cost = if chooser.yielding {
+            yield_cost
+        } else {
+            sleep_cost
+        };
+        let now = chooser.since + chooser.length();
+        let cpu = chooser.cpu + Duration::from_nanos(cost * 10_000_000);
+        chooser.judge(now, chooser.moved + 10_000_000, cpu);
     }
 
     /// Tries of the dearer policy (`false` where yielding is cheaper),
@@ -476,9 +479,7 @@ mod tests {
         assert!(!pause(&mut c));
         assert_eq!((c.cost, c.every, c.yielding), (cost, every, true));
         while !c.trying {
-            let cost = if c.yielding { 60 } else { 100 };
-            let cpu = c.cpu + Duration::from_nanos(cost * 1_000_000);
-            c.judge(c.since + c.length(), c.moved + 1_000_000, cpu);
+            step(&mut c, 100, 60);
         }
         assert!(!c.yielding && c.warming, "a try of sleep begins");
         pause(&mut c);
