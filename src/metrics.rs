@@ -785,9 +785,9 @@ pub fn render_process(ctx: &Context) -> String {
         );
         let _ = writeln!(
             out,
-            "# HELP {name} Seconds --worker-idle auto workers spent moving traffic under each idle policy, summed over the workers.\n\
+            "# HELP {name} Seconds the --worker-idle auto workers spent moving traffic under each idle policy (wall clock; the policy is the process').\n\
              # TYPE {name} counter\n{name}{{policy=\"sleep\"}} {sleep}\n{name}{{policy=\"yield\"}} {yielding}\n\
-             # HELP {switches} Times a --worker-idle auto worker changed its idle policy.\n\
+             # HELP {switches} Times the --worker-idle auto workers changed their idle policy.\n\
              # TYPE {switches} counter\n{switches} {}",
             crate::proxy::idle::switches()
         );
